@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both set up .venv first
+# (once; later runs reuse it) and never pull a CUDA build of torch on a machine without CUDA.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch is installed first and on its own: CPU build by default. GPU users: install the torch
+# build for your CUDA into $(VENV) (or set TORCH_SPEC / TORCH_INDEX) before `make`.
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: setup demo test bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "installing $(TORCH_SPEC) (CPU build unless TORCH_INDEX says otherwise)"; \
+		$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "$(TORCH_SPEC)"; \
+	fi
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-test.txt
+	@touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m library.demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+bench-quick: setup
+	$(BIN)/python -m benchmarks.run_all --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo_output

@@ -1,0 +1,266 @@
+"""The optimizer engine shared by every optimizer in this package.
+
+Bookkeeping lives here (param groups, parameter names, ``self.state``, state_dict round
+trips, the step loop, scratch buffers); the math lives in ``techniques/`` and in the presets.
+
+Contract (tested in tests/test_engine.py):
+- every per-parameter quantity lives in ``self.state[p]``; counters that span parameters live
+  in the param-group dicts (saved by ``state_dict``);
+- ``load_state_dict`` keeps each saved tensor's dtype (torch's default casts uint8/bool/fp32
+  state to the parameter dtype), moves it to the parameter's device, and rejects a state saved
+  for another parameter layout with a one-line error naming the parameter;
+- names come from torch's native named groups (``param_names``), from a group key ``named``
+  (a list aligned with ``params``), or from :meth:`set_param_names`; with none, all still works;
+- ``step()`` never syncs with the host; parameters without gradients are skipped.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import chain
+from typing import Any, Iterable
+
+import torch
+
+from .buffer_pool import BufferPool
+
+__all__ = ["HinaOptimizer", "normalize_param_groups"]
+
+
+def normalize_param_groups(params) -> list[dict]:
+    """Turn any accepted ``params`` argument into a list of group dicts torch understands.
+
+    Accepted: an iterable of tensors, of ``(name, tensor)`` pairs, or of group dicts whose
+    ``params`` is any iterable (kohya hands ``dict_values``) of tensors or pairs, optionally
+    with a ``named`` list aligned with ``params``.
+    """
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or dicts, got a single Tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    if not isinstance(items[0], dict):
+        items = [{"params": items}]
+    groups = []
+    for i, g in enumerate(items):
+        if not isinstance(g, dict):
+            raise TypeError(f"param group {i} must be a dict, got {type(g).__name__}")
+        g = dict(g)
+        if "params" not in g:
+            raise ValueError(f"param group {i} has no 'params' key")
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        named = g.get("named")
+        if named is not None:
+            named = list(named)
+            if len(named) != len(ps):
+                raise ValueError(
+                    f"param group {i}: 'named' has {len(named)} names for {len(ps)} parameters"
+                )
+            g["named"] = named
+        g["params"] = ps
+        groups.append(g)
+    return groups
+
+
+class HinaOptimizer(torch.optim.Optimizer):
+    """Base class: names, exact state round trips, the step loop and a scratch buffer pool."""
+
+    #: state keys whose tensors must have the parameter's shape (checked on load)
+    _shaped_state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict, *, param_names=None):
+        super().__init__(normalize_param_groups(params), defaults)
+        self._names: dict[torch.Tensor, str] = {}
+        self._index_cache: dict[torch.Tensor, int] | None = None
+        self._buffer_pool = BufferPool()
+        self._collect_group_names()
+        if param_names is not None:
+            self.set_param_names(param_names)
+
+    # ------------------------------------------------------------------ names
+    def _collect_group_names(self) -> None:
+        for group in self.param_groups:
+            names = group.get("param_names") or group.get("named")
+            if names:
+                for p, n in zip(group["params"], names):
+                    if n is not None:
+                        self._names[p] = str(n)
+
+    def set_param_names(self, mapping) -> int:
+        """Attach names to parameters; returns how many of this optimizer's params got one.
+
+        ``mapping`` may be ``{name: tensor}`` (e.g. ``dict(model.named_parameters())``),
+        ``{tensor: name}``, or an iterable of ``(name, tensor)`` pairs.
+        """
+        if isinstance(mapping, dict):
+            pairs = [(k, v) if isinstance(v, torch.Tensor) else (v, k) for k, v in mapping.items()]
+        else:
+            pairs = list(mapping)
+        by_id = {id(t): str(n) for n, t in pairs}
+        count = 0
+        for p in self._all_params():
+            n = by_id.get(id(p))
+            if n is not None:
+                self._names[p] = n
+                count += 1
+        self._on_layout_changed()
+        return count
+
+    def param_name(self, p: torch.Tensor) -> str | None:
+        return self._names.get(p)
+
+    def has_names(self) -> bool:
+        return bool(self._names)
+
+    def _label(self, p: torch.Tensor) -> str:
+        name = self._names.get(p)
+        if name is not None:
+            return name
+        return f"#{self.param_index(p)} {tuple(p.shape)}"
+
+    # ----------------------------------------------------------------- layout
+    def _all_params(self) -> list[torch.Tensor]:
+        return list(chain.from_iterable(g["params"] for g in self.param_groups))
+
+    def param_index(self, p: torch.Tensor) -> int:
+        if self._index_cache is None:
+            self._index_cache = {q: i for i, q in enumerate(self._all_params())}
+        return self._index_cache[p]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = normalize_param_groups([param_group])[0]
+        super().add_param_group(param_group)
+        if hasattr(self, "_names"):
+            self._collect_group_names()
+            self._on_layout_changed()
+
+    def _on_layout_changed(self) -> None:
+        """Hook: parameters or names changed (subclasses rebuild derived caches)."""
+        self._index_cache = None
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._begin_step()
+        for group in self.param_groups:
+            params = []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"(parameter {self._label(p)})"
+                    )
+                params.append(p)
+            if not params:
+                continue
+            group["step_count"] = group.get("step_count", 0) + 1
+            self._step_group(group, params)
+        self._end_step()
+        return loss
+
+    def _begin_step(self) -> None:
+        pass
+
+    def _end_step(self) -> None:
+        pass
+
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict`, keeping every tensor's dtype exactly."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict (expected keys 'state' and 'param_groups')")
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        name = type(self).__name__
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"{name}: the saved state has {len(saved_groups)} param groups, this optimizer has {len(groups)}"
+            )
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"{name}: param group {i} has {len(g['params'])} parameters, "
+                    f"the saved state has {len(sg['params'])}"
+                )
+        id_map = dict(
+            zip(
+                chain.from_iterable(sg["params"] for sg in saved_groups),
+                chain.from_iterable(g["params"] for g in groups),
+            )
+        )
+        new_state: defaultdict = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(f"{name}: the saved state names parameter id {key!r}, which no group holds")
+            p = id_map[key]
+            for k in self._shaped_state_keys:
+                t = value.get(k) if isinstance(value, dict) else None
+                if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{name}: saved state '{k}' of parameter {self._label(p)} has shape "
+                        f"{tuple(t.shape)}, the parameter has {tuple(p.shape)}"
+                    )
+            new_state[p] = _copy_to_device(value, p.device)
+        new_groups = []
+        for g, sg in zip(groups, saved_groups):
+            ng = {k: v for k, v in sg.items() if k != "params"}
+            ng["params"] = g["params"]
+            for k in ("param_names", "named"):
+                if k in g and k not in ng:
+                    ng[k] = g[k]
+            new_groups.append(ng)
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self._collect_group_names()
+        self._on_layout_changed()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # ------------------------------------------------------------ diagnostics
+    def get_buffer_pool_stats(self) -> dict:
+        return self._buffer_pool.stats()
+
+    def clear_buffer_pool(self) -> None:
+        self._buffer_pool.clear()
+
+    def state_bytes(self) -> int:
+        """Bytes held by tensors in ``self.state`` (for memory benchmarks)."""
+        total = 0
+        for st in self.state.values():
+            for v in _iter_tensors(st):
+                total += v.numel() * v.element_size()
+        return total
+
+
+def _copy_to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _copy_to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_to_device(v, device) for v in value)
+    return value
+
+
+def _iter_tensors(value) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _iter_tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _iter_tensors(v)

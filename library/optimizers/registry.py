@@ -1,0 +1,161 @@
+"""Optimizer registry: one table of names -> classes, and ``--optimizer_args`` parsing.
+
+Lookups are case-insensitive; each entry is a frozen record with a lazy import path, so
+looking a name up never imports bitsandbytes or anything else the optimizer does not use.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+__all__ = [
+    "OptimInfo",
+    "register",
+    "lookup",
+    "list_optimizers",
+    "resolve_class",
+    "parse_optimizer_args",
+    "check_optimizer_kwargs",
+]
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    name: str
+    target: str  # "package.module:ClassName", imported on first use
+    description: str
+    aliases: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def load(self):
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+_TABLE: dict[str, OptimInfo] = {}
+_ORDER: list[OptimInfo] = []
+
+
+def register(info: OptimInfo) -> OptimInfo:
+    for key in (info.name, *info.aliases):
+        low = key.lower()
+        if low in _TABLE and _TABLE[low] is not info:
+            raise ValueError(f"optimizer name {key!r} is registered twice")
+        _TABLE[low] = info
+    _ORDER.append(info)
+    return info
+
+
+def lookup(name: str) -> OptimInfo | None:
+    return _TABLE.get(name.lower())
+
+
+def list_optimizers() -> list[OptimInfo]:
+    return list(_ORDER)
+
+
+def _closest(name: str, choices) -> str | None:
+    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    if not found:
+        low = {c.lower(): c for c in choices}
+        found = [low[c] for c in difflib.get_close_matches(name.lower(), list(low), n=1, cutoff=0.5)]
+    return found[0] if found else None
+
+
+def resolve_class(name: str):
+    """Class for a registered name or alias, or a dotted ``module.Class`` path."""
+    info = lookup(name)
+    if info is not None:
+        return info.load(), info
+    if "." in name:
+        module, _, cls = name.rpartition(".")
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"cannot import optimizer module {module!r} for {name!r}: {e}") from None
+        if not hasattr(mod, cls):
+            raise ValueError(f"module {module!r} has no optimizer class {cls!r}")
+        return getattr(mod, cls), None
+    return None, None
+
+
+_LITERALS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def parse_optimizer_args(args) -> dict:
+    """Parse ``["key=value", ...]`` (kohya's ``--optimizer_args``), more forgivingly than upstream.
+
+    Splits on the first ``=`` (values may contain ``=``), evaluates Python literals
+    (``betas=0.9,0.99`` is a tuple), accepts ``true``/``false``/``none`` in any case, and keeps
+    an unquoted word as a string. A malformed item raises a one-line ValueError naming it.
+    """
+    out: dict = {}
+    if args is None:
+        return out
+    if isinstance(args, str):
+        args = args.split()
+    for item in args:
+        if not isinstance(item, str):
+            raise ValueError(f"optimizer argument {item!r} must be a 'key=value' string")
+        if "=" not in item:
+            raise ValueError(f"optimizer argument {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key.isidentifier():
+            raise ValueError(f"optimizer argument {item!r}: {key!r} is not a valid argument name")
+        value = value.strip()
+        if value.lower() in _LITERALS:
+            out[key] = _LITERALS[value.lower()]
+            continue
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            out[key] = value
+    return out
+
+
+def accepted_kwargs(cls) -> tuple[set[str], bool]:
+    """Keyword names the constructor takes (besides params), and whether it has **kwargs."""
+    sig = inspect.signature(cls.__init__)
+    names, var_kw = set(), False
+    for i, (n, prm) in enumerate(sig.parameters.items()):
+        if i == 0 or n == "params":
+            continue
+        if prm.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = True
+        elif prm.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.add(n)
+    return names, var_kw
+
+
+def check_optimizer_kwargs(cls, kwargs: Mapping[str, Any], label: str | None = None) -> None:
+    """Reject unknown keys with the closest match and the accepted list."""
+    names, var_kw = accepted_kwargs(cls)
+    if var_kw:
+        return
+    label = label or cls.__name__
+    for key in kwargs:
+        if key not in names:
+            hint = _closest(key, names)
+            hint = f" (did you mean {hint!r}?)" if hint else ""
+            raise ValueError(
+                f"unknown optimizer argument {key!r} for {label}{hint}; accepted: {', '.join(sorted(names))}"
+            )
+
+
+# --------------------------------------------------------------------- table
+register(
+    OptimInfo(
+        "AdaptiveHinaAdamW",
+        "library.optimizers.adaptive_hina:AdaptiveHinaAdamW",
+        "AdamW + AGR, OrthoGrad, ADOPT, TAM, Grams, Cautious, lr mask, SPD, dynamic WD, importance, pairing",
+        aliases=("HinaAdaptiveAdamW8bit",),
+    )
+)

@@ -1,0 +1,57 @@
+"""Shared test helpers (plain functions, imported by the test modules)."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+
+
+def save_load(obj):
+    """torch.save then torch.load(weights_only=True), as accelerate does."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def forbid_host_sync():
+    """Make every tensor -> Python conversion raise (item, bool, float, int, tolist)."""
+    names = ["item", "__bool__", "__float__", "__int__", "__index__", "tolist"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def make(n):
+        def fail(self, *a, **k):
+            raise HostSync(f"host sync via Tensor.{n} inside step()")
+
+        return fail
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, make(n))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def quadratic_params(seed=0, shapes=((8, 5), (5,), (3, 4, 2, 2))):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def run_quadratic(opt, params, steps, seed=1):
+    """Deterministic noisy quadratic: grad = p - target + noise (fixed per step)."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = [torch.randn(p.shape, generator=gen) for p in params]
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = sum(((p - t) ** 2).sum() + 0.1 * (p * torch.randn(p.shape, generator=gen)).sum() for p, t in zip(params, targets))
+        loss.backward()
+        opt.step()
+    return params
