@@ -206,6 +206,25 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if group["use_spd"] and self._spd_anchor_needed(p, group):
             st["anchor"] = p.detach().clone()
         self._write_pair_state(p, st)
+        # reserve this shape's scratch buffers now, so no later step allocates any
+        for slot in self._scratch_slots(p, group, "lr_mask" in st):
+            self._buffer_pool.get(p, slot)
+
+    @staticmethod
+    def _scratch_slots(p, group, has_mask) -> set:
+        fp32 = p.dtype == torch.float32
+        slots = {1}
+        if group["use_agr"] or group["use_orthogonal_grad"] or not fp32:
+            slots.add(0)
+        if group["use_agr"] or group["use_spd"] or group["use_cautious"] or group["use_grams"] or has_mask:
+            slots.add(2)
+        if has_mask:
+            slots.add(3)
+        if group["use_grams"] and group["use_cautious"]:
+            slots.add(4)
+        if not fp32:
+            slots.add(5)
+        return slots
 
     def _spd_anchor_needed(self, p, group) -> bool:
         mode = group["spd_anchor"]

@@ -35,5 +35,5 @@ def storage_dtype(lr_bump: float, base_lr: float, min_lr: float, max_lr: float) 
     if hi > 6.0e4 or lo < torch.finfo(torch.float16).tiny:
         return torch.float32
     _, exp = math.frexp(max(hi, 1.0))  # hi < 2**exp
-    ulp = 2.0 ** (exp - 1 - torch.finfo(torch.float16).nmant)
+    ulp = 2.0 ** (exp - 1 - 10)  # fp16 has 10 explicit mantissa bits
     return torch.float16 if lr_bump / base_lr >= ulp else torch.float32

@@ -1,0 +1,243 @@
+"""Each technique against its equation (spec/algorithms.md), one function at a time."""
+import math
+
+import pytest
+import torch
+
+from library.optimizers.techniques import adopt, allora, tam
+from library.optimizers.techniques import spd as spd_t
+from library.optimizers.techniques.agr import agr
+from library.optimizers.techniques.cautious import cautious_
+from library.optimizers.techniques.grams import grams_, grams_cautious_
+from library.optimizers.techniques.lr_mask import bump_, storage_dtype
+from library.optimizers.techniques.orthograd import orthograd_
+from library.optimizers.techniques.weight_decay import dynamic_multiplier, steps_to_floor
+
+torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------- AGR
+def test_agr_matches_equation_and_alpha_sums_to_one():
+    g = torch.randn(7, 5)
+    alpha = g.abs() / g.abs().sum()
+    assert float(alpha.sum()) == pytest.approx(1.0)
+    assert torch.allclose(agr(g), g * (1 - alpha), atol=1e-7)
+
+
+def test_agr_uniform_scalar_and_zero():
+    n = 16
+    g = torch.full((n,), -0.3)
+    assert torch.allclose(agr(g), g * (1 - 1 / n))
+    s = torch.tensor([2.5])
+    assert torch.equal(agr(s), s)  # single element: left alone, not frozen
+    z = torch.zeros(4, 4)
+    out = agr(z)
+    assert torch.equal(out, z) and not torch.isnan(out).any()
+
+
+def test_agr_does_not_mutate_input_and_uses_out():
+    g = torch.randn(3, 3)
+    g0 = g.clone()
+    out = torch.empty_like(g)
+    res = agr(g, out=out, tmp=torch.empty_like(g))
+    assert res is out and torch.equal(g, g0)
+
+
+# -------------------------------------------------------------- OrthoGrad
+def test_orthograd_orthogonal_and_norm_preserving():
+    w = torch.randn(32, 16)
+    g = torch.randn(32, 16)
+    w0 = w.clone()
+    out = orthograd_(g.clone(), w)
+    cos = (out * w).sum() / (out.norm() * w.norm())
+    assert abs(float(cos)) < 1e-5
+    assert float(out.norm()) == pytest.approx(float(g.norm()), rel=1e-5)
+    assert torch.equal(w, w0)
+
+
+def test_orthograd_zero_weight_and_parallel_guard():
+    g = torch.randn(10)
+    assert torch.allclose(orthograd_(g.clone(), torch.zeros(10)), g)
+    w = torch.randn(10)
+    out = orthograd_((3.0 * w).clone(), w)  # g parallel to w: no noise amplification
+    assert torch.isfinite(out).all()
+    assert float(out.norm()) <= 1e-3 * float((3 * w).norm())
+
+
+def test_orthograd_matches_pytorch_optimizer():
+    po = pytest.importorskip("pytorch_optimizer")
+    w = torch.nn.Parameter(torch.randn(12, 6))
+    g = torch.randn(12, 6)
+    ref = po.OrthoGrad(torch.optim.SGD([w], lr=1.0))
+    w0 = w.detach().clone()
+    w.grad = g.clone()
+    ref.step()
+    expected = w0 - w.detach()  # the orthogonalised gradient
+    ours = orthograd_(g.clone(), w0)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ ADOPT
+def test_adopt_normalize_first_call_is_zero_and_clip_grows():
+    g = torch.tensor([5.0, -5.0])
+    v = torch.zeros(2)
+    out = torch.empty(2)
+    assert torch.equal(adopt.normalize(g, v, 0, 1e-6, out), torch.zeros(2))
+    v = torch.full((2,), 1e-12)  # tiny previous v, large gradient -> clipped
+    assert torch.equal(adopt.normalize(g, v, 1, 1e-6, out), torch.tensor([1.0, -1.0]))
+    c2 = 2 ** 0.25
+    assert torch.allclose(adopt.normalize(g, v, 2, 1e-6, out), torch.tensor([c2, -c2]))
+
+
+def test_adopt_second_moment_init_then_ema():
+    v = torch.zeros(3)
+    g = torch.tensor([1.0, 2.0, 3.0])
+    adopt.update_second_moment_(v, g, 0, 0.9)
+    assert torch.equal(v, g * g)
+    adopt.update_second_moment_(v, g, 1, 0.9)
+    assert torch.allclose(v, g * g)
+
+
+# -------------------------------------------------------------------- TAM
+def test_tam_cosine_scale_invariant_and_guarded():
+    a, b = torch.randn(20), torch.randn(20)
+    assert float(tam.cosine(a, b)) == pytest.approx(float(tam.cosine(a, 7.0 * b)), rel=1e-5)
+    assert float(tam.cosine(torch.zeros(5), b[:5])) == 0.0
+
+
+def test_tam_aligned_gradients_damping_to_one():
+    s = torch.zeros(())
+    for c in range(1, 50):
+        d = tam.damping(s, torch.tensor(1.0), c, 0.9)
+    assert float(d) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_tam_alternating_gradients_are_damped():
+    """Gradients that keep flipping against the momentum enter it damped (d well below 1)."""
+    beta1 = 0.9
+    m = torch.zeros(4)
+    s = torch.zeros(())
+    g = torch.ones(4)
+    ds = []
+    for t in range(1, 40):
+        x = g if t % 2 else -g
+        if t > 1:
+            d = tam.damping(s, tam.cosine(m, x), t - 1, 0.9)
+            ds.append(float(d))
+            tam.momentum_(m, x, d, beta1)
+        else:
+            m.lerp_(x, 1 - beta1)
+    assert ds[0] == pytest.approx(0.0, abs=1e-6)  # first flip: cos = -1, bias-corrected
+    assert sum(ds) / len(ds) < 0.6
+    assert max(ds[5:]) < 0.9
+
+
+# ---------------------------------------------------------- Cautious/Grams
+def test_cautious_all_agree_none_agree_half_agree():
+    u = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    tmp = torch.empty(4)
+    assert torch.equal(cautious_(u.clone(), torch.sign(u), tmp), u)
+    assert torch.equal(cautious_(u.clone(), -torch.sign(u), tmp), torch.zeros(4))
+    g = torch.tensor([1.0, 1.0, -1.0, -1.0])  # agrees on 0 and 3
+    assert torch.equal(cautious_(u.clone(), g, tmp), torch.tensor([2.0, 0.0, 0.0, -8.0]))
+
+
+def test_grams_sign_of_gradient_magnitude_of_update():
+    u = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    g = torch.tensor([-1.0, -1.0, 2.0, 0.0])
+    out = grams_(u.clone(), g, torch.empty(4))
+    assert torch.equal(out, torch.tensor([-1.0, -2.0, 3.0, 0.0]))
+    g0 = g.clone()
+    grams_(u.clone(), g, torch.empty(4))
+    assert torch.equal(g, g0)
+
+
+def test_grams_cautious_combination_rule():
+    u = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    g = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    phi = (u * g > 0).float()
+    expected = 0.5 * torch.sign(g) * u.abs() + 0.5 * u * phi / phi.mean()
+    out = grams_cautious_(u.clone(), g, torch.empty(4), torch.empty(4))
+    assert torch.allclose(out, expected)
+    # neither rule alone gives this
+    assert not torch.allclose(out, grams_(u.clone(), g, torch.empty(4)))
+    assert not torch.allclose(out, cautious_(u.clone(), g, torch.empty(4)))
+
+
+# -------------------------------------------------------------------- SPD
+def _spd_apply(theta, theta_new, g, anchor, lam):
+    p = theta_new.clone()
+    tmp = torch.empty_like(p)
+    away, old = spd_t.pre_step(theta, g, anchor, tmp)
+    spd_t.project_(p, anchor, away, old, lam, tmp)
+    return p
+
+
+@pytest.mark.parametrize("zero_anchor", [False, True])
+def test_spd_matches_rule(zero_anchor):
+    theta = torch.randn(6, 4)
+    anchor = torch.zeros(6, 4) if zero_anchor else torch.randn(6, 4)
+    dev = theta - anchor
+    g = dev.clone()  # <g, theta - theta0> > 0: condition holds
+    theta_new = theta + 0.3 * dev  # deviation grows
+    ours = _spd_apply(theta, theta_new, g, None if zero_anchor else anchor, 1.0)
+    ref = spd_t.spd_reference(theta, theta_new, g, anchor, 1.0)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    # lambda = 1 puts the result back on the sphere of radius ||theta - theta0||
+    assert float((ours - anchor).norm()) == pytest.approx(float(dev.norm()), rel=1e-5)
+
+
+def test_spd_inactive_when_condition_fails_and_zero_norm_safe():
+    theta = torch.randn(5)
+    anchor = torch.randn(5)
+    g = -(theta - anchor)  # c > 0: moving away is what lowers the loss
+    theta_new = theta + 0.1
+    assert torch.equal(_spd_apply(theta, theta_new, g, anchor, 1.0), theta_new)
+    # theta == anchor and proposal == anchor: zero norms, no NaN
+    out = _spd_apply(anchor.clone(), anchor.clone(), torch.randn(5), anchor, 1.0)
+    assert torch.isfinite(out).all() and torch.equal(out, anchor)
+
+
+# ------------------------------------------------------------ weight decay
+def test_dynamic_weight_decay_floor_is_reachable():
+    assert dynamic_multiplier(1000, 1000, 0.7, 0.1) == 1.0
+    assert dynamic_multiplier(2000, 1000, 0.7, 0.1) == pytest.approx(0.7)
+    assert dynamic_multiplier(3000, 1000, 0.7, 0.1) == pytest.approx(0.49)
+    floor_step = steps_to_floor(1000, 0.7, 0.1)
+    assert 7000 < floor_step < 8000
+    assert dynamic_multiplier(int(floor_step) + 10, 1000, 0.7, 0.1) == 0.1
+
+
+# ---------------------------------------------------------------- lr mask
+def test_lr_mask_bump_and_clamp():
+    mask = torch.ones(4)
+    agree = torch.tensor([1.0, -1.0, 0.0, 1.0])
+    bump_(mask, agree, 0.25, 0.5, 1.25)
+    assert torch.equal(mask, torch.tensor([1.25, 0.75, 1.0, 1.25]))
+    bump_(mask, agree, 0.25, 0.5, 1.25)
+    assert torch.equal(mask, torch.tensor([1.25, 0.5, 1.0, 1.25]))
+
+
+def test_lr_mask_storage_never_stalls():
+    # seed configs: bump 3e-6 at lr 1e-3 (fp16 is fine); tiny bumps fall back to fp32
+    assert storage_dtype(3e-6, 1e-3, 1e-7, 1e-3) == torch.float16
+    assert storage_dtype(1e-8, 1e-3, 1e-7, 1e-3) == torch.float32
+    for bump, lr, lo, hi in [(3e-6, 1e-3, 1e-7, 1e-3), (1e-6, 5e-4, 1e-7, 1e-3), (5e-6, 8e-4, 1e-7, 1e-3), (1e-6, 1e-3, 1e-7, 1e-3)]:
+        dt = storage_dtype(bump, lr, lo, hi)
+        mask = torch.full((3,), 0.5, dtype=dt)
+        before = mask.clone()
+        bump_(mask, torch.tensor([1.0, -1.0, 1.0]), bump / lr, lo / lr, hi / lr)
+        assert not torch.equal(mask, before), (bump, lr, dt)
+        small = torch.full((1,), lo / lr, dtype=dt)
+        assert float(small) > 0
+
+
+# ------------------------------------------------------------------ ALLoRA
+def test_allora_row_scale():
+    w = torch.zeros(3, 4)
+    w[1] = 1.0
+    w[2] = 2.0
+    s = allora.row_scale(w, 2.0).reshape(-1)
+    assert float(s[0]) == 1.0  # zero row: exactly 1 (kappa = eta)
+    assert float(s[1]) > float(s[2])
+    assert float(s[1]) == pytest.approx(1 / math.sqrt(1 + 4 * 4))
