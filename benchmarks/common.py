@@ -1,0 +1,68 @@
+"""Shared benchmark plumbing: parameter sets, timing, results files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def make_params(shapes, seed=0, grad_scale=1e-3, dtype=torch.float32):
+    """[(name, Parameter)] with random values and gradients attached."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for name, shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
+        p.grad = torch.randn(shape, generator=gen).mul_(grad_scale).to(dtype)
+        out.append((name, p))
+    return out
+
+
+def time_steps(opt, warmup=3, repeats=11):
+    """Median wall time of ``opt.step()`` in milliseconds (gradients stay attached)."""
+    for _ in range(warmup):
+        opt.step()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def state_bytes(opt) -> int:
+    total = 0
+    for st in opt.state.values():
+        stack = [st]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+    return total
+
+
+def machine() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def write_json(name: str, payload: dict) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"machine": machine(), **payload}, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path

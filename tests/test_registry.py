@@ -1,0 +1,116 @@
+"""get_optimizer / registry: names, aliases, dotted paths, argument parsing, bad input."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
+from library.optimizers.registry import list_optimizers, lookup, parse_optimizer_args
+from library.train_util import get_optimizer, resolve_optimizer
+
+
+def args(opt_type, *opt_args, lr=1e-3, **extra):
+    return argparse.Namespace(optimizer_type=opt_type, optimizer_args=list(opt_args), learning_rate=lr, **extra)
+
+
+def params():
+    lin = torch.nn.Linear(4, 3)
+    return list(lin.parameters())
+
+
+@pytest.mark.parametrize("name", ["AdaptiveHinaAdamW", "adaptivehinaadamw", "ADAPTIVEHINAADAMW", "HinaAdaptiveAdamW8bit"])
+def test_our_names_case_insensitive_and_aliases(name):
+    opt_name, _, opt = get_optimizer(args(name), params())
+    assert isinstance(opt, AdaptiveHinaAdamW)
+    assert opt_name == "library.optimizers.adaptive_hina.AdaptiveHinaAdamW"
+    assert opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_dotted_path_and_torch_fallback_and_builtins():
+    _, _, opt = get_optimizer(args("library.custom_hina_adaptive_adamw_optimizer.AdaptiveHinaAdamW"), params())
+    assert isinstance(opt, AdaptiveHinaAdamW)
+    _, _, opt = get_optimizer(args("Adagrad"), params())
+    assert isinstance(opt, torch.optim.Adagrad)
+    _, _, opt = get_optimizer(args("adamw", "weight_decay=0.1", "betas=0.9,0.99"), params())
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.99)
+    _, _, opt = get_optimizer(args("SGDNesterov"), params())
+    assert opt.param_groups[0]["nesterov"] is True
+    _, _, opt = get_optimizer(args(None), params())
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_bitsandbytes_names_still_work():
+    pytest.importorskip("bitsandbytes")
+    _, _, opt = get_optimizer(args("AdamW8bit"), params())
+    assert type(opt).__name__ == "AdamW8bit"
+
+
+def test_8bit_alias_does_not_import_bitsandbytes():
+    code = (
+        "import sys, argparse, torch\n"
+        "from library.train_util import get_optimizer\n"
+        "a = argparse.Namespace(optimizer_type='HinaAdaptiveAdamW8bit', optimizer_args=[], learning_rate=1e-3)\n"
+        "get_optimizer(a, [torch.nn.Parameter(torch.zeros(2))])\n"
+        "print('bitsandbytes' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=".", check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_parse_optimizer_args():
+    parsed = parse_optimizer_args([
+        "betas=0.9,0.99", "eps=(1e-30,1e-16)", "decouple=True", "flag=false", "x=None", "mode=fast",
+        "mode2='slow'", "expr=a=b", "n=3", "lr= 1e-4 ",
+    ])
+    assert parsed == {
+        "betas": (0.9, 0.99), "eps": (1e-30, 1e-16), "decouple": True, "flag": False, "x": None, "mode": "fast",
+        "mode2": "slow", "expr": "a=b", "n": 3, "lr": 1e-4,
+    }
+    for bad in (["novalue"], ["=3"], ["bad key=1"], [3]):
+        with pytest.raises(ValueError):
+            parse_optimizer_args(bad)
+
+
+def test_unknown_key_names_closest_match_and_accepted_keys():
+    with pytest.raises(ValueError) as e:
+        get_optimizer(args("AdaptiveHinaAdamW", "use_lr_msk=True"), params())
+    msg = str(e.value)
+    assert "use_lr_msk" in msg and "did you mean 'use_lr_mask'" in msg and "warmup_steps" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("bad, culprit", [("lr=-1", "lr"), ("betas=0.9,1.5", "betas"), ("eps=0", "eps"),
+                                         ("warmup_steps=abc", "warmup_steps"), ("min_lr=1", "min_lr")])
+def test_bad_values_are_one_line_errors(bad, culprit):
+    a = args("AdaptiveHinaAdamW", bad, lr=None) if bad.startswith("lr=") else args("AdaptiveHinaAdamW", bad)
+    with pytest.raises(ValueError, match=culprit):
+        get_optimizer(a, params())
+
+
+def test_unknown_optimizer_lists_known_names():
+    with pytest.raises(ValueError, match="unknown optimizer type 'Nope'.*AdaptiveHinaAdamW"):
+        resolve_optimizer("Nope")
+    with pytest.raises(ValueError, match="cannot import optimizer module"):
+        resolve_optimizer("no_such_module.Thing")
+
+
+def test_registry_table_is_consistent():
+    infos = list_optimizers()
+    assert infos and all(lookup(i.name) is i for i in infos)
+    for info in infos:
+        cls = info.load()
+        assert issubclass(cls, torch.optim.Optimizer)
+        for alias in info.aliases:
+            assert lookup(alias.upper()) is info
+
+
+def test_param_names_pass_through_groups():
+    lin = torch.nn.Linear(4, 3)
+    groups = [{"params": [lin.weight, lin.bias], "named": ["a.lora_down.weight", "a.bias"], "lr": 1e-4}]
+    _, _, opt = get_optimizer(args("AdaptiveHinaAdamW"), groups)
+    assert opt.param_name(lin.weight) == "a.lora_down.weight"
+    # torch optimizers ignore the extra key
+    _, _, opt = get_optimizer(args("AdamW"), [{"params": [lin.weight], "named": ["w"], "lr": 1e-4}])
+    assert opt.param_groups[0]["lr"] == 1e-4
