@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-test.txt
 	@touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m library.demo
+	HF_HUB_OFFLINE=1 $(BIN)/python train_network.py --config_file configs/demo.toml
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

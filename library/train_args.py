@@ -1,0 +1,98 @@
+"""The command-line options of ``train_network.py``: sd-scripts' names and meanings."""
+from __future__ import annotations
+
+import argparse
+
+from .losses import LOSS_TYPES
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+EMBEDDED_MODEL = "tiny-sd"
+
+
+def _float_list(value):
+    return float(value)
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_network.py",
+        description="Train a LoRA / LoKr network for Stable Diffusion 1.x/2.x (kohya sd-scripts compatible).",
+    )
+    a = p.add_argument
+    # model and data
+    a("--pretrained_model_name_or_path", type=str, default=None,
+      help=f"diffusers SD 1.x/2.x folder; omitted or '{EMBEDDED_MODEL}': the embedded tiny model, built locally")
+    a("--v2", action="store_true", help="the base model is SD 2.x")
+    a("--v_parameterization", action="store_true", help="v-prediction model (SD 2.x 768)")
+    a("--train_data_dir", type=str, default=None,
+      help="kohya layout: <repeats>_<name>/ folders of images with captions; omitted: a generated dataset")
+    a("--caption_extension", type=str, default=".caption", help="caption file extension (.txt is also read)")
+    a("--resolution", type=str, default=None, help="'512' or '512,512' (square); default: the model's sample size")
+    a("--flip_aug", action="store_true")
+    a("--cache_latents", action="store_true", help="encode every image once with the VAE")
+    # output
+    a("--output_dir", type=str, default="output")
+    a("--output_name", type=str, default="last")
+    a("--save_model_as", type=str, default="safetensors", choices=["safetensors", "ckpt", "pt"])
+    a("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
+    a("--save_every_n_steps", type=int, default=None)
+    a("--save_every_n_epochs", type=int, default=None)
+    a("--save_state", action="store_true", help="also save the training state (optimizer, scheduler, RNG)")
+    a("--save_state_on_train_end", action="store_true")
+    a("--resume", type=str, default=None, help="a state folder written by --save_state")
+    a("--no_metadata", action="store_true")
+    a("--training_comment", type=str, default=None)
+    # network
+    a("--network_module", type=str, default="networks.lora",
+      help="networks.lora, networks.lokr, lycoris.kohya or any module with create_network")
+    a("--network_dim", type=int, default=None)
+    a("--network_alpha", type=float, default=1.0)
+    a("--network_dropout", type=float, default=None)
+    a("--network_args", type=str, nargs="*", default=None, help="key=value items for create_network")
+    a("--network_weights", type=str, default=None, help="start from these LoRA weights")
+    a("--network_train_unet_only", action="store_true")
+    a("--network_train_text_encoder_only", action="store_true")
+    a("--dim_from_weights", action="store_true")
+    a("--scale_weight_norms", type=float, default=None)
+    # optimizer and schedule
+    a("--optimizer_type", type=str, default="AdamW")
+    a("--optimizer_args", type=str, nargs="*", default=None, help="key=value items for the optimizer")
+    a("--learning_rate", type=float, default=1e-4)
+    a("--unet_lr", type=float, default=None)
+    a("--text_encoder_lr", type=float, nargs="*", default=None)
+    a("--lr_scheduler", type=str, default="constant", choices=SCHEDULERS)
+    a("--lr_warmup_steps", type=str, default="0", help="steps, a ratio (0.1) or a percentage (10%%)")
+    a("--lr_scheduler_num_cycles", type=int, default=1)
+    a("--lr_scheduler_power", type=float, default=1.0)
+    a("--max_train_steps", type=int, default=1600)
+    a("--max_train_epochs", type=int, default=None)
+    a("--train_batch_size", type=int, default=1)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--max_grad_norm", type=float, default=1.0)
+    # precision and memory
+    a("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    a("--full_fp16", action="store_true")
+    a("--full_bf16", action="store_true")
+    a("--gradient_checkpointing", action="store_true")
+    # noise and loss
+    a("--seed", type=int, default=None)
+    a("--noise_offset", type=float, default=None)
+    a("--min_snr_gamma", type=float, default=None)
+    a("--clip_skip", type=int, default=None)
+    a("--loss_type", type=str, default="l2", choices=LOSS_TYPES)
+    a("--huber_c", type=float, default=0.1)
+    a("--fourier_weight", type=float, default=0.05)
+    a("--fourier_warmup_steps", type=int, default=200)
+    a("--fourier_latent_ok", action="store_true", help="keep the fourier loss on latents (disabled by default)")
+    # logging
+    a("--logging_dir", type=str, default=None)
+    a("--log_with", type=str, default=None, choices=[None, "tensorboard", "all"])
+    a("--log_prefix", type=str, default=None)
+    a("--optimizer_log_every", type=int, default=25, help="log optimizer diagnostics every N steps")
+    a("--max_bad_steps", type=int, default=20,
+      help="stop (saving the last good state) after this many consecutive steps with non-finite loss")
+    a("--no_progress", action="store_true", help="no progress bar")
+    # config
+    a("--config_file", type=str, default=None, help="TOML file of these options (the command line overrides it)")
+    a("--output_config", action="store_true", help="write the options to --config_file and exit")
+    return p

@@ -1,0 +1,207 @@
+"""train_network.py end to end on the embedded tiny SD model (CPU, a few steps each)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import library.trainer as trainer_mod
+import train_network
+from library.optimizers.registry import list_optimizers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private cache with the tiny model and the generated dataset, built once."""
+    from library.dataset_gen import make_dataset
+    from library.tiny_sd import build_tiny_sd
+
+    d = tmp_path_factory.mktemp("cache")
+    build_tiny_sd(str(d / "tiny-sd"), seed=0)
+    make_dataset(str(d / "demo-data"), n_images=8, resolution=64, seed=0)
+    old = trainer_mod.CACHE_DIR
+    trainer_mod.CACHE_DIR = str(d)
+    yield d
+    trainer_mod.CACHE_DIR = old
+
+
+def run(tmp_path, *extra, steps=3, name="t", expect=0):
+    argv = ["--max_train_steps", str(steps), "--train_batch_size", "2", "--seed", "1", "--no_progress",
+            "--output_dir", str(tmp_path), "--output_name", name, "--caption_extension", ".txt",
+            "--network_dim", "4", "--network_alpha", "4", *extra]
+    rc = train_network.main(argv)
+    assert rc == expect
+    return os.path.join(str(tmp_path), name + ".safetensors")
+
+
+def _tensors(path):
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+OPTIMIZERS = [info.name for info in list_optimizers()]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("module", ["networks.lora", "networks.lokr"])
+def test_every_registered_optimizer_trains_lora_and_lokr(cache, tmp_path, optimizer, module):
+    out = run(tmp_path, "--optimizer_type", optimizer, "--learning_rate", "1e-3", "--network_module", module)
+    tensors, md = _tensors(out)
+    assert tensors and md["ss_network_module"] == module
+    assert md["ss_optimizer"].startswith("library.")
+
+
+def test_saved_lora_loads_back_and_changes_output(cache, tmp_path):
+    out = run(tmp_path, "--optimizer_type", "AdaptiveHinaAdamW", "--learning_rate", "5e-3", steps=4)
+    tensors, md = _tensors(out)
+    for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_optimizer", "ss_session_id",
+                "ss_training_started_at", "ss_num_train_images", "ss_max_train_steps", "ss_lr_scheduler",
+                "ss_seed", "ss_steps", "ss_tag_frequency", "ss_dataset_dirs", "sshs_model_hash", "sshs_legacy_hash"):
+        assert key in md, key
+    assert md["ss_network_dim"] == "4" and md["ss_steps"] == "4"
+    assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in tensors.items())
+
+    from library.tiny_sd import load_tiny_sd
+    from networks import lora
+
+    sd = load_tiny_sd(str(cache / "tiny-sd"))
+    torch.manual_seed(0)
+    lat = torch.randn(1, 4, 8, 8)
+    ids = sd.tokenizer(["a red circle"], padding="max_length", max_length=sd.tokenizer.model_max_length,
+                       return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = sd.unet(lat, torch.tensor([10]), sd.text_encoder(ids)[0]).sample
+        net, _ = lora.create_network_from_weights(1.0, out, sd.vae, sd.text_encoder, sd.unet)
+        net.apply_to(sd.text_encoder, sd.unet)
+        net.load_weights(out)
+        after = sd.unet(lat, torch.tensor([10]), sd.text_encoder(ids)[0]).sample
+    assert not torch.allclose(before, after)
+
+
+def test_optimizer_receives_a_name_for_every_parameter(cache, tmp_path):
+    args = train_network.setup_one_line_parser().parse_args(
+        ["--max_train_steps", "1", "--no_progress", "--output_dir", str(tmp_path), "--caption_extension", ".txt",
+         "--optimizer_type", "AdaptiveHinaAdamW", "--network_args", "loraplus_lr_ratio=4"])
+    summary = trainer_mod.train(args, trainer_mod.prepare(args))
+    opt = summary["optimizer_object"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert params and all(opt.param_name(p) for p in params)
+    assert opt.get_relationship_summary()["method"] == "names"
+    assert opt.get_relationship_summary()["total_relationships"] == len(params) // 2
+
+
+def test_lycoris_kohya_gets_names_too(cache, tmp_path):
+    args = train_network.setup_one_line_parser().parse_args(
+        ["--max_train_steps", "1", "--no_progress", "--output_dir", str(tmp_path), "--caption_extension", ".txt",
+         "--optimizer_type", "AdaptiveHinaAdamW", "--network_module", "lycoris.kohya", "--network_args", "algo=lokr", "preset=attn-mlp"])
+    summary = trainer_mod.train(args, trainer_mod.prepare(args))
+    opt = summary["optimizer_object"]
+    names = [opt.param_name(p) for g in opt.param_groups for p in g["params"]]
+    assert names and all(names) and any("lokr_w1" in n for n in names)
+
+
+def test_resume_is_bit_exact(cache, tmp_path):
+    common = ["--optimizer_type", "AdaptiveHinaAdamW", "--learning_rate", "2e-3", "--lr_scheduler", "cosine",
+              "--optimizer_args", "warmup_steps=3", "relationship_discovery_interval=2"]
+    straight = run(tmp_path / "a", *common, steps=6, name="a")
+    run(tmp_path / "b", *common, "--save_every_n_steps", "3", "--save_state", steps=6, name="b")
+    state = tmp_path / "b" / "b-step00000003-state"
+    assert (state / "train_state.json").is_file()
+    resumed = run(tmp_path / "c", *common, "--resume", str(state), steps=6, name="c")
+    ta, _ = _tensors(straight)
+    tc, _ = _tensors(resumed)
+    assert ta.keys() == tc.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tc[k]), k
+
+
+def test_every_preset_parses_and_trains(cache, tmp_path):
+    presets = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".toml"))
+    assert presets
+    for i, preset in enumerate(presets):
+        out = run(tmp_path / str(i), "--config_file", os.path.join(ROOT, "configs", preset), steps=2, name=f"p{i}")
+        assert os.path.isfile(out), preset
+
+
+def test_command_line_overrides_toml(cache, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[x]\noptimizer_type = "AdamW"\nlearning_rate = 1e-2\nnetwork_dim = 2\n')
+    out = run(tmp_path, "--config_file", str(cfg), "--network_dim", "4")
+    _, md = _tensors(out)
+    assert md["ss_network_dim"] == "4" and md["ss_learning_rate"] == "0.01"
+    assert md["ss_optimizer"].startswith("torch.optim.adamw.AdamW")
+
+
+def test_output_config_round_trip(cache, tmp_path):
+    cfg = tmp_path / "out.toml"
+    assert train_network.main(["--config_file", str(cfg), "--output_config", "--network_dim", "8",
+                               "--optimizer_type", "AdaptiveHinaAdamW", "--optimizer_args", "use_lr_mask=False"]) == 0
+    text = cfg.read_text()
+    assert "network_dim = 8" in text and "AdaptiveHinaAdamW" in text
+
+
+def test_fourier_loss_disabled_on_latents_unless_forced(cache, tmp_path, caplog):
+    run(tmp_path / "a", "--loss_type", "fourier", steps=1)
+    assert "latent space" in caplog.text
+    caplog.clear()
+    run(tmp_path / "b", "--loss_type", "fourier", "--fourier_latent_ok", steps=1)
+    assert "latent space" not in caplog.text
+
+
+def test_tensorboard_logs_optimizer_diagnostics(cache, tmp_path):
+    logdir = tmp_path / "logs"
+    run(tmp_path, "--optimizer_type", "AdaptiveHinaAdamW", "--logging_dir", str(logdir), "--log_with", "tensorboard",
+        "--optimizer_log_every", "1", steps=2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = [os.path.join(r, f) for r, _, fs in os.walk(logdir) for f in fs if f.startswith("events")]
+    assert files
+    acc = EventAccumulator(os.path.dirname(files[0]))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "loss/current" in tags and "optimizer/lr_mask_mean" in tags and "optimizer/relationships" in tags
+
+
+# ---------------------------------------------------------- user mistakes
+def _cli(args, env_cache):
+    env = dict(os.environ, HINA_CACHE_DIR=str(env_cache), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_network.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["missing_data", "empty_data", "bad_toml", "unknown_module", "unknown_optimizer",
+                                  "unknown_optimizer_arg", "bad_optimizer_value", "unknown_toml_key", "bad_flag"])
+def test_user_mistakes_exit_2_with_one_line_before_loading(tmp_path, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    toml_bad = tmp_path / "bad.toml"
+    toml_bad.write_text('optimizer_type = "AdamW"\nlearning_rate = = 3\n')
+    toml_unknown = tmp_path / "unk.toml"
+    toml_unknown.write_text('[a]\nlearning_rat = 1e-3\n')
+    args = {
+        "missing_data": ["--train_data_dir", str(tmp_path / "nope")],
+        "empty_data": ["--train_data_dir", str(empty)],
+        "bad_toml": ["--config_file", str(toml_bad)],
+        "unknown_module": ["--network_module", "networks.nope"],
+        "unknown_optimizer": ["--optimizer_type", "AdamQ"],
+        "unknown_optimizer_arg": ["--optimizer_type", "AdaptiveHinaAdamW", "--optimizer_args", "warmup_step=3"],
+        "bad_optimizer_value": ["--optimizer_type", "AdaptiveHinaAdamW", "--optimizer_args", "betas=0.9,1.2"],
+        "unknown_toml_key": ["--config_file", str(toml_unknown)],
+        "bad_flag": ["--max_train_stepz", "3"],
+    }[case]
+    cache_dir = tmp_path / "cache"
+    res = _cli(args, cache_dir)
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (cache_dir / "tiny-sd").exists()  # nothing was loaded or built
+    expect = {"bad_toml": "line 2", "unknown_optimizer_arg": "warmup_steps", "unknown_toml_key": "learning_rate",
+              "bad_optimizer_value": "betas", "unknown_module": "networks.nope", "missing_data": "nope"}.get(case)
+    if expect:
+        assert expect in err[0]

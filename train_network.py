@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Train a LoRA / LoKr network for Stable Diffusion with kohya sd-scripts' command line.
+
+    python train_network.py --optimizer_type AdaptiveHinaAdamW --learning_rate 1e-3 \\
+        --optimizer_args "use_lr_mask=True" "warmup_steps=500" --network_module networks.lora \\
+        --pretrained_model_name_or_path /path/to/sd15 --train_data_dir /path/to/data ...
+
+With no model and no data it trains on the embedded tiny SD model and a generated dataset.
+A mistake in the arguments, the config file or the data ends with one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from library.config_util import output_config, parse_with_config  # noqa: E402
+from library.errors import UserError  # noqa: E402
+from library.train_args import setup_parser  # noqa: E402
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's own convention)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def setup_one_line_parser() -> argparse.ArgumentParser:
+    base = setup_parser()
+    parser = _OneLineParser(prog=base.prog, description=base.description)
+    for action in base._actions:
+        if action.dest == "help":
+            continue
+        parser._add_action(action)
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers", "accelerate", "bitsandbytes", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = setup_one_line_parser()
+    try:
+        args = parse_with_config(parser, argv)
+        if args.output_config:
+            if not args.config_file:
+                raise UserError("--output_config needs --config_file (the file to write)")
+            output_config(parser, args, args.config_file)
+            return 0
+        from library.trainer import prepare, train
+
+        plan = prepare(args)
+        train(args, plan)
+    except UserError as e:
+        print(f"train_network.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
