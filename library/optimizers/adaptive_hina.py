@@ -176,6 +176,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             if ratio != 1.0 and ga.get("base_lr") == gb.get("base_lr"):
                 self._ratio[pb] = ratio
         self._adapters = set(self._roles)
+        self._row_scaled = set(self._roles)
         for p, n in zip(params, names):
             if is_adapter_role(classify(n)[1]):
                 self._adapters.add(p)
@@ -329,16 +330,19 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         # 6. per-element learning rate
         if mask is not None:
             u.mul_(mask)
-        if group["allora_eta"] is not None and p in self._roles and p.ndim >= 1:
+        if group["allora_eta"] is not None and p in self._row_scaled and p.ndim >= 1:
             u.mul_(allora.row_scale(p32, group["allora_eta"]))
         ratio = self._ratio.get(p, 1.0)
         factor = st.get("lr_factor")
+        extra = self._extra_scale(p)
+        if extra is not None:
+            factor = extra if factor is None else factor * extra
         scale = lr * step_scale * ratio
 
         # 7. decoupled (dynamic) weight decay with the same per-element lr
         wd = group["weight_decay"]
         if group["dynamic_weight_decay"]:
-            wd *= dynamic_multiplier(t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"])
+            wd *= self._wd_multiplier(p, t, group)
         if wd > 0 and lr > 0:
             c = lr * ratio * wd
             if mask is not None:
@@ -369,6 +373,14 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if want_features:
             return self._features(p, st, m, u, scale)
         return None
+
+    # ------------------------------------------------------------ hooks
+    def _extra_scale(self, p):
+        """Optional 0-dim tensor multiplied into this parameter's lr (subclasses)."""
+        return None
+
+    def _wd_multiplier(self, p, t: int, group: dict) -> float:
+        return dynamic_multiplier(t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"])
 
     # ------------------------------------------------------------- importance
     @staticmethod

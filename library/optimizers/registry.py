@@ -159,3 +159,11 @@ register(
         aliases=("HinaAdaptiveAdamW8bit",),
     )
 )
+register(
+    OptimInfo(
+        "HinaAdamWOptimizer",
+        "library.optimizers.hina_adamw:HinaAdamWOptimizer",
+        "AdamW with LoRA/LoKr/LoHa-aware learning rates (LoRA+ ratio, ALLoRA rows, Kronecker scale) and type-specific decay",
+        aliases=("HinaAdamW", "HinaAdamWOptimizer8bit"),
+    )
+)
