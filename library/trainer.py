@@ -278,7 +278,7 @@ def train(args, plan: Plan) -> dict:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from networks.names import attach_param_names
+    from networks.names import attach_param_names, kohya_text_encoder_view
 
     from .dataset import FolderDataset
     from .train_util import get_optimizer
@@ -346,14 +346,15 @@ def train(args, plan: Plan) -> dict:
     train_unet = not args.network_train_text_encoder_only
     train_te = not args.network_train_unet_only
     module = plan.network_module
+    te_view = kohya_text_encoder_view(text_encoder)  # classic kohya module names under transformers 5
     if args.dim_from_weights:
-        network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet, **plan.net_kwargs)
+        network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, te_view, unet, **plan.net_kwargs)
     else:
-        network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
+        network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, te_view, unet,
                                         neuron_dropout=args.network_dropout, **plan.net_kwargs)
     if network is None:
         raise UserError(f"--network_module {args.network_module} created no network")
-    network.apply_to(text_encoder, unet, train_te, train_unet)
+    network.apply_to(te_view, unet, train_te, train_unet)
     if args.network_weights:
         network.load_weights(args.network_weights)
     if args.gradient_checkpointing and hasattr(network, "enable_gradient_checkpointing"):
@@ -616,7 +617,7 @@ def _micro_step(args, dataset, idx, cached, vae, text_encoder, unet, tokenizer, 
         with torch.set_grad_enabled(train_te):
             if args.clip_skip and args.clip_skip > 1:
                 out = text_encoder(ids, output_hidden_states=True)
-                enc = text_encoder.text_model.final_layer_norm(out.hidden_states[-args.clip_skip])
+                enc = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(out.hidden_states[-args.clip_skip])
             else:
                 enc = text_encoder(ids)[0]
         pred = unet(noisy.to(weight_dtype), timesteps, enc.to(weight_dtype)).sample

@@ -103,6 +103,7 @@ def test_lycoris_kohya_gets_names_too(cache, tmp_path):
     opt = summary["optimizer_object"]
     names = [opt.param_name(p) for g in opt.param_groups for p in g["params"]]
     assert names and all(names) and any("lokr_w1" in n for n in names)
+    assert any(n.startswith("lora_te_text_model_encoder_layers_0") for n in names)  # classic kohya names
 
 
 def test_resume_is_bit_exact(cache, tmp_path):
