@@ -8,8 +8,9 @@ Blockwise codec (moments: ``exp_avg`` signed, ``exp_avg_sq`` unsigned)
 -----------------------------------------------------------------------
 ``quantize_blockwise`` flattens a tensor into blocks of ``block_size`` elements (a power of
 two, default 256, the last block may be partial), stores the fp32 absmax of every block
-(clamped to >= 1e-38) and, per element, the uint8 index of a value of :func:`dynamic_map`
-after dividing by the block's absmax. Cost: ``1 + 4 / block_size`` bytes per element
+(clamped to >= 1e-38, so an all-zero block decodes to zeros and a subnormal block is coded,
+more coarsely, relative to 1e-38) and, per element, the uint8 index of a value of
+:func:`dynamic_map` after dividing by the block's absmax. Cost: ``1 + 4 / block_size`` bytes per element
 (1.016 at 256) for every tensor, however small: a tensor shorter than a block is one block.
 
 Rounding:
@@ -359,14 +360,19 @@ def dequantize_blockwise(
     direct = out is not None and out.dtype == torch.float32
     res = out.view(-1) if direct else torch.empty(n, dtype=torch.float32, device=device)
     if n:
-        table = dynamic_map(signed, device)
+        table = _cached(("map", bool(signed)), device, lambda: _build_dynamic_map(bool(signed)))[0]
         torch.index_select(table, 0, _as_index(codes), out=res)
-        scale = absmax.to(device=device, dtype=torch.float32)
+        scale = absmax
+        if scale.dtype != torch.float32 or scale.device != device:
+            scale = scale.to(device=device, dtype=torch.float32)
         full = n // block_size
-        if full:
-            res[: full * block_size].view(full, block_size).mul_(scale[:full].unsqueeze(1))
-        if full * block_size < n:
-            res[full * block_size:].mul_(scale[full])
+        body = full * block_size
+        if body == n:
+            res.view(full, block_size).mul_(scale.unsqueeze(1))
+        else:
+            if full:
+                res[:body].view(full, block_size).mul_(scale[:full].unsqueeze(1))
+            res[body:].mul_(scale[full])
     if direct:
         return out
     if out is not None:
