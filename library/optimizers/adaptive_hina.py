@@ -16,6 +16,7 @@ import math
 import torch
 
 from . import __version__
+from . import quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
 from .techniques import adam, adopt, allora, tam
@@ -42,7 +43,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     See docs/optimizers.md for every argument; defaults follow seed 000's example.
     """
 
-    _shaped_state_keys = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor")
+    _shaped_state_keys = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor", "exp_avg_q8", "exp_avg_sq_root_q8", "lr_mask_lq")
 
     def __init__(
         self,
@@ -90,7 +91,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if min_lr > max_lr:
             raise ValueError(f"min_lr ({min_lr}) must be <= max_lr ({max_lr})")
         optim_bits = check_int("optim_bits", optim_bits)
-        check_choice("optim_bits", optim_bits, {32})
+        check_choice("optim_bits", optim_bits, {8, 32})
         allora_eta = check_real("allora_eta", allora_eta, lo=0.0, lo_open=True, allow_none=True)
         defaults = dict(
             lr=lr,
@@ -192,13 +193,23 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
     def _init_state(self, p: torch.Tensor, st: dict, group: dict) -> None:
         st["step"] = 0
-        st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        q8 = group["optim_bits"] == 8
+        if q8:  # 8-bit store: m signed, sqrt(v) unsigned (half the dynamic range of v: no flush to 0)
+            quant8.store_zeros(st, "exp_avg", p.shape, signed=True, device=p.device)
+            quant8.store_zeros(st, "exp_avg_sq_root", p.shape, signed=False, device=p.device)
+        else:
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         if group["use_lr_mask"] and group["base_lr"] > 0:
-            dt = storage_dtype(group["lr_bump"], group["base_lr"], group["min_lr"], group["max_lr"])
             base = group["base_lr"]
-            start = min(max(1.0, group["min_lr"] / base), group["max_lr"] / base)
-            st["lr_mask"] = torch.full_like(p, start, dtype=dt, memory_format=torch.preserve_format)
+            lo, hi = group["min_lr"] / base, group["max_lr"] / base
+            start = min(max(1.0, lo), hi)
+            if q8 and lo > 0 and hi > lo:  # log-domain 8-bit codes: min_lr never flushes to 0
+                full = torch.full(p.shape, start, dtype=torch.float32, device=p.device)
+                quant8.store_log(st, "lr_mask", full, lo=lo, hi=hi, bits=8, seed=quant8.mix_seed(self.param_index(p), 0))
+            else:
+                dt = storage_dtype(group["lr_bump"], base, group["min_lr"], group["max_lr"])
+                st["lr_mask"] = torch.full_like(p, start, dtype=dt, memory_format=torch.preserve_format)
         if group["use_tam"]:
             st["tam_s"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if group["use_dynamic_adaptation"]:
@@ -208,7 +219,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             st["anchor"] = p.detach().clone()
         self._write_pair_state(p, st)
         # reserve this shape's scratch buffers now, so no later step allocates any
-        for slot in self._scratch_slots(p, group, "lr_mask" in st):
+        for slot in self._scratch_slots(p, group, "lr_mask" in st or "lr_mask_lq" in st):
             self._buffer_pool.get(p, slot)
 
     @staticmethod
@@ -225,6 +236,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             slots.add(4)
         if not fp32:
             slots.add(5)
+        if group["optim_bits"] == 8:
+            slots.update((6, 7, 8) if has_mask else (6, 7))
         return slots
 
     def _spd_anchor_needed(self, p, group) -> bool:
@@ -259,8 +272,14 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         eps = group["eps"]
         lr = group["lr"]
         use_adopt = group["use_adopt_stability"]
-        m, v = st["exp_avg"], st["exp_avg_sq"]
-        mask = st.get("lr_mask")
+        q8 = "exp_avg_q8" in st
+        if q8:  # dequantise into pooled fp32 buffers; requantised in _commit
+            m = quant8.load(st, "exp_avg", out=pool.get(p, 6))
+            v = quant8.load(st, "exp_avg_sq_root", out=pool.get(p, 7)).square_()
+            mask = quant8.load_log(st, "lr_mask", out=pool.get(p, 8)) if "lr_mask_lq" in st else st.get("lr_mask")
+        else:
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            mask = st.get("lr_mask")
         anchor = st.get("anchor")
 
         # 1. fp32 view of the gradient; transforms write into a pooled buffer, never into p.grad
@@ -301,6 +320,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             if k == 0:  # ADOPT's first call only initialises v
                 if p32 is not p:
                     p.copy_(p32)
+                if q8:
+                    self._commit(p, st, m, v, mask, t)
                 return self._features(p, st, m, u, 0.0) if want_features else None
             u.copy_(m)
             step_scale = 1.0
@@ -370,9 +391,20 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
         if p32 is not p:
             p.copy_(p32)
+        if q8:
+            self._commit(p, st, m, v, mask, t)
         if want_features:
             return self._features(p, st, m, u, scale)
         return None
+
+    def _commit(self, p, st, m, v, mask, t: int) -> None:
+        """Requantise the 8-bit state (stochastic rounding, seeded by parameter index and step)."""
+        seed = quant8.mix_seed(self.param_index(p), t)
+        quant8.store(st, "exp_avg", m, signed=True, seed=seed)
+        quant8.store(st, "exp_avg_sq_root", v.sqrt_(), signed=False, seed=seed)
+        if "lr_mask_lq" in st:
+            lo, hi = st["lr_mask_lrange"]
+            quant8.store_log(st, "lr_mask", mask, lo=lo, hi=hi, bits=8, seed=seed)
 
     # ------------------------------------------------------------ hooks
     def _extra_scale(self, p):
@@ -502,7 +534,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                     warm += 1
                 else:
                     post += 1
-                mask = st.get("lr_mask")
+                mask = quant8.load_log(st, "lr_mask") if "lr_mask_lq" in st else st.get("lr_mask")
                 if mask is not None:
                     mf = mask.float()
                     scale_sum += float(mf.sum())

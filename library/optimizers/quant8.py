@@ -156,6 +156,18 @@ def _build_dynamic_map(signed: bool) -> tuple:
     return (m,)
 
 
+_ZERO_CODES: dict = {}
+
+
+def _zero_code(signed: bool) -> int:
+    """Index of 0.0 in the map, computed once per process from the Python-side values."""
+    code = _ZERO_CODES.get(bool(signed))
+    if code is None:
+        values = _build_dynamic_map(bool(signed))[0].tolist()
+        code = _ZERO_CODES[bool(signed)] = values.index(0.0)
+    return code
+
+
 def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     """The 256 sorted fp32 values of the dynamic map (signed: [-0.993, 1], unsigned: [0, 1]).
 
@@ -568,7 +580,7 @@ def store_zeros(state: dict, key: str, shape, *, signed: bool, device=None,
     block_size = _check_block_size(block_size)
     shape = torch.Size(shape)
     n = math.prod(shape)
-    zero_code = int(torch.nonzero(dynamic_map(signed) == 0)[0, 0])
+    zero_code = _zero_code(signed)
     codes = torch.full(shape, zero_code, dtype=torch.uint8, device=device)
     state[key + Q_SUFFIX] = codes.view(torch.int8) if signed else codes
     state[key + ABSMAX_SUFFIX] = torch.full((-(-n // block_size),), ABSMAX_FLOOR,
@@ -628,3 +640,8 @@ def quant_keys(key: str) -> tuple[str, ...]:
 def state_nbytes(state: dict) -> int:
     """Bytes held by the tensors of one parameter's state dict (storage actually used)."""
     return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+# the zero codes are Python ints known before any step (no tensor read inside step())
+_zero_code(True)
+_zero_code(False)

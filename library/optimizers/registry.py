@@ -156,7 +156,14 @@ register(
         "AdaptiveHinaAdamW",
         "library.optimizers.adaptive_hina:AdaptiveHinaAdamW",
         "AdamW + AGR, OrthoGrad, ADOPT, TAM, Grams, Cautious, lr mask, SPD, dynamic WD, importance, pairing",
-        aliases=("HinaAdaptiveAdamW8bit",),
+    )
+)
+register(
+    OptimInfo(
+        "HinaAdaptiveAdamW8bit",
+        "library.optimizers.adaptive_hina:AdaptiveHinaAdamW",
+        "AdaptiveHinaAdamW with 8-bit state (the old fork's name)",
+        defaults=MappingProxyType({"optim_bits": 8}),
     )
 )
 register(
@@ -164,6 +171,14 @@ register(
         "HinaAdamWOptimizer",
         "library.optimizers.hina_adamw:HinaAdamWOptimizer",
         "AdamW with LoRA/LoKr/LoHa-aware learning rates (LoRA+ ratio, ALLoRA rows, Kronecker scale) and type-specific decay",
-        aliases=("HinaAdamW", "HinaAdamWOptimizer8bit"),
+        aliases=("HinaAdamW",),
+    )
+)
+register(
+    OptimInfo(
+        "HinaAdamWOptimizer8bit",
+        "library.optimizers.hina_adamw:HinaAdamWOptimizer",
+        "HinaAdamWOptimizer with 8-bit state (the old fork's name)",
+        defaults=MappingProxyType({"optim_bits": 8}),
     )
 )
