@@ -28,8 +28,9 @@ GENERAL = dict(
 
 def builders():
     from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
+    from library.optimizers.hina_adamw import HinaAdamWOptimizer
 
-    return {
+    table = {
         "AdamW(foreach)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
         "AdamW(fused)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
         "AdaptiveHinaAdamW(general)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL),
@@ -37,7 +38,21 @@ def builders():
             ps, lr=1e-3, use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False,
             use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False,
             dynamic_weight_decay=False),
+        "AdaptiveHinaAdamW(general, 8bit)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL, optim_bits=8),
+        "AdaptiveHinaAdamW(all off, 8bit)": lambda ps: AdaptiveHinaAdamW(
+            ps, lr=1e-3, use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False,
+            use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False,
+            dynamic_weight_decay=False, optim_bits=8),
+        "HinaAdamWOptimizer": lambda ps: HinaAdamWOptimizer(ps, lr=1e-3),
+        "HinaAdamWOptimizer(8bit)": lambda ps: HinaAdamWOptimizer(ps, lr=1e-3, optim_bits=8),
     }
+    try:
+        import bitsandbytes as bnb
+
+        table["bnb AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit([p for _, p in ps], lr=1e-3)
+    except Exception:  # pragma: no cover - optional contender
+        pass
+    return table
 
 
 def main(argv=None):
@@ -71,17 +86,16 @@ def main(argv=None):
             opt.step()
             results["bytes_per_param"].setdefault(name, {})[set_name] = state_bytes(opt) / n
 
-    reps = [1, 2, 4] if args.quick else [1, 2, 4, 8]  # 528 tensors per repeat at rank 4
+    counts = [200, 800, 3200] if args.quick else [200, 400, 800, 1600, 3200]
     for name, build in table.items():
-        if name.startswith("AdamW(fused"):
+        if name.startswith("AdamW(fused") or name.startswith("bnb"):
             continue
         row = {}
-        for r in reps:
-            shapes = lora_shapes(4, repeat=r)
-            keep = shapes[: max(200, len(shapes))] if r > 1 else shapes[:200]
-            ps = make_params(keep)
+        for n in counts:
+            shapes = lora_shapes(4, repeat=-(-n // 528))[:n]  # rank-4 SD1.5 shapes, tiled
+            ps = make_params(shapes)
             opt = build(ps)
-            row[len(keep)] = time_steps(opt, repeats=repeats) / len(keep) * 1e3  # us per tensor
+            row[n] = time_steps(opt, repeats=repeats) / n * 1e3  # us per tensor
         results["scaling"][name] = row
 
     print(f"SD1.5 rank-16 LoRA shapes: {len(params)} tensors, {n_params / 1e6:.2f}M params")

@@ -378,3 +378,25 @@ def test_buffer_pool_reuses_after_first_step():
     assert later["reuses"] > first["reuses"]
     opt.clear_buffer_pool()
     assert opt.get_buffer_pool_stats()["total_buffers"] == 0
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_spd_in_the_optimizer_matches_the_rule(named):
+    """Batched (anchor zero, adapters) and per-tensor (init anchor) paths both follow SPD."""
+    from library.optimizers.techniques.spd import spd_reference
+
+    outs = {}
+    theta = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    g = torch.tensor([[10.0, -1.0], [10.0, -1.0]])  # <g, theta> > 0, yet Adam's step grows ||theta||
+    for lam in (0.0, 1.0):
+        p = torch.nn.Parameter(theta.clone())
+        params = [("m.lora_up.weight", p)] if named else [p]
+        opt = AdaptiveHinaAdamW(params, lr=0.1, weight_decay=0.0, spd_lambda=lam,
+                                spd_anchor="auto" if named else "zero", **{**ALL_OFF, "use_spd": True})
+        p.grad = g.clone()
+        opt.step()
+        outs[lam] = p.detach().clone()
+    assert outs[0.0].norm() > theta.norm()
+    ref = spd_reference(theta, outs[0.0], g, torch.zeros_like(theta), 1.0)
+    assert torch.allclose(outs[1.0], ref, atol=1e-6)
+    assert not torch.allclose(outs[1.0], outs[0.0])

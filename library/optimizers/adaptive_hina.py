@@ -36,6 +36,18 @@ _FACTOR_MIN, _FACTOR_MAX = 0.5, 2.0
 _TINY = 1e-30
 
 
+def _spd_project_batch(batch, lam: float) -> None:
+    """SPD projection with anchor zero for many tensors at once: the per-tensor scalars are
+    computed as one vector, so the cost per tensor is one norm and one multiply."""
+    params, dots, old_norms = batch
+    new_norms = torch.stack(torch._foreach_norm(params)).float()
+    old = torch.stack(old_norms).float()
+    moving_away = torch.stack(dots) > 0  # -<g, theta - 0> < 0
+    r = (1.0 - old / new_norms.clamp_min(spd_t.EPS)).clamp_(0.0, 1.0)
+    keep = 1.0 - r * moving_away.to(r.dtype) * lam
+    torch._foreach_mul_(params, list(keep.to(params[0].dtype).unbind(0)))
+
+
 class AdaptiveHinaAdamW(HinaOptimizer):
     """AdamW with AGR, OrthoGrad, ADOPT, TAM, Grams, Cautious, per-element lr masks, SPD,
     dynamic weight decay, importance-based adaptation and adapter-pair discovery.
@@ -256,14 +268,33 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             st = self.state[p]
             if "step" not in st:
                 self._init_state(p, st, group)
-            f = self._update(p, st, group, want_features=refresh)
+        # per-tensor reductions that need no earlier result, one multi-tensor call each
+        grads = [p.grad for p in params]
+        agr_totals = None
+        if group["use_agr"]:
+            agr_totals = [t.float().clamp_min_(1e-30) for t in torch._foreach_norm(grads, 1)]
+        spd_batch = p_norms = None
+        if group["use_spd"] and group["spd_lambda"] > 0:
+            spd_batch = ([], [], [])  # params, <g, p>, ||p|| before the step
+            p_norms = torch._foreach_norm(params)
+        m_norms = None
+        if group["use_tam"] and group["optim_bits"] == 32:
+            m_norms = torch._foreach_norm([self.state[p]["exp_avg"] for p in params])
+        for i, p in enumerate(params):
+            f = self._update(p, self.state[p], group, want_features=refresh,
+                             agr_total=None if agr_totals is None else agr_totals[i], spd_batch=spd_batch,
+                             p_norm=None if p_norms is None else p_norms[i],
+                             m_norm=None if m_norms is None else m_norms[i])
             if refresh:
                 feats.append(f)
+        if spd_batch is not None and spd_batch[0]:
+            _spd_project_batch(spd_batch, group["spd_lambda"])
         if refresh:
             self._discover()
             self._refresh_importance(group, params, feats)
 
-    def _update(self, p: torch.Tensor, st: dict, group: dict, want_features: bool = False):
+    def _update(self, p: torch.Tensor, st: dict, group: dict, want_features: bool = False, agr_total=None,
+                spd_batch=None, p_norm=None, m_norm=None):
         pool = self._buffer_pool
         k = st["step"]
         t = k + 1
@@ -285,8 +316,12 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         # 1. fp32 view of the gradient; transforms write into a pooled buffer, never into p.grad
         grad = p.grad
         g = grad if grad.dtype == torch.float32 else pool.get(p, 0).copy_(grad)
-        if group["use_agr"]:
-            g = agr(g, out=pool.get(p, 0), tmp=pool.get(p, 2))
+        if group["use_agr"] and p.numel() > 1:
+            if agr_total is None:
+                g = agr(g, out=pool.get(p, 0), tmp=pool.get(p, 2))
+            else:  # g - g |g| / sum|g|, the sum precomputed for the whole group
+                a = torch.abs(g, out=pool.get(p, 2)).mul_(g).div_(agr_total)
+                g = torch.sub(g, a, out=pool.get(p, 0))
         if group["use_orthogonal_grad"] and p.ndim >= 1 and p.numel() > 1:
             if g is grad:
                 g = pool.get(p, 0).copy_(grad)
@@ -295,9 +330,12 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         # work on an fp32 master view of the parameter
         p32 = p if p.dtype == torch.float32 else pool.get(p, 5).copy_(p)
 
-        # SPD quantities before the step
-        if group["use_spd"]:
-            moving_away, old_norm = spd_t.pre_step(p32, g, anchor, pool.get(p, 2))
+        # SPD quantities before the step (raw gradient, pre-step weights)
+        spd_batched = spd_batch is not None and anchor is None and p32 is p and p_norm is not None
+        if spd_batched:
+            spd_dot = spd_t.dot_raw(p, grad)
+        elif group["use_spd"]:
+            moving_away, old_norm = spd_t.pre_step(p32, grad, anchor, pool.get(p, 2))
 
         # polarity of the previous update direction (= sign of the momentum)
         sign_prev = torch.sign(m, out=pool.get(p, 3)) if mask is not None else None
@@ -311,7 +349,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             x = g
             n_cos = k
         if group["use_tam"] and n_cos >= 1:
-            d = tam.damping(st["tam_s"], tam.cosine(m, x), n_cos, group["tam_beta"])
+            cos = tam.cosine(m, x) if m_norm is None else tam.cosine_with_norm(m, x, m_norm)
+            d = tam.damping(st["tam_s"], cos, n_cos, group["tam_beta"])
             tam.momentum_(m, x, d, beta1)
         else:
             m.lerp_(x, 1.0 - beta1)
@@ -348,9 +387,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         elif group["use_cautious"]:
             cautious_(u, g, pool.get(p, 2))
 
-        # 6. per-element learning rate
-        if mask is not None:
-            u.mul_(mask)
+        # 6. per-element learning rate: lr * step_scale * ratio * [mask] * [row scale] * [factor]
         if group["allora_eta"] is not None and p in self._row_scaled and p.ndim >= 1:
             u.mul_(allora.row_scale(p32, group["allora_eta"]))
         ratio = self._ratio.get(p, 1.0)
@@ -360,34 +397,38 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             factor = extra if factor is None else factor * extra
         scale = lr * step_scale * ratio
 
-        # 7. decoupled (dynamic) weight decay with the same per-element lr
+        # 7-8. decoupled (dynamic) weight decay with the same per-element lr, then the step
         wd = group["weight_decay"]
         if group["dynamic_weight_decay"]:
             wd *= self._wd_multiplier(p, t, group)
-        if wd > 0 and lr > 0:
-            c = lr * ratio * wd
-            if mask is not None:
-                dec = pool.get(p, 2)
-                if factor is not None:
-                    torch.mul(mask, factor, out=dec)
-                    dec.mul_(-c).add_(1.0)
-                else:
-                    torch.mul(mask, -c, out=dec).add_(1.0)
-                p32.mul_(dec)
-            elif factor is not None:
-                p32.mul_(1.0 - c * factor)
+        c = lr * ratio * wd
+        if mask is not None:
+            # p <- p - mask * factor * (scale * u + c * p): decay and step in one pass
+            u.mul_(scale)
+            if c > 0:
+                u.add_(p32, alpha=c)
+            u.mul_(mask)
+            if factor is not None:
+                p32.addcmul_(u, factor, value=-1.0)
             else:
-                p32.mul_(1.0 - c)
-
-        # 8. the step
-        if factor is not None:
-            p32.addcmul_(u, factor, value=-scale)
+                p32.sub_(u)
+            scale = 1.0  # u now holds the whole per-element step (for the features)
         else:
-            p32.add_(u, alpha=-scale)
+            if c > 0:
+                p32.mul_(1.0 - c * factor) if factor is not None else p32.mul_(1.0 - c)
+            if factor is not None:
+                p32.addcmul_(u, factor, value=-scale)
+            else:
+                p32.add_(u, alpha=-scale)
 
-        # 9. SPD projection toward the anchor
+        # 9. SPD projection toward the anchor (batched over the group for fp32 adapter weights)
         if group["use_spd"] and group["spd_lambda"] > 0:
-            spd_t.project_(p32, anchor, moving_away, old_norm, group["spd_lambda"], pool.get(p, 2))
+            if spd_batched:
+                spd_batch[0].append(p)
+                spd_batch[1].append(spd_dot)
+                spd_batch[2].append(p_norm)
+            else:
+                spd_t.project_(p32, anchor, moving_away, old_norm, group["spd_lambda"], pool.get(p, 2))
 
         if p32 is not p:
             p.copy_(p32)

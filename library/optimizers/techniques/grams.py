@@ -23,13 +23,12 @@ def grams_cautious_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor, tmp2: t
     Where the momentum agrees with the gradient the step is (1 + 1/mean(phi))/2 of the base
     step; where it disagrees the coordinate moves along the gradient at half the base
     magnitude (Grams flips it, Cautious would stop it). Neither rule is a no-op.
+    Computed as u * (0.5 s + 0.5 phi / mean(phi)) with s = sign(u g) (sign(g)|u| = s u).
     """
     from .cautious import FLOOR
 
-    torch.mul(u, g, out=tmp)
-    tmp.gt_(0)  # phi
-    scale = tmp.mean().clamp_min_(FLOOR)
-    torch.sign(g, out=tmp2)
-    tmp2.mul_(u.abs())  # sign(g)|u|   (one temporary: |u|)
-    u.mul_(tmp).div_(scale)  # cautious
-    return u.add_(tmp2).mul_(0.5)
+    s = torch.mul(u, g, out=tmp).sign_()
+    phi = torch.clamp(s, min=0.0, out=tmp2)
+    twice_mean = phi.mean().clamp_min_(FLOOR).mul_(2.0)
+    coef = phi.div_(twice_mean).add_(s, alpha=0.5)
+    return u.mul_(coef)

@@ -29,6 +29,14 @@ def pre_step(p: torch.Tensor, g: torch.Tensor, anchor: torch.Tensor | None, tmp:
     return moving_away, torch.linalg.vector_norm(dev_f)
 
 
+def dot_raw(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """<g, theta> for anchor zero (the sign decides the projection; batched callers)."""
+    g_f = g.reshape(-1)
+    if g_f.dtype != torch.float32:
+        g_f = g_f.float()
+    return torch.dot(g_f, p.reshape(-1))
+
+
 def project_(p: torch.Tensor, anchor: torch.Tensor | None, moving_away, old_norm, lam: float, tmp: torch.Tensor) -> None:
     """Apply the selective projection to the proposal ``p`` (fp32) in place."""
     if anchor is None:

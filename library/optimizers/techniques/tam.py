@@ -22,10 +22,17 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(af, bf) / denom.clamp_min(EPS)
 
 
+def cosine_with_norm(a: torch.Tensor, b: torch.Tensor, a_norm: torch.Tensor) -> torch.Tensor:
+    """cos(a, b) when ||a|| is already known (computed for many tensors at once)."""
+    af, bf = a.reshape(-1), b.reshape(-1)
+    denom = torch.linalg.vector_norm(bf).mul_(a_norm).clamp_min_(EPS)
+    return torch.dot(af, bf).div_(denom)
+
+
 def damping(s: torch.Tensor, cos: torch.Tensor, count: int, gamma: float) -> torch.Tensor:
     """Update the smoothed cosine ``s`` in place (``count`` cosines including this one); return d."""
     s.mul_(gamma).add_(cos, alpha=1.0 - gamma)
-    return (1.0 + s / (1.0 - gamma**count)) * 0.5
+    return s.mul(0.5 / (1.0 - gamma**count)).add_(0.5)
 
 
 def momentum_(m: torch.Tensor, x: torch.Tensor, d: torch.Tensor, beta1: float) -> None:

@@ -1,0 +1,28 @@
+"""Momentum decay, the "consistency momentum" of the Automagic_CameAMP lineage
+(Xu, Mi, Wang, Chen, "Towards Faster Training of Diffusion Models: An Inspiration of A
+Consistency Phenomenon", arXiv 2404.07946, strategy MDLRC).
+
+The paper observes that the diffusion loss landscape is smooth and that a large momentum
+coefficient then slows convergence and oscillates; it lowers the coefficient during
+training and, for heavy-ball momentum (step ~ g / (1 - b)), compensates the lr by
+(1 - b0) / (1 - b_t). Our momentum is an EMA, m <- b m + (1 - b) x, whose step scale does
+not depend on b, so no compensation is needed. Schedule (the lineage's exponential form,
+counted from the step the decay starts, so b is continuous there):
+
+    b_k = max(b0 * decay^k, b_min)          k = steps since the decay started (k >= 0)
+    m  <- b_k m + (1 - b_k) x
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["beta_at", "momentum_"]
+
+
+def beta_at(beta0: float, decay: float, floor: float, k: int) -> float:
+    """Decayed coefficient after ``k`` steps; never above ``beta0`` nor below ``min(floor, beta0)``."""
+    return max(beta0 * decay ** max(k, 0), min(floor, beta0))
+
+
+def momentum_(m: torch.Tensor, x: torch.Tensor, beta: float) -> torch.Tensor:
+    return m.mul_(beta).add_(x, alpha=1.0 - beta)
