@@ -240,6 +240,37 @@ def _generator(seed: int, device) -> torch.Generator:
     return gen
 
 
+_NOISE_BITS = 22  # a 4M-entry table of uniforms per device (16 MiB), built once from seed 0
+_GOLDEN = 0.6180339887498949
+
+
+def _noise_table(device) -> torch.Tensor:
+    def build():
+        gen = torch.Generator().manual_seed(0x5EED)
+        return (torch.rand(1 << _NOISE_BITS, generator=gen, dtype=torch.float32),)
+
+    return _cached(("noise",), device, build)[0]
+
+
+def _uniform_(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """Fill the flat fp32 ``out`` with uniforms in [0, 1) determined by ``seed``.
+
+    A window of a fixed random table at a seed-dependent offset, shifted by a seed-dependent
+    fraction (mod 1): two cheap passes instead of a generator run (about 7x faster on CPU),
+    deterministic and reproducible from the integer seed alone. Tensors longer than half the
+    table fall back to a seeded ``torch.Generator``.
+    """
+    n = out.numel()
+    table = _noise_table(out.device)
+    if n > table.numel() // 2:
+        return out.uniform_(generator=_generator(seed, out.device))
+    h = _splitmix64(int(seed) & _MASK64)
+    offset = h % (table.numel() - n + 1)
+    shift = ((h >> 11) * 2.0**-53 + _GOLDEN) % 1.0
+    torch.add(table[offset:offset + n], shift, out=out)
+    return out.frac_()  # exact for values in [0, 2)
+
+
 def _codes_stochastic(v: torch.Tensor, signed: bool, seed: int) -> torch.Tensor:
     """Lower neighbour k from the table, then k + (u < p), p = (v - map[k]) / gap[k].
 
@@ -254,7 +285,7 @@ def _codes_stochastic(v: torch.Tensor, signed: bool, seed: int) -> torch.Tensor:
     torch.index_select(m, 0, ki, out=g1)
     p = torch.sub(v, g1, out=g1)  # exactly 0 when v is a code value: codes stay put
     p *= inv_gap.index_select(0, ki)
-    k += v.uniform_(generator=_generator(seed, v.device)) < p
+    k += _uniform_(v, seed) < p
     return k
 
 
@@ -483,7 +514,7 @@ def quantize_log(
     if rounding == "nearest":
         k += p > 0.5
     else:
-        k += torch.rand(xf.numel(), generator=_generator(seed, device), device=device) < p
+        k += _uniform_(torch.empty(xf.numel(), device=device), seed) < p
     if bits == 8:
         codes = k.to(torch.uint8)
     else:
