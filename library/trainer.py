@@ -507,14 +507,17 @@ def train(args, plan: Plan) -> dict:
                     if finite:
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(net.get_trainable_params(), args.max_grad_norm)
-                        optimizer.step()
-                        if hasattr(base_opt, "report_loss"):
-                            base_opt.report_loss(loss.detach())
+                            total = accelerator.clip_grad_norm_(net.get_trainable_params(), args.max_grad_norm)
+                            if total is not None and not bool(torch.isfinite(torch.as_tensor(total))):
+                                finite = False  # non-finite gradients: skip this update
+                        if finite:
+                            optimizer.step()
+                            if hasattr(base_opt, "report_loss"):
+                                base_opt.report_loss(loss.detach())
                     optimizer.zero_grad(set_to_none=True)
                 if not finite:
                     bad_steps += 1
-                    logger.warning("step %d: non-finite loss (%s), update skipped (%d in a row)",
+                    logger.warning("step %d: non-finite loss or gradients (loss %s), update skipped (%d in a row)",
                                    global_step + 1, float(loss.detach()), bad_steps)
                     if bad_steps >= args.max_bad_steps:
                         stop_reason = f"{bad_steps} consecutive non-finite losses"

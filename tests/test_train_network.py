@@ -206,3 +206,25 @@ def test_user_mistakes_exit_2_with_one_line_before_loading(tmp_path, case):
               "bad_optimizer_value": "betas", "unknown_module": "networks.nope", "missing_data": "nope"}.get(case)
     if expect:
         assert expect in err[0]
+
+
+def test_non_finite_losses_are_skipped_then_stop_with_a_saved_state(cache, tmp_path, monkeypatch, capsys):
+    real = trainer_mod._micro_step
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(trainer_mod, "_micro_step", flaky)
+    rc = train_network.main(["--max_train_steps", "20", "--train_batch_size", "1", "--seed", "1", "--no_progress",
+                             "--output_dir", str(tmp_path), "--output_name", "n", "--caption_extension", ".txt",
+                             "--max_bad_steps", "3", "--optimizer_type", "AdaptiveHinaAdamW"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "3 consecutive non-finite losses" in err and "at step 2" in err
+    assert (tmp_path / "n-interrupted.safetensors").is_file()
+    assert (tmp_path / "n-interrupted-state" / "train_state.json").is_file()
+    weights, _ = _tensors(str(tmp_path / "n-interrupted.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
