@@ -166,7 +166,12 @@ def prepare(args) -> Plan:
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"--resume {args.resume!r}: {STATE_FILE} is damaged ({e})") from None
 
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**31)
+    seed = args.seed
+    if seed is None and resume_state is not None and resume_state.get("seed") is not None:
+        seed = int(resume_state["seed"])  # resuming: the saved seed fixes the batch order
+        notes.append(f"--resume: using the saved seed {seed}")
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") % (2**31)
     return Plan(model_path, data_dir, resolution, module, net_kwargs, cls, kwargs, seed, resume_state, embedded, notes)
 
 
@@ -285,7 +290,8 @@ def train(args, plan: Plan) -> dict:
 
     started = time.time()
     logging_dir = args.logging_dir
-    log_with = args.log_with if logging_dir or args.log_with else None
+    # as sd-scripts: --logging_dir alone turns TensorBoard on
+    log_with = args.log_with or ("tensorboard" if logging_dir else None)
     if log_with and not logging_dir:
         logging_dir = os.path.join(args.output_dir, "logs")
     accelerator = Accelerator(

@@ -242,3 +242,14 @@ def test_alias_bit_exact_resume_and_no_host_sync():
         oc.step()
     for (_, x), (_, y) in zip(a, c):
         assert torch.equal(x, y)
+
+
+def test_shape_fallback_never_pairs_across_lokr_modules():
+    named, net, _ = _lycoris_params(algo="lokr", factor=8, decompose_both=True)
+    params = [p for _, p in named]
+    names = [n for n, _ in named]
+    opt = HinaAdamWOptimizer(params)  # no names: shapes and order only
+    for r in opt.get_relationship_summary()["relationships"]:
+        a, b = names[r["param_index"]], names[r["partner_index"]]
+        assert a.split(".")[0] == b.split(".")[0], (a, b)
+    net.restore()

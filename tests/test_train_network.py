@@ -156,7 +156,7 @@ def test_fourier_loss_disabled_on_latents_unless_forced(cache, tmp_path, caplog)
 
 def test_tensorboard_logs_optimizer_diagnostics(cache, tmp_path):
     logdir = tmp_path / "logs"
-    run(tmp_path, "--optimizer_type", "AdaptiveHinaAdamW", "--logging_dir", str(logdir), "--log_with", "tensorboard",
+    run(tmp_path, "--optimizer_type", "AdaptiveHinaAdamW", "--logging_dir", str(logdir),  # as sd-scripts: enough
         "--optimizer_log_every", "1", steps=2)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -228,3 +228,15 @@ def test_non_finite_losses_are_skipped_then_stop_with_a_saved_state(cache, tmp_p
     assert (tmp_path / "n-interrupted-state" / "train_state.json").is_file()
     weights, _ = _tensors(str(tmp_path / "n-interrupted.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_resume_without_seed_reuses_the_saved_seed(cache, tmp_path):
+    common = ["--optimizer_type", "AdaptiveHinaAdamW", "--max_train_steps", "4", "--train_batch_size", "2",
+              "--no_progress", "--caption_extension", ".txt", "--network_dim", "4"]
+    assert train_network.main([*common, "--output_dir", str(tmp_path / "a"), "--save_every_n_steps", "2",
+                               "--save_state", "--output_name", "a"]) == 0
+    state = tmp_path / "a" / "a-step00000002-state"
+    saved_seed = json.loads((state / "train_state.json").read_text())["seed"]
+    args = train_network.setup_one_line_parser().parse_args([*common, "--output_dir", str(tmp_path / "b"),
+                                                             "--resume", str(state)])
+    assert trainer_mod.prepare(args).seed == saved_seed

@@ -167,7 +167,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         """Relationship discovery: adapter pairs from names, else shapes and order. O(n)."""
         params = self._all_params()
         names = [self._names.get(p) for p in params]
-        pairs, method = discover_pairs(params, names)
+        group_ids = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        pairs, method = discover_pairs(params, names, group_ids)
         thr = self.defaults["compatibility_threshold"]
         self._pairs = [pr for pr in pairs if pr.compatibility >= thr]
         self._pair_method = method

@@ -32,7 +32,7 @@ __all__ = ["HinaAdamWOptimizer", "HinaAdamW"]
 
 _LORA_A = {"lora_down"}
 _LORA_B = {"lora_up"}
-_LOKR_W1 = {"lokr_w1", "lokr_w1_a", "lokr_w1_b"}
+_LOKR_W1 = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_t1"}
 _LOKR_W2 = {"lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
 _LOHA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
 _KRON_COEF = 0.3

@@ -97,21 +97,46 @@ def _prod(xs) -> int:
     return out
 
 
-def pairs_from_shapes(shapes: list[tuple[int, ...]], exclude: set[int] | None = None) -> list[Pair]:
-    """Pair low-rank factors without names: a down-like (r, in, ...) tensor with the next
-    up-like (out, r[, 1, 1]) tensor of the same rank, first-in first-out per rank.
+def pairs_from_shapes(shapes: list[tuple[int, ...]], exclude: set[int] | None = None,
+                      groups: list[int] | None = None) -> list[Pair]:
+    """Pair low-rank factors without names. O(n).
 
-    FIFO per rank pairs correctly both kohya's interleaved order (down, up, down, up, ...) and
-    LoRA+'s split order (all downs in one group, all ups in another). O(n).
+    1. Neighbours in the same param group: a down-like (r, in, ...) tensor directly followed by
+       an up-like (out, r[, 1, 1]) one of the same rank (kohya's order), or an up-like one
+       directly followed by a down-like one (LyCORIS' ``w2_a``, ``w2_b`` order).
+    2. What is left, first-in first-out per rank across groups: LoRA+'s split order (all down
+       factors in one group, all up factors in another).
     Compatibility: 0.6 for a rank match, +0.2 when the two are adjacent in order, +0.2 when
     the rank is at most half of both outer dimensions (a genuine low-rank factorisation).
     """
-    exclude = exclude or set()
+    exclude = set(exclude or ())
+    groups = groups or [0] * len(shapes)
+    out = []
+
+    def score(d: int, u: int) -> float:
+        r = shapes[u][1]
+        sc = 0.6 + (0.2 if abs(u - d) == 1 else 0.0)
+        if 2 * r <= min(shapes[u][0], _prod(shapes[d][1:])):
+            sc += 0.2
+        return round(sc, 6)
+
+    used = set(exclude)
+    for i in range(len(shapes) - 1):
+        j = i + 1
+        if i in used or j in used or groups[i] != groups[j]:
+            continue
+        a, b = shapes[i], shapes[j]
+        if _down_like(a) and _up_like(b) and a[0] == b[1]:
+            out.append(Pair(i, j, "shape", score(i, j)))
+            used.update((i, j))
+        elif _up_like(a) and _down_like(b) and b[0] == a[1]:
+            out.append(Pair(j, i, "shape", score(j, i)))
+            used.update((i, j))
+
     pending: dict[int, list[int]] = {}
     heads: dict[int, int] = {}
-    out = []
     for i, shape in enumerate(shapes):
-        if i in exclude:
+        if i in used:
             continue
         if _up_like(shape):
             r = shape[1]
@@ -120,26 +145,21 @@ def pairs_from_shapes(shapes: list[tuple[int, ...]], exclude: set[int] | None = 
             if queue is not None and h < len(queue):
                 j = queue[h]
                 heads[r] = h + 1
-                dshape = shapes[j]
-                score = 0.6
-                if i == j + 1:
-                    score += 0.2
-                if 2 * r <= min(shape[0], _prod(dshape[1:])):
-                    score += 0.2
-                out.append(Pair(j, i, "shape", round(score, 6)))
+                out.append(Pair(j, i, "shape", score(j, i)))
                 continue
         if _down_like(shape):
             pending.setdefault(shape[0], []).append(i)
     return out
 
 
-def discover_pairs(params: list[torch.Tensor], names: list[str | None]) -> tuple[list[Pair], str]:
+def discover_pairs(params: list[torch.Tensor], names: list[str | None],
+                   groups: list[int] | None = None) -> tuple[list[Pair], str]:
     """Pairs from names where known, shapes and order for the rest; and the method used."""
     named = pairs_from_names(names)
     covered = {i for p in named for i in (p.a, p.b)}
     # parameters whose name classifies as an adapter but found no partner are not re-paired by shape
     classified = {i for i, n in enumerate(names) if classify(n)[0] is not None}
-    shaped = pairs_from_shapes([tuple(p.shape) for p in params], exclude=covered | classified)
+    shaped = pairs_from_shapes([tuple(p.shape) for p in params], exclude=covered | classified, groups=groups)
     if named and shaped:
         method = "names+shapes"
     elif named:
