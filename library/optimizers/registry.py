@@ -182,3 +182,39 @@ register(
         defaults=MappingProxyType({"optim_bits": 8}),
     )
 )
+register(
+    OptimInfo(
+        "Automagic_CameAMP",
+        "library.optimizers.automagic:Automagic_CameAMP",
+        "CAME + Automagic per-element lr mask, AGR, TAM then momentum decay, Grams blend, early OrthoGrad, ALLoRA rows, AdaDecay",
+    )
+)
+register(
+    OptimInfo(
+        "Automagic_CameAMP8bit",
+        "library.optimizers.automagic:Automagic_CameAMP8bit",
+        "Automagic_CameAMP with 8-bit momenta and a log-coded lr mask (seeded, exact resume), fp32 factored statistics",
+    )
+)
+register(
+    OptimInfo(
+        "Automagic_CameAMP_COptim",
+        "library.optimizers.automagic:Automagic_CameAMP_COptim",
+        "Automagic_CameAMP + Cautious mask, slow momentum, closure-free context lr multiplier (report_loss)",
+    )
+)
+register(
+    OptimInfo(
+        "Automagic_CameAMP_COptim8bit",
+        "library.optimizers.automagic:Automagic_CameAMP_COptim8bit",
+        "Automagic_CameAMP_COptim with 8-bit element-sized state",
+    )
+)
+register(
+    OptimInfo(
+        "RefactoredAutomagicCameAMP",
+        "library.optimizers.automagic_refactored:RefactoredAutomagicCameAMP",
+        "Automagic_CameAMP with OptimizerConfig, four training phases and pluggable regularisers",
+        aliases=("Automagic_CameAMP_Refactored", "Automagic_CameAMP_Improved"),
+    )
+)

@@ -101,9 +101,14 @@ def correction(beta: float, t: int, enabled: bool = True) -> float:
     return math.sqrt(1.0 - beta**t) if enabled else 1.0
 
 
-def factored_rsqrt(row: torch.Tensor, col: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[i, j] = rsqrt(row_i / mean(row)) * rsqrt(col_j)`` = ``rsqrt(V^_ij)``; out is (n, k)."""
+def factored_rsqrt(row: torch.Tensor, col: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``out[i, j] = rsqrt(row_i / mean(row)) * rsqrt(col_j) * scale`` = ``scale * rsqrt(V^_ij)``.
+
+    ``out`` is (n, k); ``scale`` (a bias correction) is folded into the n-vector, not the matrix.
+    """
     r = torch.rsqrt(row / row.mean())
+    if scale != 1.0:
+        r.mul_(scale)
     c = torch.rsqrt(col)
     return torch.mul(r.unsqueeze(1), c.unsqueeze(0), out=out)
 
@@ -126,12 +131,11 @@ def normalize(g: torch.Tensor, st: dict, beta2: float, eps1: float, out: torch.T
     if "came_row" in st:
         view = (st["came_row"].numel(), st["came_col"].numel())
         update_factored_(st["came_row"], st["came_col"], tmp.view(view), beta2)
-        factored_rsqrt(st["came_row"], st["came_col"], out=out.view(view))
-        out.mul_(g)
-    else:
-        v = st["came_v"] if v is None else v
-        v.mul_(beta2).add_(tmp, alpha=1.0 - beta2)
-        torch.rsqrt(v, out=out).mul_(g)
+        factored_rsqrt(st["came_row"], st["came_col"], out=out.view(view), scale=bc2)
+        return out.mul_(g)
+    v = st["came_v"] if v is None else v
+    v.mul_(beta2).add_(tmp, alpha=1.0 - beta2)
+    torch.rsqrt(v, out=out).mul_(g)
     if bc2 != 1.0:
         out.mul_(bc2)
     return out
@@ -157,11 +161,8 @@ def confidence(u: torch.Tensor, m: torch.Tensor, st: dict, beta3: float, eps2: f
     if "came_res_row" in st:
         view = (st["came_res_row"].numel(), st["came_res_col"].numel())
         update_factored_(st["came_res_row"], st["came_res_col"], out.view(view), beta3)
-        factored_rsqrt(st["came_res_row"], st["came_res_col"], out=out.view(view))
-        out.mul_(m)
-        if bc3 != 1.0:
-            out.mul_(bc3)
-        return out
+        factored_rsqrt(st["came_res_row"], st["came_res_col"], out=out.view(view), scale=bc3)
+        return out.mul_(m)
     res = st.get("came_res") if res is None else res
     if res is None:
         return out.copy_(m)

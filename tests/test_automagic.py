@@ -1,0 +1,402 @@
+"""Automagic_CameAMP family: training, CAME equivalence, early steps, lr mask, 8-bit, COptim
+context, resume, host syncs, diagnostics and bad input."""
+import math
+
+import pytest
+import torch
+
+from benchmarks.common import make_params, state_bytes
+from benchmarks.shapes import lora_shapes
+from library.automagic_cameamp import (
+    Automagic_CameAMP,
+    Automagic_CameAMP8bit,
+    Automagic_CameAMP_COptim,
+    Automagic_CameAMP_COptim8bit,
+)
+from library.automagic_cameamp_refactored import RefactoredAutomagicCameAMP
+from library.optimizers.engine import HinaOptimizer
+from library.optimizers.registry import check_optimizer_kwargs
+from library.toy_tasks import train_lora_teacher
+from tests.helpers import forbid_host_sync, save_load
+
+FOUR = [Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit]
+EIGHT = {Automagic_CameAMP8bit: Automagic_CameAMP, Automagic_CameAMP_COptim8bit: Automagic_CameAMP_COptim}
+PLAIN_CAME = dict(use_agr=False, use_orthograd=False, use_tam=False, beta1_decay=1.0, use_grams=False,
+                  use_adabelief=False, use_lr_mask=False, eta=None, adaptive_weight_decay=False,
+                  came_bias_correction=False)
+
+
+def build(cls, params, **kw):
+    if cls in EIGHT:
+        kw.setdefault("min_8bit_size", 0)  # quantise even the toy tensors
+    return cls(params, **kw)
+
+
+def _clone(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def _params(seed=0, shapes=((16, 8), (8,), (4, 3, 3, 3), (12, 4, 1, 1), (3,))):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+# ------------------------------------------------------------------ training
+TRAINED = {}
+
+
+def _train(cls, steps=300, **kw):
+    key = (cls, steps, tuple(sorted(kw.items())))
+    if key not in TRAINED:
+        holder = {}
+
+        def make(named):
+            holder["opt"] = build(cls, named, lr=1e-3, warmup_steps=100, **kw)
+            return holder["opt"]
+
+        losses, held, _ = train_lora_teacher(make, steps=steps)
+        TRAINED[key] = (losses, held, holder["opt"])
+    return TRAINED[key]
+
+
+@pytest.mark.parametrize("cls", FOUR, ids=lambda c: c.__name__)
+def test_each_class_trains_the_lora_teacher(cls):
+    losses, held, _ = _train(cls)
+    assert held < 0.3 * losses[0]
+    assert math.isfinite(held)
+
+
+@pytest.mark.parametrize("cls8", list(EIGHT), ids=lambda c: c.__name__)
+def test_8bit_trains_within_tolerance_of_its_32bit_twin(cls8):
+    """Documented tolerance: held-out loss within 15 % of the fp32 twin after 300 steps."""
+    _, held8, _ = _train(cls8)
+    _, held32, _ = _train(EIGHT[cls8])
+    assert abs(held8 - held32) <= 0.15 * held32
+
+
+def test_plain_came_configuration_equals_came_pytorch():
+    came_pytorch = pytest.importorskip("came_pytorch")
+    a = _params(shapes=((8, 5), (5,), (6, 3)))
+    b = _clone(a)
+    ours = Automagic_CameAMP(a, lr=1e-3, betas=(0.9, 0.999, 0.9999), weight_decay=0.01, **PLAIN_CAME)
+    ref = came_pytorch.CAME(b, lr=1e-3, betas=(0.9, 0.999, 0.9999), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen)
+            x.grad, y.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ CAME early steps
+@pytest.mark.parametrize("correct, matrix_move, vector_move", [(False, 11.11, 0.1), (True, 0.1111, 0.1)])
+def test_came_first_step_handled_by_bias_correction(correct, matrix_move, vector_move):
+    lr = 1e-4
+    m, v = torch.nn.Parameter(torch.zeros(6, 5)), torch.nn.Parameter(torch.zeros(7))
+    opt = Automagic_CameAMP([m, v], lr=lr, betas=(0.9, 0.999, 0.9999),
+                            **{**PLAIN_CAME, "came_bias_correction": correct})
+    m.grad, v.grad = torch.full((6, 5), 0.3), torch.tensor([1.0, -2.0, 0.5, 3.0, -0.1, 2.0, -7.0])
+    opt.step()
+    assert torch.allclose(-m.detach() / lr, torch.full((6, 5), matrix_move), rtol=1e-3)
+    assert torch.allclose(-v.detach() / lr, vector_move * torch.sign(v.grad), rtol=1e-3)
+
+
+def test_default_first_step_is_small_on_every_tensor():
+    """With every default feature on, no element moves more than lr at step 1 (official CAME: 8 lr here)."""
+    ps = _params()
+    opt = Automagic_CameAMP(ps, lr=1e-4, weight_decay=0.0)
+    before = [p.detach().clone() for p in ps]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p, b in zip(ps, before):
+        assert float((p.detach() - b).abs().max()) <= 1e-4 * 1.0001
+
+
+# ------------------------------------------------------------------ lr mask
+def test_lr_mask_starts_at_requested_lr_and_follows_the_scheduler():
+    for cls in FOUR:
+        p = torch.nn.Parameter(torch.zeros(64, 64))
+        opt = build(cls, [p], lr=2e-4, lr_bump=1e-5, warmup_steps=20, weight_decay=0.0)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        assert opt.get_learning_rates() == [pytest.approx(2e-4)], cls.__name__  # no doubled start
+        stats = opt.get_lr_mask_analysis()["global_statistics"]
+        assert stats["min_lr"] == pytest.approx(2e-4) and stats["max_lr"] == pytest.approx(2e-4)
+    # the mask moves during warmup (per element), is frozen after it, and scales with group lr
+    p = torch.nn.Parameter(torch.zeros(32, 16))
+    opt = Automagic_CameAMP([p], lr=2e-4, lr_bump=1e-5, warmup_steps=20, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 25 else 0.5)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(32, 16, generator=gen)
+    masks = []
+    for step in range(30):
+        p.grad = (p.detach() - target) + 0.3 * torch.randn(32, 16, generator=gen)
+        opt.step()
+        sched.step()
+        masks.append(opt.state[p]["lr_mask"].float().clone())
+    assert not torch.equal(masks[1], masks[10]) and masks[10].std() > 0  # per-element adaptation
+    assert torch.equal(masks[20], masks[29])  # frozen after warmup
+    lr_before = opt.get_learning_rates()[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert lr_before == pytest.approx(1e-4 * float(masks[29].mean()), rel=1e-5)
+    lo, hi = 1e-7 / 2e-4, 1e-3 / 2e-4
+    assert float(masks[10].min()) >= lo and float(masks[10].max()) <= hi
+
+
+def test_halving_group_lr_halves_the_step_after_warmup():
+    ps = [_params(seed=3, shapes=((12, 6),))[0] for _ in range(2)]
+    ps[1] = torch.nn.Parameter(ps[0].detach().clone())
+    opts = [Automagic_CameAMP([p], lr=1e-3, warmup_steps=4, weight_decay=0.0) for p in ps]
+    gen = torch.Generator().manual_seed(2)
+    for step in range(8):
+        g = torch.randn(12, 6, generator=gen)
+        before = [p.detach().clone() for p in ps]
+        if step == 7:
+            opts[1].param_groups[0]["lr"] = 0.5e-3
+        for p, o in zip(ps, opts):
+            p.grad = g.clone()
+            o.step()
+    d0, d1 = ps[0].detach() - before[0], ps[1].detach() - before[1]
+    assert torch.allclose(d1, 0.5 * d0, rtol=1e-4, atol=1e-6)  # round-off: |p| up to 2.4, ulp 2.4e-7
+
+
+def test_8bit_mask_storage_starts_exact_and_keeps_min_lr_nonzero():
+    p = torch.nn.Parameter(torch.zeros(40, 40))
+    opt = Automagic_CameAMP8bit([p], lr=1e-4, min_8bit_size=0, lr_bump=3e-5, warmup_steps=200)
+    st = opt.state
+    p.grad = torch.randn_like(p)
+    opt.step()
+    from library.optimizers import quant8
+
+    assert torch.equal(quant8.load_log(opt.state[p], "lr_mask"), torch.ones(40, 40))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):  # alternating signs drive elements toward min_lr
+        p.grad = torch.randn(40, 40, generator=gen) * (-1) ** _
+        opt.step()
+    mask = quant8.load_log(st[p], "lr_mask")
+    assert float(mask.min()) >= 1e-7 / 1e-4 * 0.999 and float(mask.min()) > 0
+    assert st[p]["lr_mask_lq"].dtype == torch.uint8
+
+
+# ------------------------------------------------------------------ 8-bit memory
+def test_8bit_state_is_at_most_half_of_its_twin_at_sd15_lora_shapes():
+    shapes = lora_shapes(16)[::12]  # 44 tensors across the UNet and text encoder
+    for cls8, cls32 in EIGHT.items():
+        sizes = {}
+        for cls in (cls8, cls32):
+            ps = make_params(shapes)
+            opt = cls(ps, lr=1e-4)
+            opt.step()
+            sizes[cls] = state_bytes(opt)
+        assert sizes[cls8] <= 0.5 * sizes[cls32], (cls8.__name__, sizes)
+    p = make_params([("x.lora_up.weight", (64, 16))])
+    opt = Automagic_CameAMP8bit(p, lr=1e-4)  # small tensors are quantised too (bitsandbytes keeps them fp32)
+    opt.step()
+    assert "exp_avg_q8" in opt.state[p[0][1]] and "exp_avg" not in opt.state[p[0][1]]
+    q = make_params([("x.lora_up.weight", (64, 16))])
+    opt = Automagic_CameAMP8bit(q, lr=1e-4, min_8bit_size=4096)  # opt-in bitsandbytes' rule
+    opt.step()
+    assert "exp_avg" in opt.state[q[0][1]] and "exp_avg_q8" not in opt.state[q[0][1]]
+
+
+# ------------------------------------------------------------------ COptim context
+@pytest.mark.parametrize("cls", [Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit], ids=lambda c: c.__name__)
+def test_coptim_multiplier_moves_without_a_closure_and_stays_in_bounds(cls):
+    seen = []
+    holder = {}
+
+    def make(named):
+        opt = build(cls, named, lr=1e-3, warmup_steps=50, lr_multiplier_bounds=(0.6, 1.5))
+        holder["opt"] = opt
+        # read the multiplier after each step (a post hook runs outside the timed update)
+        opt.register_step_post_hook(lambda o, a, k: seen.append(float(o.param_groups[0]["context"]["mult"])))
+        return opt
+
+    train_lora_teacher(make, steps=120)  # calls step() with no closure and never reports a loss
+    assert seen[0] == 1.0  # step 1 uses the requested lr
+    assert len(set(round(m, 6) for m in seen)) > 10
+    assert all(0.6 - 1e-6 <= m <= 1.5 + 1e-6 for m in seen)
+    info = holder["opt"].get_context_info()[0]
+    assert info["gradient_observations"] == 120 and info["losses_reported"] == 0
+
+
+def test_coptim_uses_reported_losses_and_detects_a_spike():
+    ps = _params()
+    opt = Automagic_CameAMP_COptim(ps, lr=1e-3, warmup_steps=10, context_window=10)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(40):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        opt.report_loss(torch.tensor(1.0 / (1 + i)) + 0.01 * torch.rand((), generator=gen))
+    before = float(opt.param_groups[0]["context"]["mult"])
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    opt.report_loss(torch.tensor(100.0))
+    assert opt.get_context_info()[0]["losses_reported"] == 41
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    assert float(opt.param_groups[0]["context"]["mult"]) < 0.75 * before
+    opt.report_loss(3.0)  # a Python number works too
+
+
+def test_coptim_cautious_and_slow_momentum_change_the_step():
+    ps = _params(seed=4, shapes=((10, 6),))
+    outs = {}
+    for name, kw in (("default", {}), ("no_cautious", {"use_cautious": False}), ("no_slow", {"slow_alpha": 0.0})):
+        q = _clone(ps)
+        opt = Automagic_CameAMP_COptim(q, lr=1e-3, warmup_steps=4, **kw)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(12):
+            q[0].grad = torch.randn(10, 6, generator=gen)
+            opt.step()
+        outs[name] = q[0].detach().clone()
+    assert not torch.equal(outs["default"], outs["no_cautious"])
+    assert not torch.equal(outs["default"], outs["no_slow"])
+
+
+# ------------------------------------------------------------------ resume, host sync
+ALL5 = FOUR + [RefactoredAutomagicCameAMP]
+
+
+def _run(opt, params, steps, gen, report):
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) + 0.2 * p.detach()
+        opt.step()
+        if report:
+            opt.report_loss(sum((p.detach() ** 2).mean() for p in params))
+
+
+@pytest.mark.parametrize("cls", ALL5, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("n", [3, 7])
+def test_bit_exact_resume(cls, n):
+    """N steps, save, load into a fresh optimizer, N more == 2N straight (crosses warmup/2, warmup, 2 warmup)."""
+    kw = dict(lr=1e-3, warmup_steps=6, rank_interval=4) if cls is RefactoredAutomagicCameAMP else dict(lr=1e-3, warmup_steps=6)
+    report = hasattr(cls, "report_loss")
+    a = _params()
+    opt_a = build(cls, a, **kw)
+    _run(opt_a, a, 2 * n, torch.Generator().manual_seed(9), report)
+    b = _params()
+    opt_b = build(cls, b, **kw)
+    gen = torch.Generator().manual_seed(9)
+    _run(opt_b, b, n, gen, report)
+    sd = save_load(opt_b.state_dict())
+    c = _clone(b)
+    opt_c = build(cls, c, **kw)
+    opt_c.load_state_dict(sd)
+    _run(opt_c, c, n, gen, report)
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)
+    for k, v in opt_a.state[a[0]].items():
+        w = opt_c.state[c[0]][k]
+        assert (torch.equal(v, w) and v.dtype == w.dtype) if isinstance(v, torch.Tensor) else v == w, k
+
+
+@pytest.mark.parametrize("cls", ALL5, ids=lambda c: c.__name__)
+def test_no_host_sync_inside_step(cls):
+    ps = _params()
+    ps.append(torch.nn.Parameter(torch.randn(8, 8).to(torch.bfloat16)))
+    opt = build(cls, ps, lr=1e-3, warmup_steps=4)
+    report = hasattr(opt, "report_loss")
+    for i in range(12):  # early, late, post warmup, mature
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        with forbid_host_sync():
+            opt.step()
+            if report:
+                opt.report_loss(torch.rand(()))
+    assert all(torch.isfinite(p.float()).all() for p in ps)
+
+
+def test_grad_is_never_mutated_and_bf16_params_keep_fp32_state():
+    p = torch.nn.Parameter(torch.randn(8, 8).to(torch.bfloat16))
+    q = torch.nn.Parameter(torch.randn(8))
+    opt = Automagic_CameAMP([p, q], lr=1e-3)
+    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    g0 = (p.grad.clone(), q.grad.clone())
+    for _ in range(3):
+        opt.step()
+    assert torch.equal(p.grad, g0[0]) and torch.equal(q.grad, g0[1])
+    assert p.dtype == torch.bfloat16 and opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_state_only_in_self_state_and_params_without_grad_skipped():
+    ps = _params()
+    opt = Automagic_CameAMP_COptim8bit(ps, lr=1e-3, min_8bit_size=0)
+    ps[0].grad = torch.randn_like(ps[0])
+    opt.step()
+    assert set(opt.state) == {ps[0]}
+    sd = save_load(opt.state_dict())
+    assert set(sd["state"]) == {0}
+    assert "context" in sd["param_groups"][0] and sd["param_groups"][0]["context"]["n_grad"] == 1
+
+
+# ------------------------------------------------------------------ diagnostics, API, errors
+def test_diagnostics_on_request():
+    _, _, opt = _train(Automagic_CameAMP_COptim8bit)
+    info = opt.get_optimization_info()
+    assert info["optimizer"] == "Automagic_CameAMP_COptim8bit" and info["features"]["eight_bit"]
+    assert info["training_stats"]["global_step"] == 300
+    assert 0 < info["memory"]["bytes_per_param"] < 8
+    assert "lr_multiplier" in info["context"][0]
+    scalars = opt.diagnostics_scalars()
+    assert {"optimizer/lr_avg", "optimizer/lr_multiplier_0"} <= set(scalars)
+    fresh = Automagic_CameAMP(_params(), lr=1e-4)
+    assert fresh.get_optimization_info()["training_stats"]["global_step"] == 0
+
+
+def test_classes_are_engine_optimizers_with_checked_signatures():
+    for cls in FOUR:
+        assert issubclass(cls, HinaOptimizer)
+        check_optimizer_kwargs(cls, {"lr": 1e-4, "warmup_steps": 100, "betas": (0.8, 0.99, 0.999)})
+        with pytest.raises(ValueError, match="warmup_step"):
+            check_optimizer_kwargs(cls, {"warmup_step": 100})
+    check_optimizer_kwargs(Automagic_CameAMP8bit, {"seed": 3, "min_8bit_size": 0})
+    check_optimizer_kwargs(Automagic_CameAMP_COptim, {"context_window": 50, "lr_multiplier_bounds": (0.5, 3.0)})
+    with pytest.raises(ValueError, match="seed"):
+        check_optimizer_kwargs(Automagic_CameAMP, {"seed": 3})
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, culprit",
+    [
+        (Automagic_CameAMP, {"lr": -1.0}, "lr"),
+        (Automagic_CameAMP, {"lr": 5e-3}, r"lr \(0.005\) must lie within"),
+        (Automagic_CameAMP, {"min_lr": 1e-2, "max_lr": 1e-3}, "min_lr"),
+        (Automagic_CameAMP, {"betas": (0.9, 0.999)}, "betas"),
+        (Automagic_CameAMP, {"betas": (0.9, 0.999, 1.0)}, r"betas\[2\]"),
+        (Automagic_CameAMP, {"eps": 1e-30}, "eps"),
+        (Automagic_CameAMP, {"eps": (1e-30, 0.0)}, r"eps\[1\]"),
+        (Automagic_CameAMP, {"warmup_steps": 1.5}, "warmup_steps"),
+        (Automagic_CameAMP, {"use_grams": "maybe"}, "use_grams"),
+        (Automagic_CameAMP, {"clip_threshold": 0.0}, "clip_threshold"),
+        (Automagic_CameAMP, {"eta": -2.0}, "eta"),
+        (Automagic_CameAMP, {"weight_decay": -1.0}, "weight_decay"),
+        (Automagic_CameAMP, {"context_window": 30}, "unknown argument 'context_window'"),
+        (Automagic_CameAMP, {"warmup_step": 30}, "did you mean 'warmup_steps'"),
+        (Automagic_CameAMP8bit, {"min_8bit_size": -1}, "min_8bit_size"),
+        (Automagic_CameAMP_COptim, {"lr_multiplier_bounds": (2.0, 3.0)}, r"lr_multiplier_bounds\[0\]"),
+        (Automagic_CameAMP_COptim, {"context_window": 2}, "context_window"),
+        (Automagic_CameAMP_COptim, {"stagnation_boost": 0.5}, "stagnation_boost"),
+        (Automagic_CameAMP_COptim8bit, {"adaptation_rate": 0.0}, "adaptation_rate"),
+    ],
+)
+def test_bad_values_name_the_argument(cls, kwargs, culprit):
+    with pytest.raises(ValueError, match=culprit) as e:
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], **{"lr": 1e-4, **kwargs})
+    assert "\n" not in str(e.value)
+
+
+def test_group_lr_outside_mask_range_is_rejected():
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="lr"):
+        Automagic_CameAMP([{"params": [p]}, {"params": [q], "lr": 1.0}], lr=1e-4)
+    opt = Automagic_CameAMP([{"params": [p]}, {"params": [q], "lr": 1e-3}], lr=1e-4)
+    assert opt.param_groups[1]["base_lr"] == 1e-3
