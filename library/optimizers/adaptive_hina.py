@@ -562,42 +562,13 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         }
 
     def get_lr_mask_analysis(self) -> dict:
-        enabled = any(g["use_lr_mask"] for g in self.param_groups)
-        total = warm = post = 0
-        scale_sum = 0.0
-        numel = 0
-        lo, hi = math.inf, -math.inf
-        lr_sum = 0.0
-        for g in self.param_groups:
-            for p in g["params"]:
-                total += 1
-                st = self.state.get(p, {})
-                if st.get("step", 0) < g["warmup_steps"]:
-                    warm += 1
-                else:
-                    post += 1
-                mask = quant8.load_log(st, "lr_mask") if "lr_mask_lq" in st else st.get("lr_mask")
-                if mask is not None:
-                    mf = mask.float()
-                    scale_sum += float(mf.sum())
-                    lr_sum += float(mf.sum()) * g["lr"]
-                    numel += mask.numel()
-                    lo = min(lo, float(mf.min()))
-                    hi = max(hi, float(mf.max()))
-        avg = scale_sum / numel if numel else 1.0
-        return {
-            "lr_mask_enabled": enabled,
-            "global_statistics": {
-                "total_parameters": total,
-                "warmup_parameters": warm,
-                "post_warmup_parameters": post,
-                "avg_lr_scale": avg,
-                "min_lr_scale": lo if numel else 1.0,
-                "max_lr_scale": hi if numel else 1.0,
-                "avg_lr": lr_sum / numel if numel else self.param_groups[0]["lr"],
-                "masked_elements": numel,
-            },
-        }
+        def mask_of(p, st):
+            if "lr_mask_lq" in st:
+                return quant8.load_log(st, "lr_mask")
+            mask = st.get("lr_mask")
+            return None if mask is None else mask.float()
+
+        return self._lr_mask_statistics(mask_of, any(g["use_lr_mask"] for g in self.param_groups))
 
     def get_optimization_info(self) -> dict:
         imp = self.get_importance_analysis()

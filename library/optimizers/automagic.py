@@ -519,43 +519,7 @@ class Automagic_CameAMP(HinaOptimizer):
 
     def get_lr_mask_analysis(self) -> dict:
         """Per-element lr statistics (scale of base lr, and effective lr = group lr x scale)."""
-        total = warm = post = numel = 0
-        scale_sum = lr_sum = 0.0
-        lo, hi = math.inf, -math.inf
-        lr_lo, lr_hi = math.inf, -math.inf
-        for g in self.param_groups:
-            for p in g["params"]:
-                total += 1
-                st = self.state.get(p, {})
-                if st.get("step", 0) < g["warmup_steps"]:
-                    warm += 1
-                else:
-                    post += 1
-                mask = self._effective_mask(p, st)
-                if mask is None:
-                    continue
-                s, mn, mx = float(mask.sum()), float(mask.min()), float(mask.max())
-                scale_sum += s
-                lr_sum += s * g["lr"]
-                numel += mask.numel()
-                lo, hi = min(lo, mn), max(hi, mx)
-                lr_lo, lr_hi = min(lr_lo, mn * g["lr"]), max(lr_hi, mx * g["lr"])
-        lr0 = self.param_groups[0]["lr"]
-        return {
-            "lr_mask_enabled": any(g["use_lr_mask"] for g in self.param_groups),
-            "global_statistics": {
-                "total_parameters": total,
-                "warmup_parameters": warm,
-                "post_warmup_parameters": post,
-                "avg_lr_scale": scale_sum / numel if numel else 1.0,
-                "min_lr_scale": lo if numel else 1.0,
-                "max_lr_scale": hi if numel else 1.0,
-                "avg_lr": lr_sum / numel if numel else lr0,
-                "min_lr": lr_lo if numel else lr0,
-                "max_lr": lr_hi if numel else lr0,
-                "masked_elements": numel,
-            },
-        }
+        return self._lr_mask_statistics(self._effective_mask, any(g["use_lr_mask"] for g in self.param_groups))
 
     def get_learning_rates(self) -> list[float]:
         """Mean effective lr per param group (the number to log instead of the scheduler's lr)."""

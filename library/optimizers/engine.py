@@ -230,6 +230,47 @@ class HinaOptimizer(torch.optim.Optimizer):
             hook(self)
 
     # ------------------------------------------------------------ diagnostics
+    def _lr_mask_statistics(self, mask_of, enabled: bool) -> dict:
+        """Statistics of per-element lr masks (a scale of each group's base lr); ``mask_of(p, st)``
+        returns the fp32 scale tensor or None. Reads state: for diagnostics only, never in step()."""
+        total = warm = post = numel = 0
+        scale_sum = lr_sum = 0.0
+        lo, hi = float("inf"), float("-inf")
+        lr_lo, lr_hi = float("inf"), float("-inf")
+        for g in self.param_groups:
+            for p in g["params"]:
+                total += 1
+                st = self.state.get(p, {})
+                if st.get("step", 0) < g.get("warmup_steps", 0):
+                    warm += 1
+                else:
+                    post += 1
+                mask = mask_of(p, st)
+                if mask is None:
+                    continue
+                s, mn, mx = float(mask.sum()), float(mask.min()), float(mask.max())
+                scale_sum += s
+                lr_sum += s * g["lr"]
+                numel += mask.numel()
+                lo, hi = min(lo, mn), max(hi, mx)
+                lr_lo, lr_hi = min(lr_lo, mn * g["lr"]), max(lr_hi, mx * g["lr"])
+        lr0 = self.param_groups[0]["lr"]
+        return {
+            "lr_mask_enabled": enabled,
+            "global_statistics": {
+                "total_parameters": total,
+                "warmup_parameters": warm,
+                "post_warmup_parameters": post,
+                "avg_lr_scale": scale_sum / numel if numel else 1.0,
+                "min_lr_scale": lo if numel else 1.0,
+                "max_lr_scale": hi if numel else 1.0,
+                "avg_lr": lr_sum / numel if numel else lr0,
+                "min_lr": lr_lo if numel else lr0,
+                "max_lr": lr_hi if numel else lr0,
+                "masked_elements": numel,
+            },
+        }
+
     def get_buffer_pool_stats(self) -> dict:
         return self._buffer_pool.stats()
 
