@@ -61,9 +61,20 @@ def render(quick: bool) -> str:
                   "(`benchmarks/bench_quant8.py`, raw data `benchmarks/results/quant8.json`).", "",
                   q8.get("markdown", ""), ""]
     am = _load("automagic.json")
-    if am:
-        lines += ["## Automagic_CameAMP family", "", "Raw data in `benchmarks/results/automagic.json` "
-                  "(`benchmarks/bench_automagic.py`).", "", "```", json.dumps(am.get("table", am), indent=1)[:4000], "```", ""]
+    if am and isinstance(am.get("table"), dict):
+        t = am["table"]
+        cols = [k for k in t if isinstance(t[k], dict)]
+        names = list(t[cols[0]]) if cols else []
+        lines += ["## Automagic_CameAMP family", "",
+                  "SD1.5 rank-16 LoRA shapes, same process as `torch.optim.AdamW(foreach=True)` "
+                  "(`benchmarks/bench_automagic.py`, raw data `benchmarks/results/automagic.json`).", "",
+                  "| optimizer | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(str(t[c].get(n, "")) for c in cols) + " |")
+        extra = {k: v for k, v in t.items() if not isinstance(v, dict)}
+        for k, v in extra.items():
+            lines.append(f"\n- {k}: {v}")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -294,6 +294,12 @@ def train(args, plan: Plan) -> dict:
     log_with = args.log_with or ("tensorboard" if logging_dir else None)
     if log_with and not logging_dir:
         logging_dir = os.path.join(args.output_dir, "logs")
+    try:  # accelerate keeps gradient-accumulation settings in a process-wide singleton: start fresh
+        from accelerate.state import GradientState
+
+        GradientState._reset_state()
+    except (ImportError, AttributeError):  # pragma: no cover - older accelerate
+        pass
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

@@ -23,7 +23,7 @@ def cache(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("cache")
     build_tiny_sd(str(d / "tiny-sd"), seed=0)
-    make_dataset(str(d / "demo-data"), n_images=8, resolution=64, seed=0)
+    make_dataset(str(d / "demo-data"), n_images=16, resolution=64, seed=0)  # what the trainer generates
     old = trainer_mod.CACHE_DIR
     trainer_mod.CACHE_DIR = str(d)
     yield d
@@ -240,3 +240,18 @@ def test_resume_without_seed_reuses_the_saved_seed(cache, tmp_path):
     args = train_network.setup_one_line_parser().parse_args([*common, "--output_dir", str(tmp_path / "b"),
                                                              "--resume", str(state)])
     assert trainer_mod.prepare(args).seed == saved_seed
+
+
+def test_bf16_epochs_checkpointing_and_lr_warmup(cache, tmp_path):
+    """In a fresh process: accelerate fixes mixed precision once per process."""
+    res = _cli(["--optimizer_type", "AdaptiveHinaAdamW", "--mixed_precision", "bf16", "--max_train_epochs", "1",
+                "--gradient_checkpointing", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "0.5",
+                "--gradient_accumulation_steps", "2", "--train_batch_size", "2", "--seed", "1", "--no_progress",
+                "--output_dir", str(tmp_path), "--output_name", "b", "--caption_extension", ".txt",
+                "--network_dim", "4"], cache)
+    assert res.returncode == 0, res.stderr[-2000:]
+    tensors, md = _tensors(str(tmp_path / "b.safetensors"))
+    # 16 images x 2 repeats, batch 2, accumulation 2: 8 optimizer steps in one epoch
+    assert md["ss_steps"] == "8" and md["ss_num_epochs"] == "1" and md["ss_mixed_precision"] == "bf16"
+    assert md["ss_lr_warmup_steps"] == "4"
+    assert all(torch.isfinite(v.float()).all() for v in tensors.values())
