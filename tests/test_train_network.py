@@ -255,3 +255,25 @@ def test_bf16_epochs_checkpointing_and_lr_warmup(cache, tmp_path):
     assert md["ss_steps"] == "8" and md["ss_num_epochs"] == "1" and md["ss_mixed_precision"] == "bf16"
     assert md["ss_lr_warmup_steps"] == "4"
     assert all(torch.isfinite(v.float()).all() for v in tensors.values())
+
+
+def test_sigterm_saves_lora_and_state_then_exits(cache, tmp_path):
+    import signal
+    import time
+
+    env = dict(os.environ, HINA_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_network.py"), "--max_train_steps", "100000",
+                             "--train_batch_size", "1", "--seed", "1", "--no_progress", "--output_dir", str(tmp_path),
+                             "--output_name", "s", "--caption_extension", ".txt", "--network_dim", "4",
+                             "--save_every_n_steps", "2", "--optimizer_type", "AdaptiveHinaAdamW"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "s-step00000002.safetensors").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert "SIGTERM" in err
+    assert (tmp_path / "s-interrupted.safetensors").is_file()
+    state = json.loads((tmp_path / "s-interrupted-state" / "train_state.json").read_text())
+    assert state["global_step"] >= 2
