@@ -524,8 +524,8 @@ def train(args, plan: Plan) -> dict:
                                 finite = False  # non-finite gradients: skip this update
                         if finite:
                             optimizer.step()
-                            if hasattr(base_opt, "report_loss"):
-                                base_opt.report_loss(loss.detach())
+                            if accelerator.sync_gradients and hasattr(base_opt, "report_loss"):
+                                base_opt.report_loss(loss.detach())  # once per real update
                     optimizer.zero_grad(set_to_none=True)
                 if not finite:
                     bad_steps += 1

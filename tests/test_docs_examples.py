@@ -25,9 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 EXAMPLES = os.path.join(DOCS, "examples")
 LANGS = ("", "zh-TW")  # docs/<file> and docs/zh-TW/<file>
-OWN_PAGES = ("README.md", "optimizers.md", "trainer.md", "troubleshooting.md")
+OWN_PAGES = ("README.md", "optimizers.md", "trainer.md", "troubleshooting.md", "automagic.md")
 # pages other helpers or scripts write; links to them are allowed before they exist
-PENDING = {"automagic.md", "benchmarks.md", "integration.md"}
+PENDING = {"benchmarks.md", "integration.md"}
 
 # what each example must print (besides exiting 0)
 EXPECTED = {
@@ -39,6 +39,11 @@ EXPECTED = {
     "hina_adamw_lokr_example.py": ["detection: names", "lokr_stats:", "'lokr_groups': 2", "0 unpaired",
                                    "hina_adamw_lokr_example: OK"],
     "profile_example.py": ["ILLUSTRATIVE", "+ OrthoGrad", "defaults (all default-on)", "profile_example: OK"],
+    "coptim_8bit_example.py": ["within bounds (0.5, 2.0)", "at the step after it", "lr_mask_lq", "exp_avg_slow_q8",
+                               "resume bit-identical after 10 more steps: True", "coptim_8bit_example: OK"],
+    "automagic_refactored_example.py": ["warmup_early", "warmup_late", "stable", "mature", "custom strategy",
+                                        "config restored: True", "resume bit-identical after 25 more steps: True",
+                                        "automagic_refactored_example: OK"],
 }
 
 
@@ -165,6 +170,37 @@ def test_argument_tables_match_the_code(lang, cls_name):
             assert value == pytest.approx(default, rel=1e-12), f"{cls_name}.{name}: docs {cell}, code {default!r}"
         else:
             assert value == default, f"{cls_name}.{name}: docs {cell}, code {default!r}"
+
+
+# Automagic family (docs/automagic.md): a class's arguments are the union of the tables listed for it
+_AUTOMAGIC_TABLES = {
+    "Automagic_CameAMP": ["Automagic_CameAMP"],
+    "Automagic_CameAMP8bit": ["Automagic_CameAMP", "8-bit extras"],
+    "Automagic_CameAMP_COptim": ["Automagic_CameAMP", "COptim extras"],
+    "Automagic_CameAMP_COptim8bit": ["Automagic_CameAMP", "COptim extras", "8-bit extras"],
+    "RefactoredAutomagicCameAMP": ["RefactoredAutomagicCameAMP", "OptimizerConfig"],
+    "OptimizerConfig": ["OptimizerConfig"],
+}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("cls_name", sorted(_AUTOMAGIC_TABLES))
+def test_automagic_argument_tables_match_the_code(lang, cls_name):
+    from library.optimizers import automagic, automagic_refactored
+
+    cls = getattr(automagic, cls_name, None) or getattr(automagic_refactored, cls_name)
+    text = _read(_page(lang, "automagic.md"))
+    rows = {}
+    for marker in _AUTOMAGIC_TABLES[cls_name]:
+        rows.update(_table_after(text, f"<!-- args: {marker} -->"))
+    expected = _signature_defaults(cls)
+    assert set(rows) == set(expected), f"missing {set(expected) - set(rows)}, extra {set(rows) - set(expected)}"
+    for name, default in expected.items():
+        value = ast.literal_eval(rows[name])
+        if isinstance(default, float) or isinstance(value, float):
+            assert value == pytest.approx(default, rel=1e-12), f"{cls_name}.{name}: docs {rows[name]}, code {default!r}"
+        else:
+            assert value == default, f"{cls_name}.{name}: docs {rows[name]}, code {default!r}"
 
 
 # --------------------------------------------------------- trainer options

@@ -277,7 +277,8 @@ class Automagic_CameAMP(HinaOptimizer):
         """LoRA factors (by name, else by shape and order) that get ALLoRA row scaling."""
         if self._row_scaled is None:
             params = self._all_params()
-            pairs, _ = discover_pairs(params, [self._names.get(p) for p in params])
+            group_ids = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+            pairs, _ = discover_pairs(params, [self._names.get(p) for p in params], group_ids)
             self._row_scaled = {params[i] for pr in pairs for i in (pr.a, pr.b)}
         return self._row_scaled
 
@@ -622,7 +623,7 @@ class Automagic_CameAMP_COptim(Automagic_CameAMP):
 
 
 class Automagic_CameAMP_COptim8bit(Automagic_CameAMP_COptim):
-    """Automagic_CameAMP_COptim with 8-bit element-sized state (extra: seed=0, min_8bit_size=4096)."""
+    """Automagic_CameAMP_COptim with 8-bit element-sized state (extra: seed=0, min_8bit_size=0)."""
 
     _DEFAULTS = {**_BASE_DEFAULTS, **_COPTIM_DEFAULTS, **_EIGHT_BIT_DEFAULTS}
     _eight_bit = True
