@@ -388,7 +388,9 @@ def train(args, plan: Plan) -> dict:
         optimizer.set_param_names(network.named_parameters())
 
     # schedule
-    batches_per_epoch = dataset.batches_per_epoch(args.train_batch_size)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = args.train_batch_size * world  # each rank takes its slice of every global batch
+    batches_per_epoch = dataset.batches_per_epoch(global_batch)
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps
     if args.max_train_epochs is not None:
@@ -403,7 +405,11 @@ def train(args, plan: Plan) -> dict:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup,
                                  num_training_steps=max_steps, **sched_kwargs)
 
-    network, optimizer = accelerator.prepare(network, optimizer)
+    # The network is not wrapped in DDP: its forward runs through the hooked U-Net / text
+    # encoder, never through the wrapper, so DDP would not synchronise it. Gradients are
+    # averaged across processes explicitly (_average_gradients) before each update instead.
+    optimizer = accelerator.prepare(optimizer)
+    accelerator.register_for_checkpointing(network)
     accelerator.register_for_checkpointing(lr_scheduler)
     net = accelerator.unwrap_model(network)
     base_opt = getattr(optimizer, "optimizer", optimizer)
@@ -508,16 +514,21 @@ def train(args, plan: Plan) -> dict:
                 if global_step >= max_steps:
                     break
                 batch_in_epoch = b + 1
-                idx = order[b * args.train_batch_size:(b + 1) * args.train_batch_size]
+                start = b * global_batch + rank * args.train_batch_size
+                idx = [order[(start + j) % len(order)] for j in range(args.train_batch_size)]
+                if world == 1:
+                    idx = idx[: max(1, len(order) - b * global_batch)]  # a short last batch, as before
                 with accelerator.accumulate(network):
                     if hasattr(net, "on_step_start"):
                         net.on_step_start(text_encoder, unet)
                     loss = _micro_step(args, dataset, idx, cached, vae, text_encoder, unet, tokenizer, noise_scheduler,
                                        gen, flip_gen, device, weight_dtype, scaling, global_step, fourier_active,
-                                       accelerator, train_te)
+                                       accelerator, train_te, world, rank)
                     finite = bool(torch.isfinite(loss.detach()))
                     if finite:
                         accelerator.backward(loss)
+                        if accelerator.sync_gradients and world > 1:
+                            _average_gradients(net)
                         if accelerator.sync_gradients and args.max_grad_norm and args.max_grad_norm > 0:
                             total = accelerator.clip_grad_norm_(net.get_trainable_params(), args.max_grad_norm)
                             if total is not None and not bool(torch.isfinite(torch.as_tensor(total))):
@@ -578,6 +589,8 @@ def train(args, plan: Plan) -> dict:
     progress.close()
     _restore(old_handlers)
 
+    if world > 1:
+        _check_ranks_in_sync(accelerator, net)
     final = save_model(args.output_name)
     state_dir = None
     if args.save_state or args.save_state_on_train_end:
@@ -599,6 +612,35 @@ def train(args, plan: Plan) -> dict:
     return summary
 
 
+def _average_gradients(net) -> None:
+    """All-reduce (mean) the gradients of the trainable parameters in one flat buffer."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def _check_ranks_in_sync(accelerator, net) -> None:
+    """Compare per-tensor checksums of the trained parameters across processes."""
+    with torch.no_grad():
+        sums = torch.stack([t for p in net.parameters() for t in (p.float().sum(), p.float().abs().sum())])
+        rows = accelerator.gather(sums.to(accelerator.device).unsqueeze(0))
+    if accelerator.is_main_process:
+        if bool((rows == rows[0]).all()):
+            logger.info("parameters identical on all %d ranks", rows.shape[0])
+        else:
+            logger.error("parameters differ between ranks (max checksum gap %.3g)", float((rows - rows[0]).abs().max()))
+
+
 def threading_main() -> bool:
     import threading
 
@@ -610,21 +652,32 @@ def _restore(handlers):
         signal.signal(s, h)
 
 
+def _draw(fn, shape, gen, world: int, rank: int):
+    """Draw for the whole global batch from the shared generator and keep this rank's slice:
+    N processes with batch B see exactly the noise of one process with batch N*B."""
+    if world == 1:
+        return fn(shape, gen)
+    full = fn((shape[0] * world,) + tuple(shape[1:]), gen)
+    return full[rank * shape[0]:(rank + 1) * shape[0]]
+
+
 def _micro_step(args, dataset, idx, cached, vae, text_encoder, unet, tokenizer, noise_scheduler, gen, flip_gen, device,
-                weight_dtype, scaling, global_step, fourier_active, accelerator, train_te):
+                weight_dtype, scaling, global_step, fourier_active, accelerator, train_te, world=1, rank=0):
     images, captions = dataset.batch(idx, flip_gen)
+    randn = lambda shape, g: torch.randn(shape, generator=g)  # noqa: E731
     with torch.no_grad():
         if cached:
             latents = torch.stack([cached[dataset.items[i].path] for i in idx])
         else:
             dist = vae.encode(images.to(device, dtype=torch.float32)).latent_dist
-            eps = torch.randn(dist.mean.shape, generator=gen).to(device)
+            eps = _draw(randn, dist.mean.shape, gen, world, rank).to(device)
             latents = (dist.mean + dist.std * eps) * scaling
     bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen).to(device)
+    noise = _draw(randn, latents.shape, gen, world, rank).to(device)
     if args.noise_offset:
-        noise = noise + args.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen).to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
+        noise = noise + args.noise_offset * _draw(randn, (bsz, latents.shape[1], 1, 1), gen, world, rank).to(device)
+    steps_n = noise_scheduler.config.num_train_timesteps
+    timesteps = _draw(lambda shape, g: torch.randint(0, steps_n, shape, generator=g), (bsz,), gen, world, rank).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)

@@ -277,3 +277,24 @@ def test_sigterm_saves_lora_and_state_then_exits(cache, tmp_path):
     assert (tmp_path / "s-interrupted.safetensors").is_file()
     state = json.loads((tmp_path / "s-interrupted-state" / "train_state.json").read_text())
     assert state["global_step"] >= 2
+
+
+def test_two_processes_stay_in_sync_and_match_one_process(cache, tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 1 each == 1 process with batch 2, within 1e-4."""
+    common = ["--max_train_steps", "4", "--seed", "1", "--no_progress", "--caption_extension", ".txt",
+              "--network_dim", "4", "--optimizer_type", "AdamW", "--learning_rate", "1e-3"]
+    env = dict(os.environ, HINA_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517",
+                          os.path.join(ROOT, "train_network.py"), *common, "--train_batch_size", "1",
+                          "--output_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=170)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "parameters identical on all 2 ranks" in two.stderr
+    one = _cli([*common, "--train_batch_size", "2", "--output_dir", str(tmp_path / "one")], cache)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, _ = _tensors(str(tmp_path / "one" / "last.safetensors"))
+    b, _ = _tensors(str(tmp_path / "two" / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=0), k
