@@ -241,3 +241,9 @@ def test_allora_row_scale():
     assert float(s[0]) == 1.0  # zero row: exactly 1 (kappa = eta)
     assert float(s[1]) > float(s[2])
     assert float(s[1]) == pytest.approx(1 / math.sqrt(1 + 4 * 4))
+
+
+def test_agr_with_precomputed_total_equals_agr():
+    g = torch.randn(9, 4)
+    total = g.abs().sum().clamp_min(1e-30)
+    assert torch.equal(agr(g, total=total), agr(g))

@@ -318,11 +318,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         grad = p.grad
         g = grad if grad.dtype == torch.float32 else pool.get(p, 0).copy_(grad)
         if group["use_agr"] and p.numel() > 1:
-            if agr_total is None:
-                g = agr(g, out=pool.get(p, 0), tmp=pool.get(p, 2))
-            else:  # g - g |g| / sum|g|, the sum precomputed for the whole group
-                a = torch.abs(g, out=pool.get(p, 2)).mul_(g).div_(agr_total)
-                g = torch.sub(g, a, out=pool.get(p, 0))
+            g = agr(g, out=pool.get(p, 0), tmp=pool.get(p, 2), total=agr_total)  # sum |g| from the group pass
         if group["use_orthogonal_grad"] and p.ndim >= 1 and p.numel() > 1:
             if g is grad:
                 g = pool.get(p, 0).copy_(grad)

@@ -13,12 +13,18 @@ import torch
 TINY = 1e-30
 
 
-def agr(g: torch.Tensor, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None) -> torch.Tensor:
-    """Return the AGR-regularised gradient (into ``out`` if given). ``g`` is not modified."""
+def agr(g: torch.Tensor, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None,
+        total: torch.Tensor | None = None) -> torch.Tensor:
+    """Return the AGR-regularised gradient (into ``out`` if given). ``g`` is not modified.
+
+    ``total`` = sum |g| clamped to >= TINY, when the caller computed it already (for many
+    tensors at once); otherwise it is computed here.
+    """
     if g.numel() <= 1:
         return g if out is None else out.copy_(g)
     a = torch.abs(g, out=tmp) if tmp is not None else g.abs()
-    total = a.sum().clamp_min_(TINY)
+    if total is None:
+        total = a.sum().clamp_min_(TINY)
     a.mul_(g).div_(total)  # alpha * g
     if out is None:
         return g - a
