@@ -20,12 +20,12 @@ from . import quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
 from .techniques import adam, adopt, allora, tam
+from .techniques import agr as agr_t
 from .techniques import spd as spd_t
-from .techniques.agr import agr
-from .techniques.cautious import cautious_
-from .techniques.grams import grams_, grams_cautious_
-from .techniques.lr_mask import bump_, storage_dtype
-from .techniques.orthograd import orthograd_
+from .techniques.cautious import cautious_list_
+from .techniques.grams import grams_cautious_list_, grams_list_
+from .techniques.lr_mask import bump_list_, storage_dtype
+from .techniques.orthograd import orthograd_list_
 from .techniques.weight_decay import dynamic_multiplier
 from .validation import check_betas, check_bool, check_choice, check_eps, check_int, check_lr, check_real
 
@@ -36,16 +36,33 @@ _FACTOR_MIN, _FACTOR_MAX = 0.5, 2.0
 _TINY = 1e-30
 
 
-def _spd_project_batch(batch, lam: float) -> None:
-    """SPD projection with anchor zero for many tensors at once: the per-tensor scalars are
-    computed as one vector, so the cost per tensor is one norm and one multiply."""
-    params, dots, old_norms = batch
-    new_norms = torch.stack(torch._foreach_norm(params)).float()
-    old = torch.stack(old_norms).float()
-    moving_away = torch.stack(dots) > 0  # -<g, theta - 0> < 0
-    r = (1.0 - old / new_norms.clamp_min(spd_t.EPS)).clamp_(0.0, 1.0)
-    keep = 1.0 - r * moving_away.to(r.dtype) * lam
-    torch._foreach_mul_(params, list(keep.to(params[0].dtype).unbind(0)))
+def _fold_decay_(us, scales, ps, decays, tmp) -> list[float]:
+    """Fold decoupled decay into the direction: afterwards the step is coef * u per tensor.
+
+    Uniform nonzero scales (the usual case): u <- u + (decay / scale) p, coef = scale (one
+    pass). Otherwise u <- scale u + decay p, coef = 1.
+    """
+    s0, c0 = scales[0], decays[0]
+    if s0 != 0.0 and all(s == s0 for s in scales) and all(c == c0 for c in decays):
+        if c0 != 0.0:
+            torch._foreach_add_(us, ps, alpha=c0 / s0)
+        return scales
+    torch._foreach_mul_(us, scales)
+    if any(c != 0.0 for c in decays):
+        torch._foreach_copy_(tmp, ps)
+        torch._foreach_mul_(tmp, decays)
+        torch._foreach_add_(us, tmp)
+    return [1.0] * len(us)
+
+
+def _axpy_(ys, xs, alphas) -> bool:
+    """y <- y + alpha * x per tensor; returns True when ``xs`` was scaled in place."""
+    if all(a == alphas[0] for a in alphas):
+        torch._foreach_add_(ys, xs, alpha=alphas[0])
+        return False
+    torch._foreach_mul_(xs, alphas)
+    torch._foreach_add_(ys, xs)
+    return True
 
 
 class AdaptiveHinaAdamW(HinaOptimizer):
@@ -231,27 +248,6 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if group["use_spd"] and self._spd_anchor_needed(p, group):
             st["anchor"] = p.detach().clone()
         self._write_pair_state(p, st)
-        # reserve this shape's scratch buffers now, so no later step allocates any
-        for slot in self._scratch_slots(p, group, "lr_mask" in st or "lr_mask_lq" in st):
-            self._buffer_pool.get(p, slot)
-
-    @staticmethod
-    def _scratch_slots(p, group, has_mask) -> set:
-        fp32 = p.dtype == torch.float32
-        slots = {1}
-        if group["use_agr"] or group["use_orthogonal_grad"] or not fp32:
-            slots.add(0)
-        if group["use_agr"] or group["use_spd"] or group["use_cautious"] or group["use_grams"] or has_mask:
-            slots.add(2)
-        if has_mask:
-            slots.add(3)
-        if group["use_grams"] and group["use_cautious"]:
-            slots.add(4)
-        if not fp32:
-            slots.add(5)
-        if group["optim_bits"] == 8:
-            slots.update((6, 7, 8) if has_mask else (6, 7))
-        return slots
 
     def _spd_anchor_needed(self, p, group) -> bool:
         mode = group["spd_anchor"]
@@ -262,187 +258,273 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         return p not in self._adapters
 
     # ------------------------------------------------------------------- step
+    # Elements per multi-tensor chunk: on CPU a chunk's working set stays in cache between the
+    # passes; on accelerators fewer, larger launches win. Scratch memory is bounded by it.
+    chunk_elements = {"cpu": 1 << 18}
+    default_chunk_elements = 1 << 25
+
+    def _chunks(self, params):
+        """Consecutive runs of tensors that share a state layout, at most a chunk of elements."""
+        budget = self.chunk_elements.get(params[0].device.type, self.default_chunk_elements) if params else 0
+        out, cur, size, sig0 = [], [], 0, None
+        for p in params:
+            st = self.state[p]
+            sig = (st["step"], p.dtype, p.device, "exp_avg_q8" in st, "lr_mask" in st or "lr_mask_lq" in st,
+                   "anchor" in st)
+            n = p.numel()
+            if cur and (sig != sig0 or size + n > budget):
+                out.append(cur)
+                cur, size = [], 0
+            cur.append(p)
+            size += n
+            sig0 = sig
+        if cur:
+            out.append(cur)
+        return out
+
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
         refresh = group["use_dynamic_adaptation"] and group["step_count"] % group["relationship_discovery_interval"] == 0
-        feats = [] if refresh else None
         for p in params:
             st = self.state[p]
             if "step" not in st:
                 self._init_state(p, st, group)
-        # per-tensor reductions that need no earlier result, one multi-tensor call each
-        grads = [p.grad for p in params]
-        agr_totals = None
-        if group["use_agr"]:
-            agr_totals = [t.float().clamp_min_(1e-30) for t in torch._foreach_norm(grads, 1)]
-        spd_batch = p_norms = None
-        if group["use_spd"] and group["spd_lambda"] > 0:
-            spd_batch = ([], [], [])  # params, <g, p>, ||p|| before the step
-            p_norms = torch._foreach_norm(params)
-        m_norms = None
-        if group["use_tam"] and group["optim_bits"] == 32:
-            m_norms = torch._foreach_norm([self.state[p]["exp_avg"] for p in params])
-        for i, p in enumerate(params):
-            f = self._update(p, self.state[p], group, want_features=refresh,
-                             agr_total=None if agr_totals is None else agr_totals[i], spd_batch=spd_batch,
-                             p_norm=None if p_norms is None else p_norms[i],
-                             m_norm=None if m_norms is None else m_norms[i])
-            if refresh:
-                feats.append(f)
-        if spd_batch is not None and spd_batch[0]:
-            _spd_project_batch(spd_batch, group["spd_lambda"])
+        feats = {} if refresh else None
+        for chunk in self._chunks(params):
+            self._update_chunk(chunk, group, feats)
         if refresh:
             self._discover()
-            self._refresh_importance(group, params, feats)
+            self._refresh_importance(group, params, [feats[p] for p in params])
 
-    def _update(self, p: torch.Tensor, st: dict, group: dict, want_features: bool = False, agr_total=None,
-                spd_batch=None, p_norm=None, m_norm=None):
+    def _update_chunk(self, ps: list[torch.Tensor], group: dict, feats: dict | None) -> None:
+        """One step for tensors with the same step count and state layout, multi-tensor."""
         pool = self._buffer_pool
-        k = st["step"]
+        sts = [self.state[p] for p in ps]
+        k = sts[0]["step"]
         t = k + 1
-        st["step"] = t
+        for st in sts:
+            st["step"] = t
         beta1, beta2 = group["betas"]
-        eps = group["eps"]
-        lr = group["lr"]
+        eps, lr = group["eps"], group["lr"]
         use_adopt = group["use_adopt_stability"]
-        q8 = "exp_avg_q8" in st
-        if q8:  # dequantise into pooled fp32 buffers; requantised in _commit
-            m = quant8.load(st, "exp_avg", out=pool.get(p, 6))
-            v = quant8.load(st, "exp_avg_sq_root", out=pool.get(p, 7)).square_()
-            mask = quant8.load_log(st, "lr_mask", out=pool.get(p, 8)) if "lr_mask_lq" in st else st.get("lr_mask")
+        q8 = "exp_avg_q8" in sts[0]
+        has_mask = "lr_mask" in sts[0] or "lr_mask_lq" in sts[0]
+        if q8:  # dequantise into scratch; requantised in _commit
+            ms, vs = pool.views(ps, 6), pool.views(ps, 7)
+            for st, m, v in zip(sts, ms, vs):
+                quant8.load(st, "exp_avg", out=m)
+                quant8.load(st, "exp_avg_sq_root", out=v)
+            torch._foreach_mul_(vs, vs)
+            masks = None
+            if has_mask:
+                masks = [st["lr_mask"] for st in sts] if "lr_mask" in sts[0] else pool.views(ps, 8)
+                if "lr_mask_lq" in sts[0]:
+                    for st, mk in zip(sts, masks):
+                        quant8.load_log(st, "lr_mask", out=mk)
         else:
-            m, v = st["exp_avg"], st["exp_avg_sq"]
-            mask = st.get("lr_mask")
-        anchor = st.get("anchor")
+            ms, vs = [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]
+            masks = [st["lr_mask"] for st in sts] if has_mask else None
+        anchors = [st["anchor"] for st in sts] if "anchor" in sts[0] else None
+        mask32 = pool.views(ps, 8) if has_mask and masks[0].dtype != torch.float32 else None
+        fp32 = ps[0].dtype == torch.float32
+        tmp = pool.views(ps, 2)
 
-        # 1. fp32 view of the gradient; transforms write into a pooled buffer, never into p.grad
-        grad = p.grad
-        g = grad if grad.dtype == torch.float32 else pool.get(p, 0).copy_(grad)
-        if group["use_agr"] and p.numel() > 1:
-            g = agr(g, out=pool.get(p, 0), tmp=pool.get(p, 2), total=agr_total)  # sum |g| from the group pass
-        if group["use_orthogonal_grad"] and p.ndim >= 1 and p.numel() > 1:
-            if g is grad:
-                g = pool.get(p, 0).copy_(grad)
-            orthograd_(g, p)
-
-        # work on an fp32 master view of the parameter
-        p32 = p if p.dtype == torch.float32 else pool.get(p, 5).copy_(p)
-
+        # 1. fp32 gradients; transforms write into scratch, never into p.grad
+        grads = [p.grad for p in ps]
+        if any(g.dtype != torch.float32 for g in grads):
+            g32 = pool.views(ps, 0)
+            torch._foreach_copy_(g32, grads)
+            grads = g32
+        p32 = ps
+        if not fp32:
+            p32 = pool.views(ps, 5)
+            torch._foreach_copy_(p32, ps)
         # SPD quantities before the step (raw gradient, pre-step weights)
-        spd_batched = spd_batch is not None and anchor is None and p32 is p and p_norm is not None
-        if spd_batched:
-            spd_dot = spd_t.dot_raw(p, grad)
-        elif group["use_spd"]:
-            moving_away, old_norm = spd_t.pre_step(p32, grad, anchor, pool.get(p, 2))
+        use_spd = group["use_spd"] and group["spd_lambda"] > 0
+        if use_spd:
+            moving_away, old_norms = spd_t.pre_step_list(p32, grads, anchors, tmp)
 
-        # polarity of the previous update direction (= sign of the momentum)
-        sign_prev = torch.sign(m, out=pool.get(p, 3)) if mask is not None else None
+        xs = grads
+        if group["use_agr"] or group["use_orthogonal_grad"]:
+            slot0 = pool.views(ps, 0)
+            big = [i for i, p in enumerate(ps) if p.numel() > 1]
+            if group["use_agr"] and len(big) == len(ps) and xs is not slot0:
+                agr_t.agr_list_(slot0, xs)  # out of place: p.grad is never modified
+            else:
+                if xs is not slot0:
+                    torch._foreach_copy_(slot0, xs)
+                if group["use_agr"] and big:
+                    sel = [slot0[i] for i in big]
+                    agr_t.agr_list_(sel, sel, [tmp[i] for i in big])
+            xs = slot0
+        if group["use_orthogonal_grad"]:
+            sel = [i for i, p in enumerate(ps) if p.ndim >= 1 and p.numel() > 1]
+            if sel:
+                orthograd_list_([xs[i] for i in sel], [p32[i] for i in sel])
 
-        # 2-3. second moment and momentum
-        u = pool.get(p, 1)
+        # previous update direction (= the momentum; its sign is the update's sign)
+        prev = None
+        if has_mask:
+            prev = pool.views(ps, 3)
+            torch._foreach_copy_(prev, ms)
+
+        # 2-3. second moment and momentum; u = the direction before the lr
+        us = pool.views(ps, 1)
         if use_adopt:
-            x = adopt.normalize(g, v, k, eps, out=u)
+            adopt.normalize_list_(us, xs, vs, k, eps, tmp)
             n_cos = k - 1  # cosines available: the momentum is non-zero from k = 2 on
+            inputs = us
         else:
-            x = g
+            inputs = xs
             n_cos = k
         if group["use_tam"] and n_cos >= 1:
-            cos = tam.cosine(m, x) if m_norm is None else tam.cosine_with_norm(m, x, m_norm)
-            d = tam.damping(st["tam_s"], cos, n_cos, group["tam_beta"])
-            tam.momentum_(m, x, d, beta1)
+            d = tam.damping_list([st["tam_s"] for st in sts], tam.cosines(ms, inputs), n_cos, group["tam_beta"])
+            tam.momentum_list_(ms, inputs, d, beta1)
         else:
-            m.lerp_(x, 1.0 - beta1)
+            torch._foreach_lerp_(ms, inputs, 1.0 - beta1)
         if use_adopt:
-            adopt.update_second_moment_(v, g, k, beta2)
+            adopt.update_second_moment_list_(vs, xs, k, beta2)
             if k == 0:  # ADOPT's first call only initialises v
-                if p32 is not p:
-                    p.copy_(p32)
                 if q8:
-                    self._commit(p, st, m, v, mask, t)
-                return self._features(p, st, m, u, 0.0) if want_features else None
-            u.copy_(m)
+                    self._commit(ps, sts, ms, vs, masks, t)
+                if feats is not None:
+                    self._collect_features(ps, ms, None, feats)
+                return
             step_scale = 1.0
+            src_dir = ms  # ADOPT: the direction is the momentum itself
         else:
-            adam.update_second_moment_(v, g, beta2)
-            adam.direction(m, v, t, beta2, eps, out=u)
+            adam.update_second_moment_list_(vs, xs, beta2)
+            adam.denominator_list_(tmp, vs, t, beta2, eps)
+            adam.quotient_list_(us, ms, tmp)
             step_scale = 1.0 / (1.0 - beta1**t)
+            src_dir = us
 
         # 4. lr mask: +bump where consecutive directions agree, -bump where they flip
-        if mask is not None:
-            sign_prev.mul_(m).sign_()
+        if has_mask:
+            stored = masks
+            torch._foreach_mul_(prev, ms)
+            torch._foreach_sign_(prev)
             base = group["base_lr"]
             bump = group["lr_bump"] / base
             if t > group["warmup_steps"]:
                 bump *= group["lr_mask_post_warmup_ratio"]
+            if mask32 is not None:  # compact storage: work on an fp32 copy
+                stored, masks = masks, mask32
+                torch._foreach_copy_(masks, stored)
             if bump > 0:
-                bump_(mask, sign_prev, bump, group["min_lr"] / base, group["max_lr"] / base)
+                bump_list_(masks, prev, bump, group["min_lr"] / base, group["max_lr"] / base)
+                if masks is not stored:
+                    torch._foreach_copy_(stored, masks)
 
-        # 5. direction rule
-        if group["use_grams"] and group["use_cautious"]:
-            grams_cautious_(u, g, pool.get(p, 2), pool.get(p, 4))
-        elif group["use_grams"]:
-            grams_(u, g, pool.get(p, 2))
-        elif group["use_cautious"]:
-            cautious_(u, g, pool.get(p, 2))
+        # 5. direction rule, into us (from the momentum for ADOPT, in place for Adam)
+        grams, cautious = group["use_grams"], group["use_cautious"]
+        if grams and cautious:
+            out = pool.views(ps, 4) if src_dir is us else us
+            grams_cautious_list_(out, src_dir, xs, tmp)
+            us = out
+        elif grams:
+            grams_list_(us, src_dir, xs, tmp)
+        elif cautious:
+            cautious_list_(us, src_dir, xs, tmp)
+        elif src_dir is not us:
+            torch._foreach_copy_(us, src_dir)
 
-        # 6. per-element learning rate: lr * step_scale * ratio * [mask] * [row scale] * [factor]
-        if group["allora_eta"] is not None and p in self._row_scaled and p.ndim >= 1:
-            u.mul_(allora.row_scale(p32, group["allora_eta"]))
-        ratio = self._ratio.get(p, 1.0)
-        factor = st.get("lr_factor")
-        extra = self._extra_scale(p)
-        if extra is not None:
-            factor = extra if factor is None else factor * extra
-        scale = lr * step_scale * ratio
+        # 6. per-element lr: lr * step_scale * ratio * [mask] * [row scale] * [factor]
+        if group["allora_eta"] is not None:
+            for p, q, u in zip(ps, p32, us):
+                if p in self._row_scaled and p.ndim >= 1:
+                    u.mul_(allora.row_scale(q, group["allora_eta"]))
+        ratios = [self._ratio.get(p, 1.0) for p in ps]
+        factors = self._factors(ps, sts)
+        wd = group["weight_decay"]
+        wdm = [self._wd_multiplier(p, t, group) for p in ps] if group["dynamic_weight_decay"] else [1.0] * len(ps)
+        scales = [lr * step_scale * r for r in ratios]
+        decays = [lr * r * wd * w for r, w in zip(ratios, wdm)]
 
         # 7-8. decoupled (dynamic) weight decay with the same per-element lr, then the step
-        wd = group["weight_decay"]
-        if group["dynamic_weight_decay"]:
-            wd *= self._wd_multiplier(p, t, group)
-        c = lr * ratio * wd
-        if mask is not None:
-            # p <- p - mask * factor * (scale * u + c * p): decay and step in one pass
-            u.mul_(scale)
-            if c > 0:
-                u.add_(p32, alpha=c)
-            u.mul_(mask)
-            if factor is not None:
-                p32.addcmul_(u, factor, value=-1.0)
+        if has_mask or factors is not None:
+            # p <- p - factor * coef * mask * (u + decay/scale * p): decay and step in one pass
+            coef = _fold_decay_(us, scales, p32, decays, tmp)
+            if has_mask:
+                torch._foreach_mul_(us, masks)
+            if factors is not None:
+                step_coef = torch._foreach_mul(factors, coef)
+                torch._foreach_addcmul_(p32, us, step_coef, value=-1.0)
             else:
-                p32.sub_(u)
-            scale = 1.0  # u now holds the whole per-element step (for the features)
+                step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-c for c in coef]) else coef
         else:
-            if c > 0:
-                p32.mul_(1.0 - c * factor) if factor is not None else p32.mul_(1.0 - c)
-            if factor is not None:
-                p32.addcmul_(u, factor, value=-scale)
-            else:
-                p32.add_(u, alpha=-scale)
+            if any(c != 0.0 for c in decays):
+                torch._foreach_mul_(p32, [1.0 - c for c in decays])
+            step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-s for s in scales]) else scales
 
-        # 9. SPD projection toward the anchor (batched over the group for fp32 adapter weights)
-        if group["use_spd"] and group["spd_lambda"] > 0:
-            if spd_batched:
-                spd_batch[0].append(p)
-                spd_batch[1].append(spd_dot)
-                spd_batch[2].append(p_norm)
-            else:
-                spd_t.project_(p32, anchor, moving_away, old_norm, group["spd_lambda"], pool.get(p, 2))
+        # 9. SPD projection toward the anchor
+        if use_spd:
+            spd_t.project_list_(p32, anchors, moving_away, old_norms, group["spd_lambda"], tmp)
 
-        if p32 is not p:
-            p.copy_(p32)
+        if not fp32:
+            torch._foreach_copy_(ps, p32)
         if q8:
-            self._commit(p, st, m, v, mask, t)
-        if want_features:
-            return self._features(p, st, m, u, scale)
-        return None
+            self._commit(ps, sts, ms, vs, masks, t)
+        if feats is not None:
+            self._collect_features(ps, ms, (us, step_coef), feats)
 
-    def _commit(self, p, st, m, v, mask, t: int) -> None:
+    def _factors(self, ps, sts):
+        """Per-tensor lr factors (importance x subclass scale) as 0-dim tensors, or None."""
+        out, any_set = [], False
+        for p, st in zip(ps, sts):
+            f = st.get("lr_factor")
+            e = self._extra_scale(p)
+            if e is not None:
+                f = e if f is None else f * e
+            any_set = any_set or f is not None
+            out.append(f)
+        if not any_set:
+            return None
+        one = None
+        for i, f in enumerate(out):
+            if f is None:
+                if one is None:
+                    one = torch.ones((), dtype=torch.float32, device=ps[i].device)
+                out[i] = one
+        return out
+
+    def _commit(self, ps, sts, ms, vs, masks, t: int) -> None:
         """Requantise the 8-bit state (stochastic rounding, seeded by parameter index and step)."""
-        seed = quant8.mix_seed(self.param_index(p), t)
-        quant8.store(st, "exp_avg", m, signed=True, seed=seed)
-        quant8.store(st, "exp_avg_sq_root", v.sqrt_(), signed=False, seed=seed)
-        if "lr_mask_lq" in st:
-            lo, hi = st["lr_mask_lrange"]
-            quant8.store_log(st, "lr_mask", mask, lo=lo, hi=hi, bits=8, seed=seed)
+        torch._foreach_sqrt_(vs)
+        lq = "lr_mask_lq" in sts[0]
+        for i, (p, st) in enumerate(zip(ps, sts)):
+            seed = quant8.mix_seed(self.param_index(p), t)
+            quant8.store(st, "exp_avg", ms[i], signed=True, seed=seed)
+            quant8.store(st, "exp_avg_sq_root", vs[i], signed=False, seed=seed)
+            if lq:
+                lo, hi = st["lr_mask_lrange"]
+                quant8.store_log(st, "lr_mask", masks[i], lo=lo, hi=hi, bits=8, seed=seed)
+
+    def _collect_features(self, ps, ms, step, feats: dict) -> None:
+        """(gradient term, change rate, intrinsic term) per tensor, as vectors on device.
+
+        ``step`` is ``(us, coef)`` with the applied step = coef * us per tensor, or None."""
+        dev = ps[0].device
+        sq = torch.tensor([math.sqrt(max(p.numel(), 1)) for p in ps], dtype=torch.float32, device=dev)
+        pd = [p.detach() for p in ps]
+        p_norm = torch.stack(torch._foreach_norm(pd)).float()
+        grad_term = torch.stack(torch._foreach_norm(ms)).float() / sq
+        if step is None:
+            change = torch.zeros_like(p_norm)
+        else:
+            us, coef = step
+            step_norm = torch.stack(torch._foreach_norm(us)).float()
+            if isinstance(coef[0], torch.Tensor):
+                step_norm = step_norm * torch.stack(coef).float()
+            else:
+                step_norm = step_norm * torch.tensor([abs(c) for c in coef], dtype=torch.float32, device=dev)
+            change = step_norm / (p_norm + 1e-3 * sq)
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        intrinsic = torch.stack([
+            (q.float().std() * (q.abs() >= 1e-6).float().mean()).float() if q.numel() > 1 else zero for q in pd
+        ])
+        rows = torch.stack([grad_term, change, intrinsic], dim=1)
+        for p, row in zip(ps, rows.unbind(0)):
+            feats[p] = row
 
     # ------------------------------------------------------------ hooks
     def _extra_scale(self, p):
@@ -453,25 +535,6 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         return dynamic_multiplier(t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"])
 
     # ------------------------------------------------------------- importance
-    @staticmethod
-    def _features(p, st, m, u, scale):
-        """(gradient term, change rate, intrinsic term) as a 3-vector, on device."""
-        n = max(p.numel(), 1)
-        pf = p.detach().reshape(-1).float()
-        p_norm = torch.linalg.vector_norm(pf)
-        grad_term = torch.linalg.vector_norm(m.reshape(-1)) / math.sqrt(n)
-        factor = st.get("lr_factor")
-        step_norm = torch.linalg.vector_norm(u.reshape(-1)) * abs(scale)
-        if factor is not None:
-            step_norm = step_norm * factor
-        change = step_norm / (p_norm + 1e-3 * math.sqrt(n))
-        if n > 1:
-            dense = (pf.abs() >= 1e-6).float().mean()
-            intrinsic = pf.std() * dense
-        else:
-            intrinsic = torch.zeros((), device=p.device)
-        return torch.stack([grad_term, change, intrinsic.to(grad_term.dtype)])
-
     def _refresh_importance(self, group, params, feats) -> None:
         """EMA of the mean-normalised contribution; partners share a score; bounded factor."""
         stats = [self.state[p] for p in params]

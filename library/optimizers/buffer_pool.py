@@ -1,9 +1,11 @@
-"""Scratch-tensor pool: reuses temporaries per (shape, dtype, device, slot) across steps.
+"""Scratch-tensor pool: reuses temporaries across steps, so after the first step no new
+element-sized scratch memory is allocated.
 
-The per-tensor update writes its temporaries into pooled buffers with ``out=`` or in-place
-ops, so after the first step no new element-sized scratch memory is allocated. Buffers of one
-shape are shared by every parameter of that shape, because parameters are updated one after
-another.
+Two kinds: ``get`` returns one buffer per (shape, dtype, device, slot), shared by every
+parameter of that shape (for code that updates parameters one after another); ``views``
+returns one view per tensor of a chunk, carved from a flat arena per (slot, dtype, device),
+for multi-tensor code that updates a whole chunk at once. Arenas are sized by the largest
+chunk, so scratch memory is bounded by the chunk size, not by the model size.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 class BufferPool:
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._views: dict[tuple, list[torch.Tensor]] = {}
         self.hits = 0
         self.allocations = 0
 
@@ -26,6 +29,34 @@ class BufferPool:
         else:
             self.hits += 1
         return buf
+
+    def views(self, tensors, slot: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """One contiguous scratch view per tensor (same shapes), disjoint within the call."""
+        shapes = tuple(t.shape for t in tensors)
+        device = tensors[0].device
+        key = (slot, dtype, device, shapes)
+        out = self._views.get(key)
+        if out is not None:
+            self.hits += 1
+            return out
+        total = sum(t.numel() for t in tensors)
+        akey = ("arena", dtype, device, slot)
+        arena = self._buffers.get(akey)
+        if arena is None or arena.numel() < total:
+            if arena is not None:  # grown: views into the old arena must not keep it alive
+                self._views = {k: v for k, v in self._views.items() if k[:3] != (slot, dtype, device)}
+            arena = torch.empty(total, dtype=dtype, device=device)
+            self._buffers[akey] = arena
+            self.allocations += 1
+        out, off = [], 0
+        for t in tensors:
+            n = t.numel()
+            out.append(arena[off:off + n].view(t.shape))
+            off += n
+        if len(self._views) >= 512:  # chunk layouts changed many times: start over
+            self._views.clear()
+        self._views[key] = out
+        return out
 
     def stats(self) -> dict:
         shapes = {(k[0], k[1], k[2]) for k in self._buffers}
@@ -41,3 +72,4 @@ class BufferPool:
 
     def clear(self) -> None:
         self._buffers.clear()
+        self._views.clear()

@@ -13,13 +13,32 @@ import math
 import torch
 
 
+def update_second_moment_list_(vs, gs, beta2: float) -> None:
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+
+
+def denominator_list_(dens, vs, step: int, beta2: float, eps: float) -> None:
+    """``den = sqrt(v)/sqrt(1-b2^t) + eps`` into ``dens`` (same op order as torch's AdamW)."""
+    torch._foreach_copy_(dens, vs)
+    torch._foreach_sqrt_(dens)
+    torch._foreach_div_(dens, math.sqrt(1.0 - beta2**step))
+    torch._foreach_add_(dens, eps)
+
+
+def quotient_list_(outs, nums, dens) -> None:
+    """``out = num / den`` exactly (0 + num/den), into preallocated ``outs``."""
+    torch._foreach_zero_(outs)
+    torch._foreach_addcdiv_(outs, nums, dens)
+
+
 def update_second_moment_(v: torch.Tensor, g: torch.Tensor, beta2: float) -> None:
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    update_second_moment_list_([v], [g], beta2)
 
 
 def direction(m: torch.Tensor, v: torch.Tensor, step: int, beta2: float, eps: float, out: torch.Tensor) -> torch.Tensor:
     """``out = m / (sqrt(v)/sqrt(1-b2^t) + eps)``; the caller scales by lr / (1 - b1^t)."""
-    bc2_sqrt = math.sqrt(1.0 - beta2**step)
-    torch.sqrt(v, out=out)
-    out.div_(bc2_sqrt).add_(eps)
-    return torch.div(m, out, out=out)
+    den = torch.empty_like(out)
+    denominator_list_([den], [v], step, beta2, eps)
+    quotient_list_([out], [m], [den])
+    return out

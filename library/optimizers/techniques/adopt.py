@@ -10,22 +10,39 @@ from __future__ import annotations
 
 import torch
 
-
 def clip_value(k: int) -> float:
     return float(k) ** 0.25
 
 
-def normalize(g: torch.Tensor, v: torch.Tensor, k: int, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """``out = clip(g / max(sqrt(v), eps), -k^(1/4), k^(1/4))`` (all zeros at k = 0)."""
+# smallest normal fp32: keeps max(v, eps^2) > 0 when eps^2 underflows (eps < ~1e-19)
+_FLOOR = 1.1754943508222875e-38
+
+
+def normalize_list_(outs, gs, vs, k: int, eps: float, dens=None) -> None:
+    """``out = clip(g / max(sqrt(v), eps), -k^(1/4), k^(1/4))``, computed as
+    ``g * rsqrt(max(v, eps^2))`` (the same value; ``dens`` is unused)."""
     c = clip_value(k)
-    torch.sqrt(v, out=out)
-    out.clamp_min_(eps)
-    torch.div(g, out, out=out)
-    return out.clamp_(-c, c)
+    torch._foreach_copy_(outs, vs)
+    torch._foreach_clamp_min_(outs, max(eps * eps, _FLOOR))
+    torch._foreach_rsqrt_(outs)
+    torch._foreach_mul_(outs, gs)
+    for x in outs:
+        x.clamp_(-c, c)
+
+
+def update_second_moment_list_(vs, gs, k: int, beta2: float) -> None:
+    if k == 0:
+        torch._foreach_copy_(vs, gs)
+        torch._foreach_mul_(vs, gs)
+    else:
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+
+
+def normalize(g: torch.Tensor, v: torch.Tensor, k: int, eps: float, out: torch.Tensor) -> torch.Tensor:
+    normalize_list_([out], [g], [v], k, eps, [torch.empty_like(out)])
+    return out
 
 
 def update_second_moment_(v: torch.Tensor, g: torch.Tensor, k: int, beta2: float) -> None:
-    if k == 0:
-        torch.mul(g, g, out=v)
-    else:
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    update_second_moment_list_([v], [g], k, beta2)

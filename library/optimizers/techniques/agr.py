@@ -13,19 +13,26 @@ import torch
 TINY = 1e-30
 
 
-def agr(g: torch.Tensor, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None,
-        total: torch.Tensor | None = None) -> torch.Tensor:
-    """Return the AGR-regularised gradient (into ``out`` if given). ``g`` is not modified.
+def agr_list_(outs, gs, tmps=None) -> None:
+    """outs <- g (1 - |g| / sum|g|) per tensor. ``outs`` may be ``gs`` (then ``tmps`` is
+    scratch). Callers leave single-element tensors out (AGR would zero them)."""
+    w = tmps if outs is gs else outs
+    torch._foreach_copy_(w, gs)
+    torch._foreach_abs_(w)
+    neg_totals = torch.stack([x.sum(dtype=torch.float32) for x in w]).clamp_min_(TINY).neg_()
+    torch._foreach_div_(w, list(neg_totals.unbind(0)))
+    torch._foreach_add_(w, 1.0)
+    torch._foreach_mul_(outs, w if outs is gs else gs)
 
-    ``total`` = sum |g| clamped to >= TINY, when the caller computed it already (for many
-    tensors at once); otherwise it is computed here.
-    """
+
+def agr(g: torch.Tensor, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """Return the AGR-regularised gradient (into ``out`` if given, which may be ``g``)."""
+    x = g.clone() if out is None else out
     if g.numel() <= 1:
-        return g if out is None else out.copy_(g)
-    a = torch.abs(g, out=tmp) if tmp is not None else g.abs()
-    if total is None:
-        total = a.sum().clamp_min_(TINY)
-    a.mul_(g).div_(total)  # alpha * g
-    if out is None:
-        return g - a
-    return torch.sub(g, a, out=out)
+        return x if x is g else x.copy_(g)
+    if x is g:
+        xs = [x]
+        agr_list_(xs, xs, [torch.empty_like(x) if tmp is None else tmp])
+    else:
+        agr_list_([x], [g])
+    return x

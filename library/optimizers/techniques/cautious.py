@@ -12,9 +12,32 @@ import torch
 FLOOR = 1e-3
 
 
+def agreement_list_(phis, us, gs) -> torch.Tensor:
+    """phi = 1[u g > 0] into ``phis``; return max(mean(phi), FLOOR) per tensor as a vector."""
+    torch._foreach_copy_(phis, us)
+    torch._foreach_mul_(phis, gs)
+    torch._foreach_sign_(phis)
+    torch._foreach_clamp_min_(phis, 0.0)
+    return _means(phis, 1.0).clamp_min_(FLOOR)
+
+
+def _means(xs, scale: float) -> torch.Tensor:
+    """scale * mean(x) per tensor as one fp32 vector (no host round trip)."""
+    sums = [x.sum(dtype=torch.float32) for x in xs]
+    torch._foreach_mul_(sums, [scale / max(x.numel(), 1) for x in xs])
+    return torch.stack(sums)
+
+
+def cautious_list_(outs, us, gs, tmps=None) -> None:
+    """outs <- u phi / max(mean(phi), 1e-3) per tensor; ``outs`` may be ``us`` (then
+    ``tmps`` is scratch)."""
+    w = tmps if outs is us else outs
+    mean = agreement_list_(w, us, gs)
+    torch._foreach_mul_(outs, w if outs is us else us)
+    torch._foreach_div_(outs, list(mean.unbind(0)))
+
+
 def cautious_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """Apply the cautious mask to ``u`` in place (``tmp`` is scratch of u's shape)."""
-    torch.mul(u, g, out=tmp)
-    tmp.gt_(0)
-    scale = tmp.mean().clamp_min_(FLOOR)
-    return u.mul_(tmp).div_(scale)
+    us = [u]
+    cautious_list_(us, us, [g], [tmp])
+    return u

@@ -10,25 +10,53 @@ from __future__ import annotations
 import torch
 
 
-def grams_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    torch.sign(g, out=tmp)
-    return u.abs_().mul_(tmp)
+def _signs_(outs, us, gs) -> None:
+    """outs <- sign(u g)."""
+    torch._foreach_copy_(outs, us)
+    torch._foreach_mul_(outs, gs)
+    torch._foreach_sign_(outs)
 
 
-def grams_cautious_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor) -> torch.Tensor:
-    """Both switched on: the average of the two rules, in place on ``u``.
+def grams_list_(outs, us, gs, tmps=None) -> None:
+    """outs <- sign(g) |u| (= u sign(u g)); ``outs`` may be ``us`` (then ``tmps`` is scratch)."""
+    w = tmps if outs is us else outs
+    _signs_(w, us, gs)
+    torch._foreach_mul_(outs, w if outs is us else us)
+
+
+def grams_cautious_list_(outs, us, gs, tmps=None) -> None:
+    """Both switched on: the average of the two rules, outs <- u * coef per tensor:
 
         u' = 0.5 * sign(g)|u| + 0.5 * u * phi / max(mean(phi), 1e-3),   phi = 1[u g > 0]
 
     Where the momentum agrees with the gradient the step is (1 + 1/mean(phi))/2 of the base
     step; where it disagrees the coordinate moves along the gradient at half the base
     magnitude (Grams flips it, Cautious would stop it). Neither rule is a no-op.
-    Computed as u * (0.5 s + 0.5 phi / mean(phi)) with s = sign(u g) (sign(g)|u| = s u).
+    With s = sign(u g) (so sign(g)|u| = s u) the coefficient is 0.5 s + phi / (2 mean), which
+    is A s for s >= 0 and -0.5 for s = -1, with A = 0.5 + 1 / (2 mean) >= 1: computed as
+    max(A s, -0.5). mean(phi) = (sum s + sum s^2) / (2 n). ``outs`` may be ``us`` (then
+    ``tmps`` is scratch).
     """
     from .cautious import FLOOR
 
-    s = torch.mul(u, g, out=tmp).sign_()
-    phi = torch.clamp(s, min=0.0, out=tmp2)
-    twice_mean = phi.mean().clamp_min_(FLOOR).mul_(2.0)
-    coef = phi.div_(twice_mean).add_(s, alpha=0.5)
-    return u.mul_(coef)
+    w = tmps if outs is us else outs
+    _signs_(w, us, gs)  # s
+    counts = [x.sum(dtype=torch.float32) for x in w]
+    torch._foreach_add_(counts, [torch.dot(x.reshape(-1), x.reshape(-1)) for x in w])
+    torch._foreach_mul_(counts, [0.5 / max(x.numel(), 1) for x in w])  # mean(phi)
+    a = torch.stack(counts).clamp_min_(FLOOR).reciprocal_().mul_(0.5).add_(0.5)
+    torch._foreach_mul_(w, list(a.unbind(0)))
+    torch._foreach_clamp_min_(w, -0.5)
+    torch._foreach_mul_(outs, us if outs is not us else w)
+
+
+def grams_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    us = [u]
+    grams_list_(us, us, [g], [tmp])
+    return u
+
+
+def grams_cautious_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor) -> torch.Tensor:
+    us = [u]
+    grams_cautious_list_(us, us, [g], [tmp])
+    return u

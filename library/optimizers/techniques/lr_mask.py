@@ -15,9 +15,15 @@ from __future__ import annotations
 import torch
 
 
-def bump_(mask: torch.Tensor, agree: torch.Tensor, bump: float, lo: float, hi: float) -> None:
+def bump_list_(masks, agree, bump: float, lo: float, hi: float) -> None:
     """``mask += bump * agree`` then clamp; ``agree`` holds -1/0/+1 (fp32)."""
-    mask.add_(agree, alpha=bump).clamp_(lo, hi)
+    torch._foreach_add_(masks, agree, alpha=bump)
+    for m in masks:
+        m.clamp_(lo, hi)
+
+
+def bump_(mask: torch.Tensor, agree: torch.Tensor, bump: float, lo: float, hi: float) -> None:
+    bump_list_([mask], [agree], bump, lo, hi)
 
 
 def storage_dtype(lr_bump: float, base_lr: float, min_lr: float, max_lr: float) -> torch.dtype:

@@ -16,15 +16,25 @@ EPS = 1e-30
 PARALLEL_TOL = 1e-4
 
 
+def dots(xs, ys) -> torch.Tensor:
+    """<x_i, y_i> for each pair, as one fp32 vector (one reduction per tensor)."""
+    out = [torch.dot(x.reshape(-1), y.reshape(-1) if y.dtype == x.dtype else y.reshape(-1).to(x.dtype)) for x, y in zip(xs, ys)]
+    return torch.stack(out).float()
+
+
+def orthograd_list_(gs, ws, tol: float = PARALLEL_TOL) -> None:
+    """Orthogonalise each fp32 tensor ``g`` against its ``w`` in place."""
+    g_norms = torch.stack(torch._foreach_norm(gs)).float()
+    w_sq = dots(ws, ws)
+    proj = dots(gs, ws) / (w_sq + EPS)
+    w32 = [w if w.dtype == g.dtype else w.to(g.dtype) for w, g in zip(ws, gs)]
+    torch._foreach_addcmul_(gs, w32, list(proj.neg().unbind(0)))
+    perp = torch.stack(torch._foreach_norm(gs)).float()
+    scale = torch.where(perp > tol * g_norms, g_norms / perp.clamp_min(EPS), torch.zeros_like(g_norms))
+    torch._foreach_mul_(gs, list(scale.unbind(0)))
+
+
 def orthograd_(g: torch.Tensor, w: torch.Tensor, tol: float = PARALLEL_TOL) -> torch.Tensor:
     """Orthogonalise the fp32 tensor ``g`` against ``w`` in place and return it."""
-    gf = g.reshape(-1)
-    wf = w.reshape(-1)
-    if wf.dtype != gf.dtype:
-        wf = wf.to(gf.dtype)
-    g_norm = torch.linalg.vector_norm(gf)
-    proj = torch.dot(wf, gf) / (torch.dot(wf, wf) + EPS)
-    g.sub_(w.reshape(g.shape) * proj if w.dtype == g.dtype else w.reshape(g.shape).to(g.dtype) * proj)
-    perp_norm = torch.linalg.vector_norm(gf)
-    scale = torch.where(perp_norm > tol * g_norm, g_norm / perp_norm.clamp_min(EPS), torch.zeros_like(g_norm))
-    return g.mul_(scale)
+    orthograd_list_([g], [w], tol)
+    return g

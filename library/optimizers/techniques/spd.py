@@ -12,44 +12,50 @@ from __future__ import annotations
 
 import torch
 
+from .orthograd import dots
+
 EPS = 1e-12
+
+
+def _deviations(ps, anchors, tmps):
+    if anchors is None:
+        return ps
+    torch._foreach_copy_(tmps, ps)
+    torch._foreach_sub_(tmps, anchors)
+    return tmps
+
+
+def pre_step_list(ps, gs, anchors, tmps):
+    """Before the step: (moving_away, ||theta - theta0||) as vectors over the fp32 tensors
+    ``ps``; ``anchors`` None means anchor zero."""
+    devs = _deviations(ps, anchors, tmps)
+    moving_away = dots(gs, devs) > 0  # c = -<g, theta - theta0> < 0
+    return moving_away, torch.stack(torch._foreach_norm(devs)).float()
+
+
+def project_list_(ps, anchors, moving_away, old_norms, lam: float, tmps) -> None:
+    """Apply the selective projection to the proposals ``ps`` (fp32) in place."""
+    devs = _deviations(ps, anchors, tmps)
+    new_norms = torch.stack(torch._foreach_norm(devs)).float()
+    r = ((new_norms - old_norms) / new_norms.clamp_min(EPS)).clamp_(0.0, 1.0)
+    s = r * moving_away.to(r.dtype) * lam
+    if anchors is None:
+        torch._foreach_mul_(ps, list((1.0 - s).unbind(0)))
+    else:
+        torch._foreach_addcmul_(ps, devs, list(s.unbind(0)), value=-1.0)
 
 
 def pre_step(p: torch.Tensor, g: torch.Tensor, anchor: torch.Tensor | None, tmp: torch.Tensor):
     """Return ``(moving_away, ||theta - theta0||)`` as 0-dim tensors, before the step."""
-    if anchor is None:
-        dev = p if p.dtype == torch.float32 else tmp.copy_(p)
-    else:
-        dev = torch.sub(p, anchor, out=tmp)
-    dev_f = dev.reshape(-1)
-    g_f = g.reshape(-1)
-    if g_f.dtype != torch.float32:
-        g_f = g_f.float()
-    moving_away = torch.dot(g_f, dev_f) > 0  # c < 0
-    return moving_away, torch.linalg.vector_norm(dev_f)
-
-
-def dot_raw(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """<g, theta> for anchor zero (the sign decides the projection; batched callers)."""
-    g_f = g.reshape(-1)
-    if g_f.dtype != torch.float32:
-        g_f = g_f.float()
-    return torch.dot(g_f, p.reshape(-1))
+    p32 = p if p.dtype == torch.float32 else tmp.copy_(p)
+    g32 = g if g.dtype == torch.float32 else g.float()
+    away, norm = pre_step_list([p32], [g32], None if anchor is None else [anchor], [tmp])
+    return away[0], norm[0]
 
 
 def project_(p: torch.Tensor, anchor: torch.Tensor | None, moving_away, old_norm, lam: float, tmp: torch.Tensor) -> None:
     """Apply the selective projection to the proposal ``p`` (fp32) in place."""
-    if anchor is None:
-        new_norm = torch.linalg.vector_norm(p.reshape(-1))
-    else:
-        dev = torch.sub(p, anchor, out=tmp)
-        new_norm = torch.linalg.vector_norm(dev.reshape(-1))
-    r = ((new_norm - old_norm) / new_norm.clamp_min(EPS)).clamp_(0.0, 1.0)
-    s = r * moving_away.to(r.dtype) * lam
-    if anchor is None:
-        p.mul_(1.0 - s)
-    else:
-        p.sub_(tmp.mul_(s))
+    project_list_([p], None if anchor is None else [anchor], moving_away.reshape(1), old_norm.reshape(1), lam, [tmp])
 
 
 def spd_reference(theta, theta_new, g, anchor, lam):

@@ -13,28 +13,46 @@ from __future__ import annotations
 
 import torch
 
+from .orthograd import dots
+
 EPS = 1e-30
 
 
+def cosines(as_, bs, a_norms=None) -> torch.Tensor:
+    """cos(a_i, b_i) as one fp32 vector; ``a_norms`` when already known."""
+    if a_norms is None:
+        a_norms = torch._foreach_norm(as_)
+    denom = (torch.stack(a_norms).float() * torch.stack(torch._foreach_norm(bs)).float()).clamp_min_(EPS)
+    return dots(as_, bs).div_(denom)
+
+
+def damping_list(ss, cos: torch.Tensor, count: int, gamma: float) -> torch.Tensor:
+    """Update each smoothed cosine in ``ss`` (0-dim tensors) in place; return the d vector."""
+    s = torch.stack(ss).mul_(gamma).add_(cos, alpha=1.0 - gamma)
+    torch._foreach_copy_(ss, list(s.unbind(0)))
+    return s.mul_(0.5 / (1.0 - gamma**count)).add_(0.5)
+
+
+def momentum_list_(ms, xs, d: torch.Tensor, beta1: float) -> None:
+    """m <- b1 m + (1 - b1) d x, with ``d`` one value per tensor."""
+    torch._foreach_mul_(ms, beta1)
+    torch._foreach_addcmul_(ms, xs, list(d.unbind(0)), value=1.0 - beta1)
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    af, bf = a.reshape(-1), b.reshape(-1)
-    denom = torch.linalg.vector_norm(af) * torch.linalg.vector_norm(bf)
-    return torch.dot(af, bf) / denom.clamp_min(EPS)
+    return cosines([a], [b])[0]
 
 
 def cosine_with_norm(a: torch.Tensor, b: torch.Tensor, a_norm: torch.Tensor) -> torch.Tensor:
-    """cos(a, b) when ||a|| is already known (computed for many tensors at once)."""
-    af, bf = a.reshape(-1), b.reshape(-1)
-    denom = torch.linalg.vector_norm(bf).mul_(a_norm).clamp_min_(EPS)
-    return torch.dot(af, bf).div_(denom)
+    """cos(a, b) when ||a|| is already known."""
+    return cosines([a], [b], [a_norm])[0]
 
 
 def damping(s: torch.Tensor, cos: torch.Tensor, count: int, gamma: float) -> torch.Tensor:
     """Update the smoothed cosine ``s`` in place (``count`` cosines including this one); return d."""
-    s.mul_(gamma).add_(cos, alpha=1.0 - gamma)
-    return s.mul(0.5 / (1.0 - gamma**count)).add_(0.5)
+    return damping_list([s], cos.reshape(1), count, gamma)[0]
 
 
 def momentum_(m: torch.Tensor, x: torch.Tensor, d: torch.Tensor, beta1: float) -> None:
     """m <- b1 m + (1 - b1) d x, with ``d`` a 0-dim tensor."""
-    m.mul_(beta1).addcmul_(x, d, value=1.0 - beta1)
+    momentum_list_([m], [x], d.reshape(1), beta1)
