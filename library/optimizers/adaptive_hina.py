@@ -31,6 +31,7 @@ from .validation import check_betas, check_bool, check_choice, check_eps, check_
 
 __all__ = ["AdaptiveHinaAdamW"]
 
+_BLOCK = quant8.DEFAULT_BLOCK_SIZE
 _IMPORTANCE_WEIGHTS = (0.4, 0.3, 0.3)  # gradient, change rate, intrinsic
 _FACTOR_MIN, _FACTOR_MAX = 0.5, 2.0
 _TINY = 1e-30
@@ -269,7 +270,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         out, cur, size, sig0 = [], [], 0, None
         for p in params:
             st = self.state[p]
-            sig = (st["step"], p.dtype, p.device, "exp_avg_q8" in st, "lr_mask" in st or "lr_mask_lq" in st,
+            sig = (st["step"], p.dtype, p.device, "exp_avg_q8" in st, "lr_mask" in st, st.get("lr_mask_lrange"),
                    "anchor" in st)
             n = p.numel()
             if cur and (sig != sig0 or size + n > budget):
@@ -308,18 +309,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         use_adopt = group["use_adopt_stability"]
         q8 = "exp_avg_q8" in sts[0]
         has_mask = "lr_mask" in sts[0] or "lr_mask_lq" in sts[0]
-        if q8:  # dequantise into scratch; requantised in _commit
-            ms, vs = pool.views(ps, 6), pool.views(ps, 7)
-            for st, m, v in zip(sts, ms, vs):
-                quant8.load(st, "exp_avg", out=m)
-                quant8.load(st, "exp_avg_sq_root", out=v)
-            torch._foreach_mul_(vs, vs)
-            masks = None
-            if has_mask:
-                masks = [st["lr_mask"] for st in sts] if "lr_mask" in sts[0] else pool.views(ps, 8)
-                if "lr_mask_lq" in sts[0]:
-                    for st, mk in zip(sts, masks):
-                        quant8.load_log(st, "lr_mask", out=mk)
+        if q8:  # dequantise the whole chunk at once into block-aligned scratch; see _commit
+            ms, vs, masks = self._load_q8(ps, sts, has_mask)
         else:
             ms, vs = [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]
             masks = [st["lr_mask"] for st in sts] if has_mask else None
@@ -487,17 +478,68 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 out[i] = one
         return out
 
+    # 8-bit state: every tensor of a chunk occupies whole 256-element blocks of one flat
+    # buffer, so the codec runs once per chunk on a flat tensor, with no per-tensor overhead;
+    # each tensor's codes and block absmax values stay in its own self.state[p].
+    def _flat(self, tensors, tag, dtype, align):
+        return self._buffer_pool.aligned(tensors, tag, dtype, align)
+
+    def _load_q8(self, ps, sts, has_mask):
+        pool = self._buffer_pool
+        out = []
+        for key, signed, tag in (("exp_avg", True, "m8"), ("exp_avg_sq_root", False, "v8")):
+            flat, views = self._flat(ps, tag, torch.float32, _BLOCK)
+            codes = [st[key + quant8.Q_SUFFIX] for st in sts]
+            absmax = [st[key + quant8.ABSMAX_SUFFIX] for st in sts]
+            c_flat, c_views = self._flat(codes, ("codes", key), codes[0].dtype, _BLOCK)
+            a_flat, a_views = self._flat(absmax, ("absmax", key), torch.float32, 1)
+            torch._foreach_copy_(c_views, codes)
+            torch._foreach_copy_(a_views, absmax)
+            quant8.dequantize_blockwise(c_flat, a_flat, signed=signed, block_size=_BLOCK, out=flat)
+            gaps = pool.gaps(ps, tag, torch.float32, _BLOCK)
+            if gaps:  # padding must not raise a block's absmax at the next store
+                torch._foreach_zero_(gaps)
+            out.append(views)
+        ms, vs = out
+        torch._foreach_mul_(vs, vs)  # stored as sqrt(v)
+        masks = None
+        if has_mask:
+            if "lr_mask_lq" in sts[0]:
+                lo, hi = sts[0]["lr_mask_lrange"]
+                flat, masks = self._flat(ps, "mask8", torch.float32, _BLOCK)
+                codes = [st["lr_mask_lq"] for st in sts]
+                c_flat, c_views = self._flat(codes, ("codes", "lr_mask"), codes[0].dtype, _BLOCK)
+                torch._foreach_copy_(c_views, codes)
+                quant8.dequantize_log(c_flat, lo, hi, out=flat)
+            else:
+                masks = [st["lr_mask"] for st in sts]
+        return ms, vs, masks
+
     def _commit(self, ps, sts, ms, vs, masks, t: int) -> None:
-        """Requantise the 8-bit state (stochastic rounding, seeded by parameter index and step)."""
+        """Requantise the chunk's 8-bit state (stochastic rounding; the stream is seeded by the
+        chunk's first parameter index and the step, so a resumed run replays it exactly)."""
         torch._foreach_sqrt_(vs)
-        lq = "lr_mask_lq" in sts[0]
-        for i, (p, st) in enumerate(zip(ps, sts)):
-            seed = quant8.mix_seed(self.param_index(p), t)
-            quant8.store(st, "exp_avg", ms[i], signed=True, seed=seed)
-            quant8.store(st, "exp_avg_sq_root", vs[i], signed=False, seed=seed)
-            if lq:
-                lo, hi = st["lr_mask_lrange"]
-                quant8.store_log(st, "lr_mask", masks[i], lo=lo, hi=hi, bits=8, seed=seed)
+        seed = quant8.mix_seed(self.param_index(ps[0]), t)
+        for key, signed, tag in (("exp_avg", True, "m8"), ("exp_avg_sq_root", False, "v8")):
+            flat, _ = self._flat(ps, tag, torch.float32, _BLOCK)
+            codes, absmax = quant8.quantize_blockwise(flat, signed=signed, block_size=_BLOCK, rounding="stochastic",
+                                                      seed=quant8.mix_seed(seed, key))
+            dst = [st[key + quant8.Q_SUFFIX] for st in sts]
+            dst_abs = [st[key + quant8.ABSMAX_SUFFIX] for st in sts]
+            c_flat, c_views = self._flat(dst, ("codes", key), dst[0].dtype, _BLOCK)
+            a_flat, a_views = self._flat(dst_abs, ("absmax", key), torch.float32, 1)
+            c_flat.copy_(codes.view(c_flat.dtype))
+            a_flat.copy_(absmax)
+            torch._foreach_copy_(dst, c_views)
+            torch._foreach_copy_(dst_abs, a_views)
+        if "lr_mask_lq" in sts[0]:
+            lo, hi = sts[0]["lr_mask_lrange"]
+            flat, _ = self._flat(ps, "mask8", torch.float32, _BLOCK)
+            codes = quant8.quantize_log(flat, lo, hi, bits=8, seed=quant8.mix_seed(seed, "lr_mask"))
+            dst = [st["lr_mask_lq"] for st in sts]
+            c_flat, c_views = self._flat(dst, ("codes", "lr_mask"), dst[0].dtype, _BLOCK)
+            c_flat.copy_(codes)
+            torch._foreach_copy_(dst, c_views)
 
     def _collect_features(self, ps, ms, step, feats: dict) -> None:
         """(gradient term, change rate, intrinsic term) per tensor, as vectors on device.

@@ -58,6 +58,44 @@ class BufferPool:
         self._views[key] = out
         return out
 
+    def aligned(self, tensors, slot, dtype: torch.dtype = torch.float32, align: int = 256):
+        """``(flat, views)``: one view per tensor, each starting at a multiple of ``align``
+        elements, and the flat arena slice that covers them all (its length is a multiple of
+        ``align``; the gaps between views hold stale values: callers that read ``flat``
+        zero them with :meth:`gaps`). ``slot`` may be any hashable tag."""
+        shapes = tuple(t.shape for t in tensors)
+        device = tensors[0].device
+        key = ("aligned", slot, dtype, device, shapes, align)
+        hit = self._views.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        offsets, total = _aligned_offsets(tensors, align)
+        akey = ("arena", dtype, device, slot)
+        arena = self._buffers.get(akey)
+        if arena is None or arena.numel() < total:
+            if arena is not None:
+                self._views = {k: v for k, v in self._views.items()
+                               if not (k[0] in ("aligned", "gaps") and k[1:4] == (slot, dtype, device))}
+            arena = torch.zeros(max(total, 1), dtype=dtype, device=device)
+            self._buffers[akey] = arena
+            self.allocations += 1
+        flat = arena[:total]
+        views = [flat[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, tensors)]
+        gaps = [flat[o + t.numel():e] for o, t, e in zip(offsets, tensors, offsets[1:] + [total])]
+        gaps = [g for g in gaps if g.numel()]
+        if len(self._views) >= 512:
+            self._views.clear()
+        self._views[key] = out = (flat, views)
+        self._views[("gaps",) + key[1:]] = gaps
+        return out
+
+    def gaps(self, tensors, slot, dtype: torch.dtype = torch.float32, align: int = 256) -> list:
+        """The padding slices of :meth:`aligned`'s arena for these tensors."""
+        self.aligned(tensors, slot, dtype, align)
+        key = ("gaps", slot, dtype, tensors[0].device, tuple(t.shape for t in tensors), align)
+        return self._views[key]
+
     def stats(self) -> dict:
         shapes = {(k[0], k[1], k[2]) for k in self._buffers}
         nbytes = sum(b.numel() * b.element_size() for b in self._buffers.values())
@@ -73,3 +111,11 @@ class BufferPool:
     def clear(self) -> None:
         self._buffers.clear()
         self._views.clear()
+
+
+def _aligned_offsets(tensors, align: int):
+    offsets, off = [], 0
+    for t in tensors:
+        offsets.append(off)
+        off += -(-t.numel() // align) * align
+    return offsets, off
