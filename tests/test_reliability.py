@@ -133,3 +133,56 @@ def test_toml_configs_never_crash_the_cli(tmp_path_factory, text):
         assert e.code == 2
     else:
         assert isinstance(args, argparse.Namespace)
+
+
+# ------------------------------------------------- non-finite gradients inside the optimizer
+HINA = ["AdaptiveHinaAdamW", "HinaAdamWOptimizer"]
+
+
+def _snapshot(opt, p):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items() if k != "step"}
+
+
+@pytest.mark.parametrize("name", HINA)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_nonfinite_gradient_skips_that_tensor_and_keeps_its_state(name, bad, bits):
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8, 16) * 0.1)
+    b = torch.nn.Parameter(torch.randn(16, 8) * 0.1)
+    opt = _build(name, [a, b], optim_bits=bits)
+    for _ in range(5):  # past ADOPT's first step, TAM and the lr mask active
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+    before_a, state_a, before_b = a.detach().clone(), _snapshot(opt, a), b.detach().clone()
+    a.grad = torch.randn_like(a)
+    a.grad[3, 5] = bad
+    b.grad = torch.randn_like(b)
+    opt.step()
+    assert torch.equal(a, before_a)  # the parameter did not move
+    after = _snapshot(opt, a)
+    for k, v in state_a.items():
+        if bits == 8 and k.endswith(("_q8", "_absmax", "_lq")):
+            continue  # 8-bit state is requantised (unbiased stochastic rounding): checked below
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(after[k], v), k
+    if bits == 8:
+        m0 = quant8.dequantize_blockwise(state_a["exp_avg_q8"], state_a["exp_avg_absmax"])
+        m1 = quant8.load(opt.state[a], "exp_avg")
+        assert torch.allclose(m0, m1, rtol=0.1, atol=1e-3 * float(m0.abs().max()))
+    assert not torch.equal(b, before_b) and torch.isfinite(b).all()  # the finite tensor stepped
+    assert opt.nonfinite_skipped() == 1
+    assert opt.get_optimization_info()["training_stats"]["nonfinite_skipped"] == 1
+    # training continues normally afterwards
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    assert not torch.equal(a, before_a) and torch.isfinite(a).all()
+
+
+def test_nonfinite_skip_can_be_switched_off():
+    a = torch.nn.Parameter(torch.randn(4, 4))
+    opt = _build("AdaptiveHinaAdamW", [a], skip_nonfinite=False, use_adopt_stability=False)
+    a.grad = torch.full_like(a, float("nan"))
+    opt.step()
+    assert torch.isnan(a).all()  # plain AdamW behaviour: NaN propagates
+    assert opt.nonfinite_skipped() == 0

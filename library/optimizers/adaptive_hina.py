@@ -110,6 +110,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         allora_eta: float | None = None,
         spd_anchor: str = "auto",
         optim_bits: int = 32,
+        skip_nonfinite: bool = True,
         param_names=None,
     ):
         lr = check_lr("lr", lr)
@@ -158,8 +159,10 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             allora_eta=allora_eta,
             spd_anchor=check_choice("spd_anchor", spd_anchor, {"auto", "zero", "init"}),
             optim_bits=optim_bits,
+            skip_nonfinite=check_bool("skip_nonfinite", skip_nonfinite),
         )
         self._pairs = None
+        self._nonfinite_skips = {}  # device -> count of (tensor, step) pairs skipped, on device
         super().__init__(params, defaults, param_names=param_names)
         for group in self.param_groups:
             self._check_group(group)
@@ -332,7 +335,24 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         # SPD quantities before the step (raw gradient, pre-step weights)
         use_spd = group["use_spd"] and group["spd_lambda"] > 0
         if use_spd:
-            moving_away, old_norms = spd_t.pre_step_list(p32, grads, anchors, tmp)
+            moving_away, old_norms = spd_t.pre_step_list(p32, grads, anchors, tmp, dots_out := [])
+
+        # non-finite gradients: such a tensor is skipped without a host sync. Its gradient is
+        # replaced by zeros, its moments decay by 1 instead of beta, its lr factor is 0 and its
+        # mask does not move, so it and its state are left as they were.
+        ok = okf = keep1 = keep2 = None
+        if group["skip_nonfinite"]:
+            ok = (dots_out[0] if use_spd else torch.stack(torch._foreach_norm(grads)).float()).isfinite()
+            slot0 = pool.views(ps, 0)
+            zero = torch.zeros((), dtype=torch.float32, device=ok.device)
+            for g, out, flag in zip(grads, slot0, ok.unbind(0)):
+                torch.where(flag, g, zero, out=out)
+            grads = slot0
+            okf = ok.float()
+            keep1 = list(torch.where(ok, beta1, 1.0).unbind(0))
+            keep2 = list(torch.where(ok, beta2, 1.0).unbind(0))
+            dev = ok.device
+            self._nonfinite_skips[dev] = self._nonfinite_skips.get(dev, 0) + (~ok).sum()
 
         xs = grads
         if group["use_agr"] or group["use_orthogonal_grad"]:
@@ -368,12 +388,14 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             inputs = xs
             n_cos = k
         if group["use_tam"] and n_cos >= 1:
-            d = tam.damping_list([st["tam_s"] for st in sts], tam.cosines(ms, inputs), n_cos, group["tam_beta"])
-            tam.momentum_list_(ms, inputs, d, beta1)
-        else:
+            d = tam.damping_list([st["tam_s"] for st in sts], tam.cosines(ms, inputs), n_cos, group["tam_beta"], ok)
+            tam.momentum_list_(ms, inputs, d, beta1, keep1)
+        elif ok is None:
             torch._foreach_lerp_(ms, inputs, 1.0 - beta1)
+        else:
+            torch._foreach_lerp_(ms, inputs, list((okf * (1.0 - beta1)).unbind(0)))
         if use_adopt:
-            adopt.update_second_moment_list_(vs, xs, k, beta2)
+            adopt.update_second_moment_list_(vs, xs, k, beta2, keep2)
             if k == 0:  # ADOPT's first call only initialises v
                 if q8:
                     self._commit(ps, sts, ms, vs, masks, t)
@@ -383,7 +405,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             step_scale = 1.0
             src_dir = ms  # ADOPT: the direction is the momentum itself
         else:
-            adam.update_second_moment_list_(vs, xs, beta2)
+            adam.update_second_moment_list_(vs, xs, beta2, keep2)
             adam.denominator_list_(tmp, vs, t, beta2, eps)
             adam.quotient_list_(us, ms, tmp)
             step_scale = 1.0 / (1.0 - beta1**t)
@@ -402,7 +424,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 stored, masks = masks, mask32
                 torch._foreach_copy_(masks, stored)
             if bump > 0:
-                bump_list_(masks, prev, bump, group["min_lr"] / base, group["max_lr"] / base)
+                bump_list_(masks, prev, bump, group["min_lr"] / base, group["max_lr"] / base,
+                           None if okf is None else list(okf.unbind(0)))
                 if masks is not stored:
                     torch._foreach_copy_(stored, masks)
 
@@ -426,6 +449,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                     u.mul_(allora.row_scale(q, group["allora_eta"]))
         ratios = [self._ratio.get(p, 1.0) for p in ps]
         factors = self._factors(ps, sts)
+        oks = None if okf is None else list(okf.unbind(0))
         wd = group["weight_decay"]
         wdm = [self._wd_multiplier(p, t, group) for p in ps] if group["dynamic_weight_decay"] else [1.0] * len(ps)
         scales = [lr * step_scale * r for r in ratios]
@@ -433,7 +457,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
         # 7-8. decoupled (dynamic) weight decay with the same per-element lr, then the step
         if has_mask or factors is not None:
-            # p <- p - factor * coef * mask * (u + decay/scale * p): decay and step in one pass
+            # p <- p - ok * factor * coef * mask * (u + decay/scale * p): decay and step in one pass
+            if oks is not None:
+                factors = oks if factors is None else torch._foreach_mul(factors, oks)
             coef = _fold_decay_(us, scales, p32, decays, tmp)
             if has_mask:
                 torch._foreach_mul_(us, masks)
@@ -442,10 +468,23 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 torch._foreach_addcmul_(p32, us, step_coef, value=-1.0)
             else:
                 step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-c for c in coef]) else coef
-        else:
+        else:  # AdamW's operation order (the all-off configuration matches torch.optim.AdamW)
             if any(c != 0.0 for c in decays):
-                torch._foreach_mul_(p32, [1.0 - c for c in decays])
-            step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-s for s in scales]) else scales
+                if oks is None:
+                    torch._foreach_mul_(p32, [1.0 - c for c in decays])
+                else:  # 1 - c where the gradient is finite, 1 where it is not
+                    c_vec = torch.tensor(decays, dtype=torch.float32).to(okf.device, non_blocking=True)
+                    torch._foreach_mul_(p32, list((1.0 - c_vec * okf).unbind(0)))
+            if oks is None:
+                step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-s for s in scales]) else scales
+            else:
+                if all(s_ == scales[0] for s_ in scales):
+                    torch._foreach_addcmul_(p32, us, oks, value=-scales[0])
+                    step_coef = scales
+                else:
+                    torch._foreach_mul_(us, [-s_ for s_ in scales])
+                    torch._foreach_addcmul_(p32, us, oks)
+                    step_coef = [1.0] * len(ps)
 
         # 9. SPD projection toward the anchor
         if use_spd:
@@ -697,9 +736,15 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 "total_relationships": len(self._pairs),
                 "avg_importance_score": imp["importance_statistics"]["mean"],
                 "lr_mask_stats": lr_mask["global_statistics"],
+                "nonfinite_skipped": self.nonfinite_skipped(),
             },
             "buffer_pool": self.get_buffer_pool_stats(),
         }
+
+    def nonfinite_skipped(self) -> int:
+        """How many (tensor, step) updates were skipped for a non-finite gradient since this
+        optimizer was built (reads device counters: call it outside the training step)."""
+        return int(sum(int(v) for v in self._nonfinite_skips.values()))
 
     def diagnostics_scalars(self) -> dict:
         """Flat scalars for loggers (TensorBoard): computed on request, never in step()."""
@@ -709,4 +754,5 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             "optimizer/lr_mask_mean": ts["lr_mask_stats"]["avg_lr_scale"],
             "optimizer/importance_mean": ts["avg_importance_score"],
             "optimizer/relationships": float(ts["total_relationships"]),
+            "optimizer/nonfinite_skipped": float(ts["nonfinite_skipped"]),
         }

@@ -13,8 +13,10 @@ import math
 import torch
 
 
-def update_second_moment_list_(vs, gs, beta2: float) -> None:
-    torch._foreach_mul_(vs, beta2)
+def update_second_moment_list_(vs, gs, beta2: float, decay=None) -> None:
+    """v <- b2 v + (1 - b2) g^2; ``decay`` (one 0-dim tensor per v) replaces b2 as the
+    multiplier when given (1 keeps a skipped tensor's v unchanged, its g being zero)."""
+    torch._foreach_mul_(vs, beta2 if decay is None else decay)
     torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
 
 

@@ -30,12 +30,13 @@ def normalize_list_(outs, gs, vs, k: int, eps: float, dens=None) -> None:
         x.clamp_(-c, c)
 
 
-def update_second_moment_list_(vs, gs, k: int, beta2: float) -> None:
+def update_second_moment_list_(vs, gs, k: int, beta2: float, decay=None) -> None:
+    """See ``adam.update_second_moment_list_`` for ``decay``."""
     if k == 0:
         torch._foreach_copy_(vs, gs)
         torch._foreach_mul_(vs, gs)
     else:
-        torch._foreach_mul_(vs, beta2)
+        torch._foreach_mul_(vs, beta2 if decay is None else decay)
         torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
 
 

@@ -15,9 +15,13 @@ from __future__ import annotations
 import torch
 
 
-def bump_list_(masks, agree, bump: float, lo: float, hi: float) -> None:
-    """``mask += bump * agree`` then clamp; ``agree`` holds -1/0/+1 (fp32)."""
-    torch._foreach_add_(masks, agree, alpha=bump)
+def bump_list_(masks, agree, bump: float, lo: float, hi: float, weights=None) -> None:
+    """``mask += bump * agree`` then clamp; ``agree`` holds -1/0/+1 (fp32); ``weights`` (one
+    0-dim tensor per mask, 0 or 1) switches the bump off for skipped tensors."""
+    if weights is None:
+        torch._foreach_add_(masks, agree, alpha=bump)
+    else:
+        torch._foreach_addcmul_(masks, agree, weights, value=bump)
     for m in masks:
         m.clamp_(lo, hi)
 

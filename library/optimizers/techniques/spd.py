@@ -25,11 +25,15 @@ def _deviations(ps, anchors, tmps):
     return tmps
 
 
-def pre_step_list(ps, gs, anchors, tmps):
+def pre_step_list(ps, gs, anchors, tmps, dots_out=None):
     """Before the step: (moving_away, ||theta - theta0||) as vectors over the fp32 tensors
-    ``ps``; ``anchors`` None means anchor zero."""
+    ``ps``; ``anchors`` None means anchor zero. ``dots_out``: a list that receives the
+    vector of <g, theta - theta0> (non-finite exactly where g is, for finite weights)."""
     devs = _deviations(ps, anchors, tmps)
-    moving_away = dots(gs, devs) > 0  # c = -<g, theta - theta0> < 0
+    d = dots(gs, devs)
+    if dots_out is not None:
+        dots_out.append(d)
+    moving_away = d > 0  # c = -<g, theta - theta0> < 0
     return moving_away, torch.stack(torch._foreach_norm(devs)).float()
 
 

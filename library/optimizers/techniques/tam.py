@@ -26,16 +26,21 @@ def cosines(as_, bs, a_norms=None) -> torch.Tensor:
     return dots(as_, bs).div_(denom)
 
 
-def damping_list(ss, cos: torch.Tensor, count: int, gamma: float) -> torch.Tensor:
-    """Update each smoothed cosine in ``ss`` (0-dim tensors) in place; return the d vector."""
-    s = torch.stack(ss).mul_(gamma).add_(cos, alpha=1.0 - gamma)
+def damping_list(ss, cos: torch.Tensor, count: int, gamma: float, ok=None) -> torch.Tensor:
+    """Update each smoothed cosine in ``ss`` (0-dim tensors) in place; return the d vector.
+    ``ok`` (bool vector): where False the smoothed cosine is left unchanged."""
+    old = torch.stack(ss)
+    s = old.mul(gamma).add_(cos, alpha=1.0 - gamma)
+    if ok is not None:
+        s = torch.where(ok, s, old)
     torch._foreach_copy_(ss, list(s.unbind(0)))
     return s.mul_(0.5 / (1.0 - gamma**count)).add_(0.5)
 
 
-def momentum_list_(ms, xs, d: torch.Tensor, beta1: float) -> None:
-    """m <- b1 m + (1 - b1) d x, with ``d`` one value per tensor."""
-    torch._foreach_mul_(ms, beta1)
+def momentum_list_(ms, xs, d: torch.Tensor, beta1: float, decay=None) -> None:
+    """m <- b1 m + (1 - b1) d x, with ``d`` one value per tensor (``decay``: as in
+    ``adam.update_second_moment_list_``)."""
+    torch._foreach_mul_(ms, beta1 if decay is None else decay)
     torch._foreach_addcmul_(ms, xs, list(d.unbind(0)), value=1.0 - beta1)
 
 
