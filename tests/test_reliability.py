@@ -186,3 +186,47 @@ def test_nonfinite_skip_can_be_switched_off():
     opt.step()
     assert torch.isnan(a).all()  # plain AdamW behaviour: NaN propagates
     assert opt.nonfinite_skipped() == 0
+
+
+@pytest.mark.parametrize("name", HINA)
+def test_bf16_parameters_stochastic_rounding_tracks_fp32(name):
+    """Updates below half a bf16 ulp: round-to-nearest never moves the weights, stochastic
+    rounding moves them by the right amount on average; state stays fp32."""
+    def run(sr):
+        p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        extra = dict(use_lr_mask=False, use_dynamic_adaptation=False) if name == "AdaptiveHinaAdamW" else {}
+        opt = _build(name, [p], stochastic_rounding=sr, weight_decay=0.0, use_adopt_stability=False,
+                     use_spd=False, use_grams=False, use_cautious=False, use_agr=False, use_tam=False, **extra)
+        for _ in range(20):
+            p.grad = torch.ones_like(p)  # Adam direction 1: each step moves by lr
+            opt.step()
+        assert all(v.dtype == torch.float32 for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+        return p.float()
+
+    nearest, stochastic = run(False), run(True)
+    assert torch.equal(nearest, torch.ones_like(nearest))  # lr 1e-3 < half an ulp (2^-8) at 1.0
+    expected = 1.0 - 20 * 1e-3
+    assert abs(float(stochastic.mean()) - expected) < 2e-3
+    assert stochastic.unique().numel() > 1
+
+
+def test_bf16_stochastic_rounding_is_deterministic_and_resumable():
+    def make():
+        torch.manual_seed(0)
+        p = torch.nn.Parameter((torch.randn(64, 8) * 0.1).to(torch.bfloat16))
+        return p, _build("AdaptiveHinaAdamW", [p])
+
+    p1, o1 = make()
+    p2, o2 = make()
+    for step in range(6):
+        g = torch.randn(64, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+        if step == 2:  # resume the second one from a saved state
+            sd = o2.state_dict()
+            p3 = torch.nn.Parameter(p2.detach().clone())
+            o2 = _build("AdaptiveHinaAdamW", [p3])
+            o2.load_state_dict(sd)
+            p2 = p3
+    assert torch.equal(p1, p2)

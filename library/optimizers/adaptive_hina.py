@@ -26,6 +26,7 @@ from .techniques.cautious import cautious_list_
 from .techniques.grams import grams_cautious_list_, grams_list_
 from .techniques.lr_mask import bump_list_, storage_dtype
 from .techniques.orthograd import orthograd_list_
+from .techniques.stochastic_round import round_to_bf16_
 from .techniques.weight_decay import dynamic_multiplier
 from .validation import check_betas, check_bool, check_choice, check_eps, check_int, check_lr, check_real
 
@@ -111,6 +112,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         spd_anchor: str = "auto",
         optim_bits: int = 32,
         skip_nonfinite: bool = True,
+        stochastic_rounding: bool = True,
         param_names=None,
     ):
         lr = check_lr("lr", lr)
@@ -160,6 +162,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             spd_anchor=check_choice("spd_anchor", spd_anchor, {"auto", "zero", "init"}),
             optim_bits=optim_bits,
             skip_nonfinite=check_bool("skip_nonfinite", skip_nonfinite),
+            stochastic_rounding=check_bool("stochastic_rounding", stochastic_rounding),
         )
         self._pairs = None
         self._nonfinite_skips = {}  # device -> count of (tensor, step) pairs skipped, on device
@@ -329,8 +332,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             torch._foreach_copy_(g32, grads)
             grads = g32
         p32 = ps
-        if not fp32:
-            p32 = pool.views(ps, 5)
+        if not fp32:  # fp32 master copy of low-precision weights
+            p32_flat, p32 = pool.aligned(ps, "p32", torch.float32, 1)
             torch._foreach_copy_(p32, ps)
         # SPD quantities before the step (raw gradient, pre-step weights)
         use_spd = group["use_spd"] and group["spd_lambda"] > 0
@@ -491,6 +494,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             spd_t.project_list_(p32, anchors, moving_away, old_norms, group["spd_lambda"], tmp)
 
         if not fp32:
+            if group["stochastic_rounding"] and ps[0].dtype == torch.bfloat16:
+                noise = pool.aligned(ps, "sr_noise", torch.int32, 1)[0]
+                round_to_bf16_(p32_flat, noise, quant8.mix_seed(self.param_index(ps[0]), t, "bf16"))
             torch._foreach_copy_(ps, p32)
         if q8:
             self._commit(ps, sts, ms, vs, masks, t)

@@ -222,6 +222,8 @@ class HinaOptimizer(torch.optim.Optimizer):
             for k in ("param_names", "named"):
                 if k in g and k not in ng:
                     ng[k] = g[k]
+            for k, v in self.defaults.items():  # options added after the state was saved
+                ng.setdefault(k, v)
             new_groups.append(ng)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._collect_group_names()

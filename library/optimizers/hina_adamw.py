@@ -67,6 +67,8 @@ class HinaAdamWOptimizer(AdaptiveHinaAdamW):
         wd_min_ratio: float = 0.1,
         spd_anchor: str = "auto",
         optim_bits: int = 32,
+        skip_nonfinite: bool = True,
+        stochastic_rounding: bool = True,
         param_names=None,
     ):
         self.use_alora = check_bool("use_alora", use_alora)
@@ -80,7 +82,7 @@ class HinaAdamWOptimizer(AdaptiveHinaAdamW):
             dynamic_weight_decay=dynamic_weight_decay, wd_transition_steps=wd_transition_steps,
             wd_decay_factor=wd_decay_factor, wd_min_ratio=wd_min_ratio,
             allora_eta=allora_eta if self.use_alora else None, spd_anchor=spd_anchor, optim_bits=optim_bits,
-            param_names=param_names,
+            skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding, param_names=param_names,
         )
 
     # ------------------------------------------------------------ structure
