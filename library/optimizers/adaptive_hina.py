@@ -343,33 +343,37 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         # non-finite gradients: such a tensor is skipped without a host sync. Its gradient is
         # replaced by zeros, its moments decay by 1 instead of beta, its lr factor is 0 and its
         # mask does not move, so it and its state are left as they were.
-        ok = okf = keep1 = keep2 = None
+        ok = okf = oks = keep1 = keep2 = None
+        xs = grads
         if group["skip_nonfinite"]:
             ok = (dots_out[0] if use_spd else torch.stack(torch._foreach_norm(grads)).float()).isfinite()
-            slot0 = pool.views(ps, 0)
-            zero = torch.zeros((), dtype=torch.float32, device=ok.device)
-            for g, out, flag in zip(grads, slot0, ok.unbind(0)):
-                torch.where(flag, g, zero, out=out)
-            grads = slot0
             okf = ok.float()
+            oks = list(okf.unbind(0))
             keep1 = list(torch.where(ok, beta1, 1.0).unbind(0))
             keep2 = list(torch.where(ok, beta2, 1.0).unbind(0))
             dev = ok.device
             self._nonfinite_skips[dev] = self._nonfinite_skips.get(dev, 0) + (~ok).sum()
+            xs = pool.views(ps, 0)
+            for g, out in zip(grads, xs):  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
+                torch.nan_to_num(g, 0.0, 0.0, 0.0, out=out)
 
-        xs = grads
-        if group["use_agr"] or group["use_orthogonal_grad"]:
+        agr_on = [i for i, p in enumerate(ps) if p.numel() > 1] if group["use_agr"] else []
+        if agr_on or group["use_orthogonal_grad"]:
             slot0 = pool.views(ps, 0)
-            big = [i for i, p in enumerate(ps) if p.numel() > 1]
-            if group["use_agr"] and len(big) == len(ps) and xs is not slot0:
+            if len(agr_on) == len(ps) and xs is not slot0:
                 agr_t.agr_list_(slot0, xs)  # out of place: p.grad is never modified
             else:
                 if xs is not slot0:
                     torch._foreach_copy_(slot0, xs)
-                if group["use_agr"] and big:
-                    sel = [slot0[i] for i in big]
-                    agr_t.agr_list_(sel, sel, [tmp[i] for i in big])
+                if agr_on:
+                    sel = [slot0[i] for i in agr_on]
+                    agr_t.agr_list_(sel, sel, [tmp[i] for i in agr_on],
+                                    None if oks is None else [oks[i] for i in agr_on])
             xs = slot0
+        if oks is not None:  # tensors AGR did not scale by ok
+            rest = [i for i in range(len(ps)) if i not in set(agr_on)] if agr_on else range(len(ps))
+            if rest:
+                torch._foreach_mul_([xs[i] for i in rest], [oks[i] for i in rest])
         if group["use_orthogonal_grad"]:
             sel = [i for i, p in enumerate(ps) if p.ndim >= 1 and p.numel() > 1]
             if sel:

@@ -13,15 +13,21 @@ import torch
 TINY = 1e-30
 
 
-def agr_list_(outs, gs, tmps=None) -> None:
-    """outs <- g (1 - |g| / sum|g|) per tensor. ``outs`` may be ``gs`` (then ``tmps`` is
-    scratch). Callers leave single-element tensors out (AGR would zero them)."""
+def agr_list_(outs, gs, tmps=None, weights=None) -> None:
+    """outs <- w g (1 - |g| / sum|g|) per tensor, w = 1 or the matching 0-dim tensor of
+    ``weights`` (0 zeroes a skipped tensor in the same pass). ``outs`` may be ``gs`` (then
+    ``tmps`` is scratch). Callers leave single-element tensors out (AGR would zero them)."""
     w = tmps if outs is gs else outs
     torch._foreach_copy_(w, gs)
     torch._foreach_abs_(w)
-    neg_totals = torch.stack([x.sum(dtype=torch.float32) for x in w]).clamp_min_(TINY).neg_()
-    torch._foreach_div_(w, list(neg_totals.unbind(0)))
-    torch._foreach_add_(w, 1.0)
+    totals = torch.stack([x.sum(dtype=torch.float32) for x in w]).clamp_min_(TINY)
+    if weights is None:
+        torch._foreach_div_(w, list(totals.neg_().unbind(0)))
+        torch._foreach_add_(w, 1.0)
+    else:
+        wv = torch.stack(weights)
+        torch._foreach_mul_(w, list((-wv / totals).unbind(0)))
+        torch._foreach_add_(w, weights)
     torch._foreach_mul_(outs, w if outs is gs else gs)
 
 
