@@ -13,7 +13,7 @@ import torch
 
 def row_scale(w: torch.Tensor, eta: float) -> torch.Tensor:
     """Relative per-row factor, shaped to broadcast against ``w``."""
-    rows = w.reshape(w.shape[0], -1).float() if w.ndim > 0 else w.reshape(1, 1).float()
-    sq = rows.pow(2).sum(dim=1)
-    scale = torch.rsqrt(1.0 + (eta * eta) * sq)
+    rows = w.reshape(w.shape[0], -1) if w.ndim > 0 else w.reshape(1, 1)
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    scale = norms.square_().mul_(eta * eta).add_(1.0).rsqrt_()
     return scale.reshape((w.shape[0],) + (1,) * (w.ndim - 1)) if w.ndim > 0 else scale.reshape(())
