@@ -58,7 +58,21 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"train_network.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down on every exit path (normal, user error, crash): a gloo
+    process that exits with its group alive can abort at interpreter teardown."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # pragma: no cover - teardown must never mask the real error
+        pass
 
 
 if __name__ == "__main__":

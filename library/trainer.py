@@ -300,12 +300,18 @@ def train(args, plan: Plan) -> dict:
         GradientState._reset_state()
     except (ImportError, AttributeError):  # pragma: no cover - older accelerate
         pass
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=("tensorboard" if log_with in ("tensorboard", "all") else None) if logging_dir else None,
         project_dir=logging_dir,
+        # several processes without CUDA: gloo on CPU (plain `accelerate launch --multi_gpu` works)
+        cpu=launched > 1 and not torch.cuda.is_available(),
     )
+    if launched > 1 and accelerator.num_processes != launched:
+        raise UserError(f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: "
+                        "on CPU use `accelerate launch --multi_gpu --num_processes N` or torchrun")
     if accelerator.is_main_process:
         for note in plan.notes:
             logger.info(note)

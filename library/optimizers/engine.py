@@ -26,6 +26,30 @@ from .buffer_pool import BufferPool
 __all__ = ["HinaOptimizer", "normalize_param_groups"]
 
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def _reject_sharded(owner: str, group: dict) -> None:
+    """Sharded (DTensor) parameters, e.g. from FSDP2's ``fully_shard``, fail early with one line:
+    the per-tensor reductions of these optimizers would see only a shard (docs/reliability.md)."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return
+    for i, item in enumerate(group["params"]):
+        name, t = item if isinstance(item, tuple) else (None, item)
+        if isinstance(t, dtensor):
+            label = repr(name) if name else f"#{i}"
+            raise ValueError(
+                f"{owner}: parameter {label} is a DTensor (sharded by FSDP2 fully_shard or tensor parallel); "
+                "sharded parameters are not supported: train with DDP (accelerate launch --multi_gpu) instead"
+            )
+
+
 def normalize_param_groups(params) -> list[dict]:
     """Turn any accepted ``params`` argument into a list of group dicts torch understands.
 
@@ -129,6 +153,7 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group = normalize_param_groups([param_group])[0]
+        _reject_sharded(type(self).__name__, param_group)
         super().add_param_group(param_group)
         if hasattr(self, "_names"):
             self._collect_group_names()
