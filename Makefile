@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo test bench bench-quick clean
+.PHONY: setup demo test bench bench-quick bench-quality clean
 
 setup: $(STAMP)
 
@@ -31,10 +31,16 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: setup
+	$(BIN)/python -m pip install -q -r requirements-bench.txt
 	$(BIN)/python -m benchmarks.run_all
 
 bench-quick: setup
+	$(BIN)/python -m pip install -q -r requirements-bench.txt
 	$(BIN)/python -m benchmarks.run_all --quick
+
+bench-quality: setup
+	$(BIN)/python -m pip install -q -r requirements-bench.txt
+	$(BIN)/python -m benchmarks.run_all --only bench_quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_output

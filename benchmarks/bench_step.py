@@ -98,6 +98,22 @@ def main(argv=None):
             row[n] = time_steps(opt, repeats=repeats) / n * 1e3  # us per tensor
         results["scaling"][name] = row
 
+    # the CPU chunk size of the multi-tensor step (elements per chunk): general config, same process
+    from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
+
+    default_chunk = dict(AdaptiveHinaAdamW.chunk_elements)
+    sizes = [1 << 16, 1 << 18, 1 << 20, 1 << 30] if args.quick else [1 << 15, 1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 22, 1 << 30]
+    sweep = {}
+    adamw = torch.optim.AdamW([p for _, p in params], lr=1e-3, foreach=True)
+    try:
+        for size in sizes:
+            AdaptiveHinaAdamW.chunk_elements = {"cpu": size}
+            ms = time_steps(AdaptiveHinaAdamW(params, **GENERAL), repeats=repeats)
+            sweep[str(size)] = {"ms": ms, "ratio_vs_foreach": ms / time_steps(adamw, repeats=repeats)}
+    finally:
+        AdaptiveHinaAdamW.chunk_elements = default_chunk
+    results["chunk_sweep"] = {"default": default_chunk["cpu"], "general_ms": sweep}
+
     print(f"SD1.5 rank-16 LoRA shapes: {len(params)} tensors, {n_params / 1e6:.2f}M params")
     print("| optimizer | ms/step | x AdamW(foreach) | x AdamW(fused) | B/param r16 | r4 | LoKr |")
     print("|---|---|---|---|---|---|---|")
@@ -105,6 +121,8 @@ def main(argv=None):
         b = results["bytes_per_param"][name]
         print(f"| {name} | {ms:.1f} | {results['ratio_vs_foreach'][name]:.2f} | {results['ratio_vs_fused'][name]:.2f} "
               f"| {b['lora_r16']:.3f} | {b['lora_r4']:.3f} | {b['lokr_f-1_d16']:.3f} |")
+    print("AdaptiveHinaAdamW(general) by CPU chunk size (elements): " + ", ".join(
+        f"{k}: {v['ms']:.1f} ms ({v['ratio_vs_foreach']:.2f}x)" for k, v in sweep.items()))
     print("per-tensor cost (us/tensor) by tensor count:")
     for name, row in results["scaling"].items():
         print(f"  {name}: " + ", ".join(f"{k}: {v:.1f}" for k, v in row.items()))

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 
-SUITES = ["bench_step", "bench_quant8", "bench_automagic"]
+SUITES = ["bench_step", "bench_quant8", "bench_automagic", "bench_quality"]
 
 
 def _load(name):
@@ -75,6 +75,12 @@ def render(quick: bool) -> str:
         for k, v in extra.items():
             lines.append(f"\n- {k}: {v}")
         lines.append("")
+    quality = (_load("quality_quick.json" if quick else "quality.json") or _load("quality.json")
+               or _load("quality_quick.json"))
+    if quality:
+        from benchmarks.quality.report import render_markdown
+
+        lines += [render_markdown(quality), ""]
     return "\n".join(lines) + "\n"
 
 
