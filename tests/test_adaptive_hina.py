@@ -400,3 +400,18 @@ def test_spd_in_the_optimizer_matches_the_rule(named):
     ref = spd_reference(theta, outs[0.0], g, torch.zeros_like(theta), 1.0)
     assert torch.allclose(outs[1.0], ref, atol=1e-6)
     assert not torch.allclose(outs[1.0], outs[0.0])
+
+
+def test_lr_above_max_lr_is_not_silently_capped():
+    """max_lr bounds how far the mask raises an element's lr; an lr above it (kohya's LoRA+ up
+    group, say) is used as given, and the mask can only lower it."""
+    a = torch.nn.Parameter(torch.randn(16, 8))
+    b = torch.nn.Parameter(torch.randn(16, 8))
+    opt = AdaptiveHinaAdamW([{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 1e-4}], max_lr=1e-3, warmup_steps=50)
+    for _ in range(30):
+        a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)  # always agreeing: bumps go up
+        opt.step()
+    mask_a = opt.state[a]["lr_mask"].float()
+    mask_b = opt.state[b]["lr_mask"].float()
+    assert torch.all(mask_a == 1.0)  # at lr 1e-2 > max_lr: capped at its own lr, not at 0.1
+    assert torch.all(mask_b > 1.0) and torch.all(mask_b <= 10.0)  # below max_lr: grows toward max_lr / lr

@@ -65,10 +65,28 @@ def test_map_identical_to_bitsandbytes(signed):
     assert torch.equal(q.dynamic_map(signed), F.create_dynamic_map(signed))
 
 
+def _domain_patterns(g, n):
+    """fp32 values with |v| < 2 spread over every binade: random sign and 30-bit magnitude."""
+    mag = torch.randint(0, 1 << 30, (n,), generator=g, dtype=torch.int64)
+    sign = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) << 31
+    return (mag | sign).to(torch.int32).view(torch.float32)  # the int64 -> int32 cast wraps
+
+
+def _cell_edges():
+    """First and last pattern of every encoder cell (2^15 patterns of v >= 0 or of v < 0)."""
+    y = torch.arange(1 << 16, dtype=torch.int64) << 15
+    y = torch.cat([y, y + (1 << 15) - 1])
+    bits = torch.where(y < (1 << 30), y, ~y).to(torch.int32)
+    return bits.view(torch.float32)
+
+
 @pytest.mark.parametrize("signed", [True, False])
-def test_lookup_equals_bucketize(signed):
-    """The lookup-table nearest code is exactly torch.bucketize on the fp32 midpoints, and the
-    stochastic path only ever picks the two neighbours around the value."""
+def test_encoder_equals_bucketize(signed):
+    """On the encoder's domain (-2, 2), which holds every x / absmax, the nearest code is exactly
+    torch.bucketize on the fp32 midpoints, and the stochastic path only ever picks the two
+    neighbours around the value and keeps exact map values on their code. Checked on every map
+    value and midpoint and their fp32 neighbours, both edges of every table cell, and random
+    patterns from every binade."""
     m = q.dynamic_map(signed)
     mids = (m[1:] + m[:-1]) / 2
     g = torch.Generator().manual_seed(0)
@@ -76,24 +94,34 @@ def test_lookup_equals_bucketize(signed):
         m, mids, torch.nextafter(mids, torch.full_like(mids, 2.0)),
         torch.nextafter(mids, torch.full_like(mids, -2.0)),
         torch.nextafter(m, torch.full_like(m, 2.0)), torch.nextafter(m, torch.full_like(m, -2.0)),
-        torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1e-45, 2.0, -2.0, 1.0000001]),
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1e-45, -1e-45, 1.0000001, 1.9999999, -1.9999999]),
     ])
     rand = torch.cat([
         torch.rand(50_000, generator=g) * 2 - 1,
         torch.randn(50_000, generator=g).mul(-8).exp2() * torch.randn(50_000, generator=g).sign(),
     ])
-    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
-    patterns = bits.view(torch.float32)
-    patterns = patterns[torch.isfinite(patterns)]
-    v = torch.cat([adversarial, rand, patterns]).contiguous()
+    rand = rand[rand.abs() < 2]
+    v = torch.cat([adversarial, rand, _cell_edges(), _domain_patterns(g, 300_001)]).contiguous()
+    assert bool((v.abs() < 2).all())
     got = q._codes_nearest(v.clone(), signed)
-    assert got.dtype == torch.uint8
+    assert got.dtype == torch.uint8 and got.shape == v.shape
     assert torch.equal(got.long(), torch.bucketize(v, mids))
     k = (torch.bucketize(v, m, right=True) - 1).clamp(0, 254)
-    sr = q._codes_stochastic(v.clone(), signed, seed=3).long()
-    assert bool(((sr == k) | (sr == k + 1)).all())
-    on_code = torch.isin(v, m)
-    assert torch.equal(sr[on_code], torch.bucketize(v[on_code], m)), "exact codes stay put"
+    for seed in (3, 4):
+        sr = q._codes_stochastic(v.clone(), signed, seed=seed).long()
+        assert bool(((sr == k) | (sr == k + 1)).all())
+        on_code = torch.isin(v, m)
+        assert torch.equal(sr[on_code], torch.bucketize(v[on_code], m)), "exact codes stay put"
+        inside = ~on_code & (v > m[0]) & (v < m[-1])
+        ki = k[inside]
+        p = ((v[inside].double() - m[ki].double()) / (m[ki + 1].double() - m[ki].double()))
+        up = (sr[inside] == ki + 1).double()
+        assert abs(float(up.mean() - p.mean())) < 0.01, "rounds up with probability p on average"
+    # outside the domain (never produced by quantize_blockwise): valid codes, no error
+    bits = torch.randint(-2**31, 2**31 - 1, (100_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    wild = torch.cat([bits.view(torch.float32), torch.tensor([2.0, -2.0, 3e38, -3e38, math.inf, -math.inf, math.nan])])
+    assert q._codes_nearest(wild, signed).numel() == wild.numel()
+    assert q._codes_stochastic(wild, signed, seed=1).numel() == wild.numel()
 
 
 # --------------------------------------------------------------------------- round trips
@@ -235,6 +263,111 @@ def test_roundtrip_property(shape, log_scale, signed, log2b, seed):
     cs, a2 = q.quantize_blockwise(x, signed, block_size=block, rounding="stochastic", seed=seed)
     assert torch.equal(a2, absmax)
     assert bool(((cs.long() - codes.long()).abs() <= 1).all()), "SR picks a neighbour of nearest"
+
+
+# --------------------------------------------------------------------------- chunks, pairs, in place
+
+
+def _all_codes(x, lr):
+    """Every code path on one input: both maps and roundings, block sizes below and above the
+    chunk, the log codec at 8 and 16 bits, and the decoded values."""
+    out = []
+    for signed in (True, False):
+        xx = x if signed else x.abs()
+        for block in (64, 256, 4096):
+            for rounding, seed in (("nearest", None), ("stochastic", 7)):
+                c, a = q.quantize_blockwise(xx, signed, block_size=block, rounding=rounding, seed=seed)
+                out += [c, a, q.dequantize_blockwise(c, a, signed)]
+    for bits in (8, 16):
+        for rounding, seed in (("nearest", None), ("stochastic", 7)):
+            c = q.quantize_log(lr, 1e-7, 1e-3, bits=bits, rounding=rounding, seed=seed)
+            out += [c, q.dequantize_log(c, 1e-7, 1e-3)]
+    return out
+
+
+@pytest.mark.parametrize("n", [40_001, 40_960])
+def test_codes_do_not_depend_on_chunking_or_pair_gathers(monkeypatch, n):
+    """The work is split into chunks and reads table entries two codes at a time; neither may
+    change a code or a decoded value (the noise is indexed by the global element position)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, generator=g) * torch.randn(n, generator=g).exp()
+    lr = torch.rand(n, generator=g).mul(math.log(1e4)).exp().mul(1e-7)
+    ref = _all_codes(x, lr)
+    monkeypatch.setattr(q, "_CHUNK", 1024)  # blocks of 4096 now span several chunks
+    small = _all_codes(x, lr)
+    monkeypatch.setattr(q, "_U16", {"cpu": False})  # pair index without uint16 support
+    signed16 = _all_codes(x, lr)
+    monkeypatch.setattr(q, "_PAIRS", False)  # one code per gather, as on a big-endian machine
+    single = _all_codes(x, lr)
+    for a, b, c, d in zip(ref, small, signed16, single):
+        assert a.dtype == b.dtype == c.dtype == d.dtype
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+
+
+def test_nearest_codes_equal_bucketize_of_normalised_input():
+    """quantize_blockwise itself (multi-chunk, partial block) is exactly bucketize(x / absmax)."""
+    g = torch.Generator().manual_seed(12)
+    n = 3 * (1 << 18) + 77
+    x = torch.randn(n, generator=g) * torch.randn(n, generator=g).mul(3).exp()
+    for signed in (True, False):
+        xx = x if signed else x.abs()
+        m = q.dynamic_map(signed)
+        c, a = q.quantize_blockwise(xx, signed)
+        v = xx / a.repeat_interleave(256)[:n]
+        assert torch.equal(c.long(), torch.bucketize(v, (m[1:] + m[:-1]) / 2))
+
+
+def test_in_place_outputs():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(5, 301, generator=g)
+    for signed in (True, False):
+        xx = x if signed else x.abs()
+        for rounding, seed in (("nearest", None), ("stochastic", 3)):
+            ref_c, ref_a = q.quantize_blockwise(xx, signed, rounding=rounding, seed=seed)
+            codes = torch.full((5, 301), 77, dtype=torch.int8)
+            absmax = torch.zeros(6)
+            c, a = q.quantize_blockwise(xx, signed, rounding=rounding, seed=seed, codes_out=codes, absmax_out=absmax)
+            assert c is codes and a is absmax
+            assert torch.equal(codes.view(torch.uint8), ref_c) and torch.equal(absmax, ref_a)
+            # a codes buffer at an odd byte offset (no two-codes-per-gather view possible)
+            buf = torch.zeros(1 + x.numel(), dtype=torch.uint8)
+            q.quantize_blockwise(xx, signed, rounding=rounding, seed=seed, codes_out=buf[1:])
+            assert torch.equal(buf[1:].view(5, 301), ref_c) and int(buf[0]) == 0
+            # decoding into an fp32 buffer at an odd offset, from codes at an odd offset
+            out = torch.zeros(1 + x.numel())
+            q.dequantize_blockwise(buf[1:], ref_a, signed, out=out[1:])
+            assert torch.equal(out[1:], q.dequantize_blockwise(ref_c, ref_a, signed).reshape(-1))
+    with pytest.raises(ValueError):
+        q.quantize_blockwise(x, True, codes_out=torch.empty(5, 301, dtype=torch.int32))
+    with pytest.raises(ValueError):
+        q.quantize_blockwise(x, True, absmax_out=torch.empty(5))
+    lr = torch.rand(1001, generator=g) * 1e-3
+    for bits, dt in ((8, torch.uint8), (16, torch.int16)):
+        ref = q.quantize_log(lr, 1e-7, 1e-3, bits=bits, seed=5)
+        out = torch.empty(1001, dtype=dt)
+        assert q.quantize_log(lr, 1e-7, 1e-3, bits=bits, seed=5, out=out) is out and torch.equal(out, ref)
+        with pytest.raises(ValueError):
+            q.quantize_log(lr, 1e-7, 1e-3, bits=bits, seed=5, out=torch.empty(1001, dtype=torch.float32))
+
+
+def test_store_inplace_reuses_the_state_tensors():
+    g = torch.Generator().manual_seed(14)
+    a, b = {}, {}
+    for step in range(3):
+        x = torch.randn(40, 33, generator=g)
+        lr = torch.rand(40, 33, generator=g) * 1e-3
+        q.store(a, "m", x, signed=True, seed=step)
+        q.store_log(a, "lr", lr, lo=1e-7, hi=1e-3, seed=step)
+        before = {k: v for k, v in b.items() if isinstance(v, torch.Tensor)}
+        q.store(b, "m", x, signed=True, seed=step, inplace=True)
+        q.store_log(b, "lr", lr, lo=1e-7, hi=1e-3, seed=step, inplace=True)
+        for k, v in before.items():
+            assert b[k] is v, "same tensor object, written in place"
+        for k in a:
+            assert (torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+    old = b["m_q8"]
+    q.store(b, "m", torch.randn(7), signed=True, seed=0, inplace=True)  # new shape: new tensors
+    assert b["m_q8"] is not old and b["m_q8"].shape == (7,)
 
 
 # --------------------------------------------------------------------------- non-finite
@@ -390,6 +523,43 @@ def test_log_codec_index_is_exact(bits):
             got = q.dequantize_log(q.quantize_log(nb, lo, hi, bits=bits, rounding=rounding, seed=seed), lo, hi)
             k = (torch.bucketize(nb.clamp(float(lv[0]), float(lv[-1])), lv, right=True) - 1).clamp(0, lv.numel() - 2)
             assert bool(((got == lv[k]) | (got == lv[k + 1])).all())
+
+
+@pytest.mark.parametrize("bits,lo,hi", [(8, 1e-7, 1e-3), (8, 1.0, 1.5), (8, 0.5, 4.0), (16, 1e-7, 1e-3),
+                                          (16, 1e-30, 1e30), (16, 1.0, 1.0001)])
+def test_log_encoder_equals_bucketize(bits, lo, hi):
+    """Nearest is exactly bucketize on the fp32 level midpoints (of the clamped input, NaN ->
+    lo), stochastic picks one of the two bracketing levels, for wide, narrow and sub-resolution
+    ranges (at 16 bits over [1, 1.0001] fp32 merges neighbouring levels)."""
+    lv = q.log_levels(lo, hi, bits)
+    mids = ((lv[1:].double() + lv[:-1].double()) / 2).float()
+    g = torch.Generator().manual_seed(bits)
+    a, b = math.log(lo), math.log(hi)
+    x = torch.cat([
+        torch.rand(200_000, generator=g).mul(b - a + 2).add(a - 1).exp(),
+        lv, mids, torch.nextafter(mids, torch.full_like(mids, math.inf)), torch.nextafter(lv, torch.zeros_like(lv)),
+        torch.tensor([0.0, -1.0, math.nan, math.inf, -math.inf, 3e38]),
+    ])
+    xc = torch.nan_to_num(x, nan=lo).clamp(float(lv[0]), float(lv[-1]))
+    near = q.quantize_log(x, lo, hi, bits=bits, rounding="nearest")
+    idx = near.long() + (1 << 15 if bits == 16 else 0)
+    assert torch.equal(idx, torch.bucketize(xc, mids))
+    k = (torch.bucketize(xc, lv, right=True) - 1).clamp(0, lv.numel() - 2)
+    sr = q.quantize_log(x, lo, hi, bits=bits, seed=9).long() + (1 << 15 if bits == 16 else 0)
+    assert bool(((lv[sr] == lv[k]) | (lv[sr] == lv[k + 1])).all())
+    on_level = torch.isin(xc, lv)
+    assert torch.equal(lv[sr[on_level]], xc[on_level]), "values on a level keep it"
+
+
+def test_log_codec_low_precision_input():
+    """bf16 / fp16 inputs are clamped in fp32 (their own rounding of lo could fall below it)."""
+    lo, hi = 1e-7, 1e-3
+    x = torch.tensor([lo, lo * 0.999, lo * 1.001, hi, hi * 1.001, 5e-5])
+    for dt in (torch.bfloat16, torch.float16, torch.float64):
+        xd = x.to(dt)
+        for rounding, seed in (("nearest", None), ("stochastic", 2)):
+            got = q.quantize_log(xd, lo, hi, rounding=rounding, seed=seed)
+            assert torch.equal(got, q.quantize_log(xd.float(), lo, hi, rounding=rounding, seed=seed))
 
 
 @pytest.mark.parametrize("bits,rms_tol,bias_tol", [(8, 0.40, 0.02), (16, 0.005, 0.001)])

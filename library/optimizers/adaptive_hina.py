@@ -175,6 +175,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     def _check_group(self, group: dict) -> None:
         check_lr("lr", group["lr"])
         group.setdefault("base_lr", group["lr"])
+
         check_betas("betas", group["betas"])
         check_eps("eps", group["eps"])
 
@@ -239,13 +240,13 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         if group["use_lr_mask"] and group["base_lr"] > 0:
             base = group["base_lr"]
-            lo, hi = group["min_lr"] / base, group["max_lr"] / base
+            lo, hi = self._mask_range(group)
             start = min(max(1.0, lo), hi)
             if q8 and lo > 0 and hi > lo:  # log-domain 8-bit codes: min_lr never flushes to 0
                 full = torch.full(p.shape, start, dtype=torch.float32, device=p.device)
                 quant8.store_log(st, "lr_mask", full, lo=lo, hi=hi, bits=8, seed=quant8.mix_seed(self.param_index(p), 0))
             else:
-                dt = storage_dtype(group["lr_bump"], base, group["min_lr"], group["max_lr"])
+                dt = storage_dtype(group["lr_bump"], base, lo * base, hi * base)
                 st["lr_mask"] = torch.full_like(p, start, dtype=dt, memory_format=torch.preserve_format)
         if group["use_tam"]:
             st["tam_s"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -255,6 +256,14 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if group["use_spd"] and self._spd_anchor_needed(p, group):
             st["anchor"] = p.detach().clone()
         self._write_pair_state(p, st)
+
+    @staticmethod
+    def _mask_range(group) -> tuple[float, float]:
+        """Bounds of the lr-mask scale: [min_lr, max(max_lr, lr)] / lr. max_lr bounds how far the
+        mask raises an element's lr; a group lr above max_lr (kohya's LoRA+ groups, say) is used as
+        given, never silently capped."""
+        base = group["base_lr"]
+        return group["min_lr"] / base, max(group["max_lr"], base) / base
 
     def _spd_anchor_needed(self, p, group) -> bool:
         mode = group["spd_anchor"]
@@ -431,7 +440,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 stored, masks = masks, mask32
                 torch._foreach_copy_(masks, stored)
             if bump > 0:
-                bump_list_(masks, prev, bump, group["min_lr"] / base, group["max_lr"] / base,
+                bump_list_(masks, prev, bump, *self._mask_range(group),
                            None if okf is None else list(okf.unbind(0)))
                 if masks is not stored:
                     torch._foreach_copy_(stored, masks)

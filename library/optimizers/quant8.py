@@ -17,17 +17,28 @@ Rounding:
 - ``"nearest"``: the closest map value (ties go to the lower code). An EMA whose per-step
   change is below half a code gap never moves with nearest rounding ("EMA stall").
 - ``"stochastic"``: the two map values around x, chosen with probabilities proportional to
-  the distance to the other one, so the dequantised value is unbiased: E[deq(q(x))] = x.
-  The uniforms come from a ``torch.Generator`` seeded with the caller's integer ``seed``;
-  the same (seed, input, device type, torch version) gives the same codes, so a training
-  run resumed from a checkpoint replays bit-exactly if the seed is derived from saved
-  integers (use :func:`mix_seed`, e.g. ``mix_seed(base_seed, step, param_index)``). CPU and
-  CUDA generators differ, so the streams differ between device types.
+  the distance to the other one, so the dequantised value is unbiased: E[deq(q(x))] = x
+  (up to fp32 rounding of the threshold, ~1e-7 of a code gap). A value that is exactly a map
+  value (0, the block's absmax, ...) keeps its code. The uniforms are read from a fixed table
+  of 2^22 fp32 uniforms (16 MiB per device, built once from a fixed seed): element i of a call
+  with integer ``seed`` uses entry ``(offset(seed) + i) mod 2^22``, ``offset`` a 64-bit hash of
+  the seed. So the same (seed, input) gives the same codes on every run, on every device type
+  (the table is built on CPU and copied), and however the work is split internally; a training
+  run resumed from a checkpoint replays bit-exactly if the seed is derived from saved integers
+  (use :func:`mix_seed`, e.g. ``mix_seed(base_seed, step, param_index)``). Two seeds give
+  windows of the same sequence at different offsets (2^22 streams); elements 2^22 apart in one
+  call share a uniform. Neither matters for rounding noise; it is not a general-purpose RNG.
 
-The nearest code is found with a 2^17-entry lookup table indexed by the top 17 bits of the
-fp32 pattern (sign, exponent, 8 mantissa bits) plus one comparison against the only code
-boundary that can fall inside that table cell; this is the exact ``bucketize`` result
-(verified by the tests) and 7-20x faster than ``torch.bucketize`` on CPU.
+Encoder: the nearest code, or the lower neighbour for stochastic rounding, comes from the fp32
+bit pattern of v = x / absmax: one int32 per "cell" of 2^15 consecutive patterns (a relative
+width of 2^-8, below the smallest relative gap of either map, so a cell holds at most one code
+boundary) gives the code as ``(table[cell] + pattern) >> 15``, exactly ``torch.bucketize`` on
+the fp32 map (or midpoints; verified by the tests). Stochastic rounding then adds one when
+``v > map[k] + u * gap[k]``; the two values are fetched for two neighbouring codes at once (one
+gather per pair of elements). Per element that is two gathers and about ten elementwise passes,
+run on chunks of 2^18 elements that stay in cache, with no 64-bit index tensors. Decoding reads
+two values per gather the same way. On the 2-core CPU of ``benchmarks/bench_quant8.py``
+this is 3-5x faster than the previous lookup-table encoder (see benchmarks/results/quant8.json).
 
 Non-finite input: never raises by default. A block holding NaN or +-inf gets a NaN absmax,
 so the whole block dequantises to NaN (codes stay valid integers). ``check_finite=True``
@@ -39,8 +50,11 @@ Log codec (per-element learning rates in a known range ``[lo, hi]``, ``0 < lo < 
 ``lo * (hi/lo)**(c / (2**bits - 1))`` (bits 8: uint8, 1 byte; bits 16: int16, 2 bytes);
 ``lo`` and ``hi`` are decoded exactly and nothing in the range is flushed to zero (a per-tensor
 int8 absmax code flushes everything below hi/254 to 0). Rounding is stochastic by default
-(linear-domain probabilities, unbiased) so bumps far smaller than a level gap survive on
-average. NaN maps to ``lo``, values outside ``[lo, hi]`` are clamped.
+(linear-domain probabilities, unbiased; same noise table and seeding as above) so bumps far
+smaller than a level gap survive on average; ``"nearest"`` is the closest level in the linear
+domain (ties down). NaN maps to ``lo``, values outside ``[lo, hi]`` are clamped. The encoder is
+the one above on the clamped value (cells of 2^15 patterns or finer, chosen per range so that a
+cell holds at most one level boundary).
 
 Precision: for [1e-7, 1e-3] neighbouring levels differ by 3.7 % at bits=8 and 0.014 % at
 bits=16. Stochastic rounding keeps the mean over elements exact but adds per-element noise:
@@ -49,6 +63,14 @@ deviation of about sqrt(N * d * gap). With bits=8, lr ~ 5e-4 and d = 2e-6 that i
 the value after 500 steps (mean still within 0.2 %); with bits=16 it is ~0.1 %. Use bits=16
 for lr masks unless memory is critical (2 bytes like fp16, but no flush to zero and the
 same relative resolution over the whole range).
+
+In-place variants
+-----------------
+``quantize_blockwise(..., codes_out=, absmax_out=)``, ``quantize_log(..., out=)``,
+``dequantize_blockwise(..., out=)``, ``dequantize_log(..., out=)`` and ``store(...,
+inplace=True)`` / ``store_log(..., inplace=True)`` write into existing tensors. Each call still
+allocates its scratch (a few buffers of at most 2^18 elements). Flat, block-aligned inputs
+are the fast case; any shape works.
 
 State-dict helpers
 ------------------
@@ -75,6 +97,8 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
+import threading
 import zlib
 from typing import Optional
 
@@ -108,14 +132,17 @@ ABSMAX_SUFFIX = "_absmax"
 LOG_SUFFIX = "_lq"
 RANGE_SUFFIX = "_lrange"
 
-# Lookup-table geometry: cell = top 17 bits of the fp32 pattern (shift by 15), offset so
-# negative patterns index from 0. A cell spans a relative width of 2**-8 (0.39 %), below the
-# smallest relative gap between neighbouring values of either dynamic map (0.70 %).
-_SHIFT = 15
-_CELLS = 1 << (32 - _SHIFT)
-_OFFSET = _CELLS // 2
+# Elements per internal pass: every scratch buffer of one call holds at most this many
+# elements (about 5 MiB in all), so the passes of one chunk run out of L2/L3 cache. Codes do
+# not depend on it (the noise is indexed by the global element position).
+_CHUNK = 1 << 18
+
+# The uint16 view of two uint8 codes is c0 + 256 * c1 only on little-endian machines (every
+# platform torch supports); elsewhere the one-code-at-a-time path is used.
+_PAIRS = sys.byteorder == "little"
 
 _TABLES: dict = {}
+_META: dict = {}
 _CPU = torch.device("cpu")
 
 
@@ -176,117 +203,321 @@ def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     return _cached(("map", bool(signed)), device, lambda: _build_dynamic_map(bool(signed)))[0]
 
 
-def _cell_bounds():
-    """Smallest and largest real value of every lookup cell (NaN cells -> +inf)."""
-    start = (torch.arange(_CELLS, dtype=torch.int64) - _OFFSET) << _SHIFT
-    end = start + ((1 << _SHIFT) - 1)
-    a = start.to(torch.int32).view(torch.float32).double()
-    b = end.to(torch.int32).view(torch.float32).double()
-    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    return lo.nan_to_num(nan=math.inf), hi.nan_to_num(nan=math.inf)
+# --------------------------------------------------------------------------- code grids
+#
+# A "grid" is a sorted list of L fp32 code values (the dynamic map, or the levels of the log
+# codec). The code of a value v is found from its fp32 bit pattern: Y, a 31-bit integer that
+# grows with v inside each cell of 2**shift consecutive patterns, is split into a cell index
+# C = (Y >> shift) - base and the position inside the cell. A cell never holds more than one
+# code boundary (the builder checks it), so with one int32 per cell
+#
+#     E[C] = (k0 << shift) + 2**shift - t - (first Y of the cell)
+#
+# (k0: code at the cell's first pattern, t: position of the boundary in the cell, 2**shift if
+# none) the code is  K = (E[C] + Y) >> shift  -- one gather and two integer ops, exact.
+#
+# Y for the dynamic maps ("xor" mode) is bits ^ (bits >> 31): the pattern itself for v >= 0,
+# its complement for v < 0. Both halves of [-2, 2] land in [0, 2**31) without overlap (v >= 0
+# below 2**30, v < 0 above) and increase with v, so no offset or clamp is needed. Values with
+# |v| >= 2 (and NaN) alias other cells and get some valid code; the blockwise codec never
+# produces them (|x / absmax| <= 1; a NaN block decodes to NaN through its absmax). The log
+# codec ("raw" mode) clamps x to [lo, hi] first, so Y is the pattern and base the first cell.
+
+_XOR, _RAW = 0, 1
 
 
-def _build_tables(signed: bool) -> tuple:
-    m = dynamic_map(signed).double()
-    mids = ((m[:-1] + m[1:]) / 2).float().double()  # the fp32 boundaries used at runtime
-    lo, hi = _cell_bounds()
-    # nearest: code(v) = #mids < v  (== torch.bucketize(v, mids)); ties go down
-    c_lo = torch.bucketize(lo, mids)
-    c_hi = torch.bucketize(hi, mids)
-    if int((c_hi - c_lo).max()) > 1:
-        raise AssertionError("lookup cell holds two code boundaries")
-    near_thr = torch.where(c_hi > c_lo, mids[c_lo.clamp(max=254)], torch.full_like(lo, math.inf))
-    # stochastic: lower neighbour k(v) = clamp(#codes <= v - 1, 0, 254)
-    k_lo = (torch.bucketize(lo, m, right=True) - 1).clamp(0, 254)
-    k_hi = (torch.bucketize(hi, m, right=True) - 1).clamp(0, 254)
-    if int((k_hi - k_lo).max()) > 1:
-        raise AssertionError("lookup cell holds two codes")
-    sr_brk = torch.where(k_hi > k_lo, m[(k_lo + 1).clamp(max=255)], torch.full_like(lo, math.inf))
-    mf = m.float()
-    inv_gap = (1.0 / (mf[1:] - mf[:-1]).double()).float()
-    return (
-        c_lo.to(torch.uint8),
-        near_thr.float(),
-        k_lo.to(torch.uint8),
-        sr_brk.float(),
-        mf,
-        inv_gap,
-    )
+def _pattern_values(y: torch.Tensor, mode: int) -> torch.Tensor:
+    """float64 value of each int64 Y (NaN patterns -> +-inf by sign, for counting)."""
+    bits = y if mode == _RAW else torch.where(y < (1 << 30), y, ~y)
+    v = bits.to(torch.int32).view(torch.float32).double()
+    return torch.where(torch.isnan(v), torch.where(bits < 0, -math.inf, math.inf), v)
 
 
-def _tables(signed: bool, device):
-    return _cached(("lut", bool(signed)), device, lambda: _build_tables(bool(signed)))
+def _step_table(points: torch.Tensor, strict: bool, mode: int, shift: int, base: int, ncell: int):
+    """int32 E (see above) for K = #{p in points: p <= v} (``strict``: p < v); None if a cell
+    would hold two boundaries. ``points``: sorted fp32 values."""
+    pts = points.double()
+    ylo = (torch.arange(ncell, dtype=torch.int64) + base) << shift
+    width = 1 << shift
+
+    def count(y):
+        return torch.searchsorted(pts, _pattern_values(y, mode), right=not strict)
+
+    k0 = count(ylo)
+    d = count(ylo + (width - 1)) - k0
+    if int(d.min()) < 0 or int(d.max()) > 1:
+        return None
+    lo = torch.zeros_like(ylo)  # count(ylo + lo) == k0
+    hi = torch.full_like(ylo, width)  # first position with count > k0 is <= hi
+    for _ in range(shift + 1):
+        mid = (lo + hi) // 2
+        up = count(ylo + mid) > k0
+        hi = torch.where(up, mid, hi)
+        lo = torch.where(up, lo, mid)
+    t = torch.where(d > 0, hi, torch.full_like(hi, width))
+    e = (k0 << shift) + width - t - ylo
+    if int(e.min()) < -(1 << 31) or int(e.max()) >= (1 << 31) or int(k0.max() + 1) << shift > (1 << 31) - 1:
+        return None
+    return e.to(torch.int32)
 
 
-def _cell_index(v: torch.Tensor) -> torch.Tensor:
-    """int32 lookup-cell index of a flat contiguous fp32 tensor."""
-    idx = v.view(torch.int32) >> _SHIFT
-    return idx.add_(_OFFSET)
+def _pairs64(v: torch.Tensor) -> torch.Tensor:
+    """float64 [65536] whose entry c0 + 256 * c1 holds the fp32 pair (v[c0], v[c1])."""
+    return torch.stack([v.repeat(256), v.repeat_interleave(256)], 1).contiguous().view(torch.float64).view(-1)
 
 
-def _codes_nearest(v: torch.Tensor, signed: bool) -> torch.Tensor:
-    """code = table[cell] + (v > the one boundary that may lie in the cell); v flat fp32."""
-    near_code, near_thr, *_ = _tables(signed, v.device)
-    idx = _cell_index(v)
-    codes = near_code.index_select(0, idx)
-    codes += v > near_thr.index_select(0, idx)
-    return codes
+def _build_grid(name: tuple, levels: torch.Tensor, mode: int, shift: int, base: int, ncell: int) -> tuple:
+    """Tensors of one grid: (E stochastic, E nearest, values as int32, value pairs, threshold
+    base pairs, gap pairs, (threshold base, gap) pairs). Unused entries are empty. Records
+    (mode, shift, base, L) in _META. The threshold bases are the values with +inf for the top
+    code, which so never rounds up, whatever v."""
+    mids = ((levels[:-1].double() + levels[1:].double()) / 2).float()
+    e_sr = _step_table(levels[1:], False, mode, shift, base, ncell)
+    e_nr = _step_table(mids, True, mode, shift, base, ncell)
+    if e_sr is None or e_nr is None:
+        raise AssertionError("a grid cell holds two code boundaries")
+    gaps = torch.cat([levels[1:] - levels[:-1], levels.new_zeros(1)])
+    bases = torch.cat([levels[:-1], levels.new_full((1,), math.inf)])
+    n = levels.numel()
+    empty = torch.empty(0, dtype=torch.float64)
+    if n == 256:
+        v2, t2, g2, mg = _pairs64(levels), _pairs64(bases), _pairs64(gaps), empty
+    else:
+        v2 = t2 = g2 = empty
+        mg = torch.stack([bases, gaps], 1).contiguous().view(torch.float64).view(-1)
+    _META[name] = (mode, shift, base, n)
+    return (e_sr, e_nr, levels.view(torch.int32).clone(), v2, t2, g2, mg)
 
 
-def _generator(seed: int, device) -> torch.Generator:
-    """A fresh generator on ``device`` seeded with ``seed`` (no global RNG state involved)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    return gen
+def _grid(name: tuple, device, build):
+    tabs = _cached(name, device, build)
+    return _META[name], tabs
 
 
-_NOISE_BITS = 22  # a 4M-entry table of uniforms per device (16 MiB), built once from seed 0
-_GOLDEN = 0.6180339887498949
+def _map_grid(signed: bool, device):
+    name = ("grid", bool(signed))
+    return _grid(name, device, lambda: _build_grid(name, dynamic_map(signed), _XOR, 15, 0, 1 << 16))
+
+
+_NOISE_BITS = 22  # 2^22 uniforms (16 MiB) + one chunk of wrap-around, per device, built once
 
 
 def _noise_table(device) -> torch.Tensor:
     def build():
         gen = torch.Generator().manual_seed(0x5EED)
-        return (torch.rand(1 << _NOISE_BITS, generator=gen, dtype=torch.float32),)
+        t = torch.rand(1 << _NOISE_BITS, generator=gen, dtype=torch.float32)
+        return (torch.cat([t, t[:_CHUNK]]),)
 
-    return _cached(("noise",), device, build)[0]
+    return _cached(("noise", _CHUNK), device, build)[0]
 
 
-def _uniform_(out: torch.Tensor, seed: int) -> torch.Tensor:
-    """Fill the flat fp32 ``out`` with uniforms in [0, 1) determined by ``seed``.
+def _noise_offset(seed: int) -> int:
+    """Where the seed's stream starts in the noise table: element i of a call uses entry
+    (offset + i) mod 2^22, independent of how the call is split into chunks."""
+    return _splitmix64(int(seed) & _MASK64) & ((1 << _NOISE_BITS) - 1)
 
-    A window of a fixed random table at a seed-dependent offset, shifted by a seed-dependent
-    fraction (mod 1): two cheap passes instead of a generator run (about 7x faster on CPU),
-    deterministic and reproducible from the integer seed alone. Tensors longer than half the
-    table fall back to a seeded ``torch.Generator``.
-    """
-    n = out.numel()
-    table = _noise_table(out.device)
-    if n > table.numel() // 2:
-        return out.uniform_(generator=_generator(seed, out.device))
-    h = _splitmix64(int(seed) & _MASK64)
-    offset = h % (table.numel() - n + 1)
-    shift = ((h >> 11) * 2.0**-53 + _GOLDEN) % 1.0
-    torch.add(table[offset:offset + n], shift, out=out)
-    return out.frac_()  # exact for values in [0, 2)
+
+class _Work:
+    """Views of a scratch for chunks of ``n`` elements (``n`` even for 8-bit codes)."""
+
+    __slots__ = ("v", "bits", "head", "tail", "y", "thr", "thr64", "c", "idx", "k", "gap", "gap64", "codes", "p")
+
+    def __init__(self, s: "_Scratch", n: int, wide: bool):
+        f32, i32 = torch.float32, torch.int32
+        self.v = s.buf("v", f32)[:n]
+        self.bits = self.v.view(i32)
+        self.head, self.tail = self.v[:n - 1], self.v[n - 1:]  # for an odd chunk padded by one
+        self.y = s.buf("y", i32)[:n]
+        self.thr = self.y.view(f32)
+        self.c = s.buf("c", i32)[:n]
+        self.k = s.buf("k", i32)[:n]
+        if wide:
+            self.p = s.buf("p", torch.float64)[:n]
+            self.thr64 = self.gap = self.gap64 = self.idx = self.codes = None
+        else:
+            self.p = None
+            self.thr64 = self.thr.view(torch.float64)
+            self.gap = s.buf("g", f32)[:n]
+            self.gap64 = self.gap.view(torch.float64)
+            self.idx = self.c[:n // 2]
+            self.codes = s.buf("codes", torch.uint8)[:n]
+
+
+class _Scratch:
+    """Flat buffers of ``length`` elements, created on first use and shared by the chunks of a
+    call (and, on CPU, by the calls of one thread: see :func:`_scratch`), with their views per
+    chunk length."""
+
+    def __init__(self, length: int, device):
+        self.length, self.device, self.bufs, self.works = length, device, {}, {}
+
+    def buf(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        b = self.bufs.get(name)
+        if b is None:
+            b = self.bufs[name] = torch.empty(self.length, dtype=dtype, device=self.device)
+        return b
+
+    def work(self, n: int, wide: bool) -> _Work:
+        w = self.works.get((n, wide))
+        if w is None:
+            if len(self.works) >= 64:
+                self.works.clear()
+            w = self.works[(n, wide)] = _Work(self, n, wide)
+        return w
+
+
+_LOCAL = threading.local()
+
+
+def _scratch(device: torch.device, n: int) -> _Scratch:
+    """Scratch for chunks of up to n elements. On CPU each thread keeps its buffers between
+    calls (at most ~8 MiB: five 4-byte, one 8-byte and one 1-byte buffer of 2^18 elements),
+    because a fresh large allocation costs page faults on every call, about as much as the
+    work itself; other devices get new buffers (their caching allocators already reuse memory)."""
+    n = min(max(n + (n & 1), 2), _CHUNK)
+    if device.type != "cpu":
+        return _Scratch(n, device)
+    s = getattr(_LOCAL, "scratch", None)
+    if s is None or s.length < n:
+        s = _LOCAL.scratch = _Scratch(min(1 << (n - 1).bit_length(), _CHUNK), _CPU)
+    return s
+
+
+def _encode_chunk(w: _Work, meta, tabs, nearest: bool, u, out) -> None:
+    """Codes of the fp32 values ``w.v`` (left intact) into ``out`` (uint8 for L == 256, else
+    int16 holding code - 32768). ``u``: uniforms for stochastic rounding (same length), None
+    for nearest."""
+    mode, shift, base, nlev = meta
+    y, c, k, bits = w.y, w.c, w.k, w.bits
+    if mode == _XOR:
+        torch.bitwise_right_shift(bits, 31, out=y)
+        src = y.bitwise_xor_(bits)
+    else:
+        src = bits
+    torch.bitwise_right_shift(src, shift, out=c)
+    if base:
+        c.sub_(base)
+    torch.index_select(tabs[1] if nearest else tabs[0], 0, c, out=k)
+    k.add_(src)
+    if shift:
+        k.bitwise_right_shift_(shift)
+    # k: nearest code, or the lower neighbour map[k] <= v < map[k + 1] (k = L - 1 at the top).
+    # Stochastic: k + 1 iff v > base[k] + u * gap[k] (base = map, +inf for the top code), i.e.
+    # with probability (v - map[k]) / gap[k]; never when v == map[k] (the threshold is
+    # >= map[k] whatever the rounding, FMA or not). The sign bit of threshold - v is the step.
+    thr = w.thr
+    if nlev == 256:
+        if nearest:
+            out.copy_(k)
+            return
+        if _PAIRS:  # one gather fetches the entries of two neighbouring codes
+            out.copy_(k)
+            _pair_index(w.idx, out)
+            torch.index_select(tabs[4], 0, w.idx, out=w.thr64)
+            torch.index_select(tabs[5], 0, w.idx, out=w.gap64)
+        else:  # entry c of a pair table holds code c's value first
+            torch.index_select(tabs[4].view(torch.float32)[0:512:2], 0, k, out=thr)
+            torch.index_select(tabs[5].view(torch.float32)[0:512:2], 0, k, out=w.gap)
+        thr.addcmul_(u, w.gap).sub_(w.v)
+        k.sub_(thr.view(torch.int32).bitwise_right_shift_(31))
+        out.copy_(k)
+        return
+    if not nearest:
+        torch.index_select(tabs[6], 0, k, out=w.p)
+        pair = w.p.view(torch.float32).view(-1, 2)
+        torch.addcmul(pair[:, 0], u, pair[:, 1], out=thr)
+        k.sub_(thr.sub_(w.v).view(torch.int32).bitwise_right_shift_(31))
+    out.copy_(k.sub_(1 << 15))
+
+
+def _check_rounding(rounding: str, seed) -> bool:
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("stochastic rounding needs an integer seed (see mix_seed)")
+    return rounding == "nearest"
+
+
+def _run(fill, n: int, device, meta, tabs, nearest: bool, seed, out: torch.Tensor, pad: float) -> None:
+    """Encode n values chunk by chunk: ``fill(dst, c0, c1)`` writes the fp32 inputs of
+    elements [c0, c1) into ``dst``; codes go to the flat contiguous ``out``."""
+    eight = meta[3] == 256
+    s = _scratch(device, n)
+    noise = None if nearest else _noise_table(device)
+    offset = 0 if nearest else _noise_offset(seed)
+    aligned = eight and out.storage_offset() % 2 == 0
+    for c0 in range(0, n, _CHUNK):
+        c1 = min(c0 + _CHUNK, n)
+        m = c1 - c0
+        odd = eight and m & 1
+        w = s.work(m + 1 if odd else m, not eight)
+        if odd:
+            fill(w.head, c0, c1)
+            w.tail.fill_(pad)
+        else:
+            fill(w.v, c0, c1)
+        u = None
+        if noise is not None:
+            start = (offset + c0) & ((1 << _NOISE_BITS) - 1)
+            u = noise[start:start + w.v.numel()]
+        dst = out if m == n else out[c0:c1]
+        if not eight or (aligned and not odd):
+            _encode_chunk(w, meta, tabs, nearest, u, dst)
+        else:
+            _encode_chunk(w, meta, tabs, nearest, u, w.codes)
+            dst.copy_(w.codes[:m])
+
+
+_U16: dict = {}  # device type -> False once a uint16 -> int32 copy was refused there
+
+
+def _pair_index(idx: torch.Tensor, codes: torch.Tensor) -> None:
+    """idx[i] = codes[2i] + 256 * codes[2i + 1] (int32 idx, uint8 codes, 2-byte aligned)."""
+    if _U16.get(idx.device.type, True):
+        try:
+            idx.copy_(codes.view(torch.uint16))
+            return
+        except (RuntimeError, TypeError):  # uint16 has limited operator support
+            _U16[idx.device.type] = False
+    idx.copy_(codes.view(torch.int16)).bitwise_and_(0xFFFF)
+
+
+_PAIR_MIN = 1 << 14  # below this many codes one gather per code costs less than the setup
+
+
+def _gather_values(codes_flat: torch.Tensor, tabs, res: torch.Tensor, eight: bool) -> None:
+    """res[i] = levels[codes[i]] for flat codes (uint8 for eight, else int32 indices)."""
+    n = codes_flat.numel()
+    if (eight and _PAIRS and n >= _PAIR_MIN and codes_flat.dtype == torch.uint8 and n % 2 == 0
+            and codes_flat.storage_offset() % 2 == 0 and res.storage_offset() % 2 == 0):
+        s = _scratch(res.device, n)
+        for c0 in range(0, n, _CHUNK):
+            c1 = min(c0 + _CHUNK, n)
+            idx = s.work(c1 - c0, False).idx
+            _pair_index(idx, codes_flat[c0:c1])
+            torch.index_select(tabs[3], 0, idx, out=res[c0:c1].view(torch.float64))
+        return
+    idx = codes_flat if codes_flat.dtype == torch.int32 else codes_flat.to(torch.int32)
+    torch.index_select(tabs[2], 0, idx, out=res.view(torch.int32))
+
+
+def _codes(v: torch.Tensor, signed: bool, nearest: bool, seed: Optional[int] = None) -> torch.Tensor:
+    """uint8 codes of already normalised values (flat fp32; the encoder's domain is [-1, 1],
+    exact on [-2, 2], any other pattern gets some valid code). For tests and tools."""
+    v = v.detach().reshape(-1).float()
+    out = torch.empty(v.numel(), dtype=torch.uint8, device=v.device)
+    if v.numel():
+        meta, tabs = _map_grid(signed, v.device)
+        _run(lambda dst, c0, c1: dst.copy_(v[c0:c1]), v.numel(), v.device, meta, tabs, nearest, seed, out, 0.0)
+    return out
+
+
+def _codes_nearest(v: torch.Tensor, signed: bool) -> torch.Tensor:
+    return _codes(v, signed, True)
 
 
 def _codes_stochastic(v: torch.Tensor, signed: bool, seed: int) -> torch.Tensor:
-    """Lower neighbour k from the table, then k + (u < p), p = (v - map[k]) / gap[k].
-
-    ``v`` (flat fp32) is overwritten with the uniforms.
-    """
-    _, _, sr_code, sr_brk, m, inv_gap = _tables(signed, v.device)
-    idx = _cell_index(v)
-    k = sr_code.index_select(0, idx)
-    g1 = sr_brk.index_select(0, idx)
-    k += v >= g1
-    ki = idx.copy_(k)  # reuse the int32 buffer
-    torch.index_select(m, 0, ki, out=g1)
-    p = torch.sub(v, g1, out=g1)  # exactly 0 when v is a code value: codes stay put
-    p *= inv_gap.index_select(0, ki)
-    k += _uniform_(v, seed) < p
-    return k
+    return _codes(v, signed, False, seed)
 
 
 # --------------------------------------------------------------------------- blockwise
@@ -318,6 +549,14 @@ def _absmax(blocks: torch.Tensor, signed: bool, out: torch.Tensor) -> None:
         torch.maximum(blocks.amax(1), blocks.amin(1).neg_(), out=out)
     else:
         torch.amax(blocks, dim=1, out=out)
+    out.clamp_(min=ABSMAX_FLOOR).nan_to_num_(nan=math.nan, posinf=math.nan)
+
+
+def _flat_codes(codes_out: torch.Tensor, n: int) -> torch.Tensor:
+    if codes_out.dtype not in (torch.uint8, torch.int8) or codes_out.numel() != n or not codes_out.is_contiguous():
+        raise ValueError("codes_out must be a contiguous uint8 or int8 tensor with as many elements as x")
+    flat = codes_out.view(-1)
+    return flat.view(torch.uint8) if flat.dtype == torch.int8 else flat
 
 
 def quantize_blockwise(
@@ -327,6 +566,9 @@ def quantize_blockwise(
     rounding: str = "nearest",
     seed: Optional[int] = None,
     check_finite: bool = False,
+    *,
+    codes_out: Optional[torch.Tensor] = None,
+    absmax_out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise ``x`` blockwise to the dynamic map.
 
@@ -335,42 +577,60 @@ def quantize_blockwise(
     ``"stochastic"`` (then ``seed``, a Python int, is required). Unsigned: negative inputs
     clamp to 0. Any shape, 0-dim and empty tensors included; any floating dtype (computed in
     fp32).
+
+    ``codes_out`` (contiguous uint8 or int8, x's numel) and ``absmax_out`` (contiguous fp32,
+    one per block) receive the results in place and are returned as given (so an int8
+    ``codes_out`` holds the same bytes as the uint8 codes). They must not overlap ``x``.
     """
     block_size = _check_block_size(block_size)
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if rounding == "stochastic" and seed is None:
-        raise ValueError("stochastic rounding needs an integer seed (see mix_seed)")
+    nearest = _check_rounding(rounding, seed)
     shape, device = x.shape, x.device
     flat = x.detach().reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
     n = flat.numel()
     nb = -(-n // block_size)
+    if absmax_out is not None:
+        if absmax_out.dtype != torch.float32 or absmax_out.numel() != nb or not absmax_out.is_contiguous():
+            raise ValueError(f"absmax_out must be a contiguous fp32 tensor of {nb} elements")
+        absmax = absmax_out.view(-1)
+    else:
+        absmax = torch.empty(nb, dtype=torch.float32, device=device)
+    codes = _flat_codes(codes_out, n) if codes_out is not None else torch.empty(n, dtype=torch.uint8, device=device)
     if n == 0:
-        return (torch.empty(shape, dtype=torch.uint8, device=device),
-                torch.empty(0, dtype=torch.float32, device=device))
+        return (codes_out if codes_out is not None else codes.view(shape)), (absmax_out if absmax_out is not None else absmax)
     if check_finite and not bool(torch.isfinite(flat).all()):
         raise ValueError("quantize_blockwise: input holds NaN or inf")
     full = n // block_size
     body = full * block_size
-    absmax = torch.empty(nb, dtype=torch.float32, device=device)
-    v = torch.empty(n, dtype=torch.float32, device=device)
-    if full:
-        blocks = flat[:body].view(full, block_size)
-        _absmax(blocks, signed, out=absmax[:full])
-    if body < n:
-        _absmax(flat[body:].view(1, n - body), signed, out=absmax[full:])
-    absmax.clamp_(min=ABSMAX_FLOOR).nan_to_num_(nan=math.nan, posinf=math.nan)
-    if full:
-        torch.div(blocks, absmax[:full].unsqueeze(1), out=v[:body].view(full, block_size))
-    if body < n:
-        torch.div(flat[body:], absmax[full:], out=v[body:])
-    if rounding == "nearest":
-        codes = _codes_nearest(v, signed)
-    else:
-        codes = _codes_stochastic(v, signed, seed)
-    return codes.view(shape), absmax
+    early = block_size > _CHUNK  # a block spans several chunks: absmax first
+    if early:
+        if full:
+            _absmax(flat[:body].view(full, block_size), signed, absmax[:full])
+        if body < n:
+            _absmax(flat[body:].view(1, n - body), signed, absmax[full:])
+
+    def fill(dst, c0, c1):
+        if early:  # the chunk lies inside one block
+            b = c0 // block_size
+            torch.div(flat[c0:c1], absmax[b:b + 1], out=dst)
+            return
+        b0 = c0 // block_size
+        e = min(c1, body)
+        k = (e - c0) // block_size if e > c0 else 0
+        if k:
+            blocks = flat[c0:e].view(k, block_size)
+            am = absmax[b0:b0 + k]
+            _absmax(blocks, signed, am)
+            torch.div(blocks, am.unsqueeze(1), out=dst[:e - c0].view(k, block_size))
+        if c1 > body:  # the partial last block
+            am = absmax[full:]
+            _absmax(flat[body:].view(1, n - body), signed, am)
+            torch.div(flat[body:], am, out=dst[body - c0:])
+
+    meta, tabs = _map_grid(signed, device)
+    _run(fill, n, device, meta, tabs, nearest, seed, codes, 0.0)
+    return (codes_out if codes_out is not None else codes.view(shape)), (absmax_out if absmax_out is not None else absmax)
 
 
 def dequantize_blockwise(
@@ -403,18 +663,16 @@ def dequantize_blockwise(
     direct = out is not None and out.dtype == torch.float32
     res = out.view(-1) if direct else torch.empty(n, dtype=torch.float32, device=device)
     if n:
-        table = _cached(("map", bool(signed)), device, lambda: _build_dynamic_map(bool(signed)))[0]
-        torch.index_select(table, 0, _as_index(codes), out=res)
-        scale = absmax
+        _, tabs = _map_grid(signed, device)
+        _gather_values(_code_indices(codes), tabs, res, True)
+        scale = absmax.reshape(-1)
         if scale.dtype != torch.float32 or scale.device != device:
             scale = scale.to(device=device, dtype=torch.float32)
         full = n // block_size
         body = full * block_size
-        if body == n:
-            res.view(full, block_size).mul_(scale.unsqueeze(1))
-        else:
-            if full:
-                res[:body].view(full, block_size).mul_(scale[:full].unsqueeze(1))
+        if full:
+            res[:body].view(full, block_size).mul_(scale[:full].unsqueeze(1))
+        if body < n:
             res[body:].mul_(scale[full])
     if direct:
         return out
@@ -424,28 +682,37 @@ def dequantize_blockwise(
     return res if dtype == torch.float32 else res.to(dtype)
 
 
-def _as_index(codes: torch.Tensor) -> torch.Tensor:
-    """Flat int32 indices from uint8/int8 codes (int8 is a bit-reinterpreted uint8)."""
+def _code_indices(codes: torch.Tensor) -> torch.Tensor:
+    """Flat uint8 codes (int8 is a bit-reinterpreted uint8), or int32 indices 0..255 for codes
+    stored in another dtype (e.g. cast to float by Optimizer.load_state_dict)."""
     flat = codes.reshape(-1)
+    if flat.dtype == torch.uint8:
+        return flat
     if flat.dtype == torch.int8:
-        flat = flat.view(torch.uint8)
-    elif flat.dtype != torch.uint8:  # e.g. codes cast to float by Optimizer.load_state_dict
-        flat = flat.to(torch.int32)
-        return flat & 0xFF
-    return flat.to(torch.int32)
+        return flat.view(torch.uint8)
+    return flat.to(torch.int32) & 0xFF
 
 
 # --------------------------------------------------------------------------- log codec
+
+
+_F32_MAX = 3.4028234663852886e38
 
 
 def _f32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
+def _bits32(v: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", v))[0]
+
+
 def _check_range(lo: float, hi: float) -> tuple[float, float]:
     lo, hi = float(lo), float(hi)
     if not (0.0 < lo < hi < math.inf):
         raise ValueError(f"need 0 < lo < hi < inf, got lo={lo}, hi={hi}")
+    if hi > _F32_MAX or _f32(lo) == 0.0:
+        raise ValueError(f"lo={lo} and hi={hi} must be positive finite fp32 values")
     if _f32(lo) == _f32(hi):
         raise ValueError("lo and hi round to the same fp32 value")
     return lo, hi
@@ -457,25 +724,40 @@ def _check_bits(bits: int) -> int:
     return bits
 
 
-def _build_levels(lo: float, hi: float, bits: int) -> tuple:
-    """(levels, levels shifted down by one, 1 / gap); the last two padded so index L-1 is valid."""
+def _build_levels(lo: float, hi: float, bits: int) -> torch.Tensor:
     levels_n = 1 << bits
     c = torch.arange(levels_n, dtype=torch.float64)
     lv = (math.log(lo) + c * ((math.log(hi) - math.log(lo)) / (levels_n - 1))).exp().float()
     lv[0], lv[-1] = lo, hi  # exact endpoints (fp32-rounded lo and hi)
-    lv = torch.cummax(lv, 0).values  # monotone even if fp32 rounding merged neighbours
-    gap = (lv[1:] - lv[:-1]).double()
-    inv_gap = torch.where(gap > 0, 1.0 / gap, torch.zeros_like(gap)).float()
-    inv_gap = torch.cat([inv_gap, inv_gap.new_zeros(1)])  # top level: p = 0, stays at hi
-    upper = torch.cat([lv[1:], lv.new_full((1,), math.inf)])
-    return lv, upper, inv_gap
+    return torch.cummax(lv, 0).values  # monotone even if fp32 rounding merged neighbours
+
+
+def _build_log_grid(name: tuple, lo: float, hi: float, bits: int) -> tuple:
+    """Grid over [lo, hi] in raw mode with the widest cells (largest shift) that hold at most
+    one boundary each: 15 bits for 8-bit codes over a range wider than ~2.7x."""
+    lv = _build_levels(lo, hi, bits)
+    a, b = _bits32(float(lv[0])), _bits32(float(lv[-1]))
+    for shift in range(15 if bits == 8 else 14, -1, -1):
+        base = a >> shift
+        ncell = (b >> shift) - base + 1
+        try:
+            return _build_grid(name, lv, _RAW, shift, base, ncell)
+        except AssertionError:
+            continue
+    raise AssertionError("no grid for the log levels")  # unreachable: shift 0 cells are single patterns
+
+
+def _log_grid(lo: float, hi: float, bits: int, device):
+    name = ("log", lo, hi, bits)
+    return _grid(name, device, lambda: _build_log_grid(name, lo, hi, bits))
 
 
 def log_levels(lo: float, hi: float, bits: int = 8, device=None) -> torch.Tensor:
     """The ``2**bits`` fp32 geometric levels of the log codec (first == lo, last == hi)."""
     lo, hi = _check_range(lo, hi)
     bits = _check_bits(bits)
-    return _cached(("log", lo, hi, bits), device, lambda: _build_levels(lo, hi, bits))[0]
+    _, tabs = _log_grid(lo, hi, bits, device)
+    return tabs[2].view(torch.float32)
 
 
 def quantize_log(
@@ -485,41 +767,43 @@ def quantize_log(
     bits: int = 8,
     rounding: str = "stochastic",
     seed: Optional[int] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Codes of a strictly positive tensor on ``2**bits`` geometric levels spanning [lo, hi].
 
     Returns codes shaped like ``x``: uint8 for bits=8, int16 (code - 32768) for bits=16.
     ``rounding="stochastic"`` (needs ``seed``) picks the level below or above x with
     linear-domain probabilities (unbiased); ``"nearest"`` picks the closer one (ties down).
-    NaN -> lo, +inf -> hi, values outside [lo, hi] clamp.
+    NaN -> lo, +inf -> hi, values outside [lo, hi] clamp. ``out`` (contiguous, x's numel, the
+    codes' dtype) receives the codes in place and is returned.
     """
     lo, hi = _check_range(lo, hi)
     bits = _check_bits(bits)
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if rounding == "stochastic" and seed is None:
-        raise ValueError("stochastic rounding needs an integer seed (see mix_seed)")
-    levels_n = 1 << bits
+    nearest = _check_rounding(rounding, seed)
     device = x.device
-    lv, upper, inv_gap = _cached(("log", lo, hi, bits), device, lambda: _build_levels(lo, hi, bits))
-    xf = x.detach().reshape(-1).to(torch.float32)
-    xf = torch.nan_to_num(xf, nan=lo, posinf=hi, neginf=lo).clamp_(lo, hi)
-    # level index from the log, biased down by 0.25 (fp32 log error is < 0.01 levels even at
-    # 16 bits) so the guess is the true lower level or the one below; one comparison fixes it
-    scale = (levels_n - 1) / (math.log(hi) - math.log(lo))
-    t = torch.log(xf).mul_(scale).sub_(math.log(lo) * scale + 0.25)
-    k = t.floor_().clamp_(min=0).to(torch.int32)
-    k += xf >= upper.index_select(0, k)
-    p = torch.sub(xf, lv.index_select(0, k)).mul_(inv_gap.index_select(0, k))  # 0 on a level
-    if rounding == "nearest":
-        k += p > 0.5
+    code_dtype = torch.uint8 if bits == 8 else torch.int16
+    n = x.numel()
+    if out is not None:
+        if out.dtype != code_dtype or out.numel() != n or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {code_dtype} tensor with as many elements as x")
+        codes = out.view(-1)
     else:
-        k += _uniform_(torch.empty(xf.numel(), device=device), seed) < p
-    if bits == 8:
-        codes = k.to(torch.uint8)
-    else:
-        codes = k.sub_(1 << 15).to(torch.int16)
-    return codes.view(x.shape)
+        codes = torch.empty(n, dtype=code_dtype, device=device)
+    if n:
+        flat = x.detach().reshape(-1)
+        lo32, hi32 = _f32(lo), _f32(hi)
+
+        def fill(dst, c0, c1):
+            if flat.dtype == torch.float32:
+                torch.clamp(flat[c0:c1], lo32, hi32, out=dst)  # +-inf clamp too; NaN stays NaN
+            else:  # clamp in fp32: lo/hi rounded to a narrower dtype could fall outside the grid
+                dst.copy_(flat[c0:c1]).clamp_(lo32, hi32)
+            dst.nan_to_num_(nan=lo32)
+
+        meta, tabs = _log_grid(lo, hi, bits, device)
+        _run(fill, n, device, meta, tabs, nearest, seed, codes, lo32)
+    return out if out is not None else codes.view(x.shape)
 
 
 def dequantize_log(
@@ -541,18 +825,26 @@ def dequantize_log(
             raise ValueError(f"cannot infer bits from codes of dtype {codes.dtype}; pass bits=")
     lo, hi = _check_range(lo, hi)
     bits = _check_bits(bits)
-    lv = _cached(("log", lo, hi, bits), codes.device, lambda: _build_levels(lo, hi, bits))[0]
-    idx = codes.reshape(-1).to(torch.int32)
-    if bits == 16:
-        idx = (idx + (1 << 15)) & 0xFFFF
+    n = codes.numel()
+    if out is not None and (out.numel() != n or not out.is_contiguous()):
+        raise ValueError("out must be contiguous with as many elements as codes")
+    direct = out is not None and out.dtype == torch.float32
+    res = out.view(-1) if direct else torch.empty(n, dtype=torch.float32, device=codes.device)
+    if n:
+        _, tabs = _log_grid(lo, hi, bits, codes.device)
+        flat = codes.reshape(-1)
+        if bits == 8:
+            idx = flat if flat.dtype == torch.uint8 else flat.to(torch.int32) & 0xFF
+        elif flat.dtype == torch.int16:
+            idx = flat.to(torch.int32).add_(1 << 15)
+        else:
+            idx = (flat.to(torch.int32) + (1 << 15)) & 0xFFFF
+        _gather_values(idx, tabs, res, bits == 8)
+    if direct:
+        return out
     if out is not None:
-        if out.numel() != codes.numel() or not out.is_contiguous():
-            raise ValueError("out must be contiguous with as many elements as codes")
-        if out.dtype == torch.float32:
-            torch.index_select(lv, 0, idx, out=out.view(-1))
-            return out
-        return out.copy_(lv.index_select(0, idx).view(out.shape))
-    res = lv.index_select(0, idx).view(codes.shape)
+        return out.copy_(res.view(out.shape))
+    res = res.view(codes.shape)
     return res if dtype == torch.float32 else res.to(dtype)
 
 
@@ -594,14 +886,28 @@ def store(
     seed: Optional[int] = None,
     rounding: str = "stochastic",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    inplace: bool = False,
 ) -> None:
     """Quantise ``x`` into ``state[key + "_q8"]`` (int8 codes if signed, else uint8; shaped
     like x) and ``state[key + "_absmax"]`` (fp32). The stochastic stream is
-    ``mix_seed(seed, key)``, so two keys stored with the same seed get different streams."""
+    ``mix_seed(seed, key)``, so two keys stored with the same seed get different streams.
+
+    ``inplace=True`` overwrites the tensors already stored under ``key`` when they have the
+    right dtype, shape and device (no allocation; anything holding them sees the new codes),
+    and stores new ones otherwise. The codes are the same either way."""
     mixed = None if seed is None else mix_seed(seed, key)
-    codes, absmax = quantize_blockwise(x, signed=signed, block_size=block_size,
-                                       rounding=rounding, seed=mixed)
-    state[key + Q_SUFFIX] = codes.view(torch.int8) if signed else codes
+    codes_out = absmax_out = None
+    if inplace:
+        old_c, old_a = state.get(key + Q_SUFFIX), state.get(key + ABSMAX_SUFFIX)
+        nb = -(-x.numel() // _check_block_size(block_size))
+        if (isinstance(old_c, torch.Tensor) and isinstance(old_a, torch.Tensor)
+                and old_c.dtype == (torch.int8 if signed else torch.uint8) and old_c.shape == x.shape
+                and old_c.device == x.device and old_c.is_contiguous()
+                and old_a.dtype == torch.float32 and old_a.shape == (nb,) and old_a.device == x.device):
+            codes_out, absmax_out = old_c, old_a
+    codes, absmax = quantize_blockwise(x, signed=signed, block_size=block_size, rounding=rounding,
+                                       seed=mixed, codes_out=codes_out, absmax_out=absmax_out)
+    state[key + Q_SUFFIX] = codes.view(torch.int8) if signed and codes.dtype != torch.int8 else codes
     state[key + ABSMAX_SUFFIX] = absmax
 
 
@@ -639,11 +945,17 @@ def load(state: dict, key: str, *, out: Optional[torch.Tensor] = None,
 
 
 def store_log(state: dict, key: str, x: torch.Tensor, *, lo: float, hi: float, bits: int = 8,
-              seed: Optional[int] = None, rounding: str = "stochastic") -> None:
+              seed: Optional[int] = None, rounding: str = "stochastic", inplace: bool = False) -> None:
     """Quantise a positive tensor into ``state[key + "_lq"]`` with the log codec and record
-    ``state[key + "_lrange"] = (lo, hi)`` (Python floats); stream ``mix_seed(seed, key)``."""
+    ``state[key + "_lrange"] = (lo, hi)`` (Python floats); stream ``mix_seed(seed, key)``.
+    ``inplace=True``: overwrite the stored codes when dtype, shape and device match."""
     mixed = None if seed is None else mix_seed(seed, key)
-    state[key + LOG_SUFFIX] = quantize_log(x, lo, hi, bits=bits, rounding=rounding, seed=mixed)
+    out = None
+    old = state.get(key + LOG_SUFFIX)
+    if (inplace and isinstance(old, torch.Tensor) and old.dtype == (torch.uint8 if bits == 8 else torch.int16)
+            and old.shape == x.shape and old.device == x.device and old.is_contiguous()):
+        out = old
+    state[key + LOG_SUFFIX] = quantize_log(x, lo, hi, bits=bits, rounding=rounding, seed=mixed, out=out)
     state[key + RANGE_SUFFIX] = (float(lo), float(hi))
 
 
