@@ -350,6 +350,32 @@ def test_in_place_outputs():
             q.quantize_log(lr, 1e-7, 1e-3, bits=bits, seed=5, out=torch.empty(1001, dtype=torch.float32))
 
 
+def test_threads_do_not_share_scratch():
+    """CPU scratch buffers are kept per thread: concurrent calls give the sequential codes."""
+    import threading
+
+    g = torch.Generator().manual_seed(15)
+    xs = [torch.randn(n, generator=g) for n in (70_000, 300_001, 5_000, 262_144)]
+    ref = [q.quantize_blockwise(x, True, rounding="stochastic", seed=i) for i, x in enumerate(xs)]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                got[i] = q.quantize_blockwise(xs[i], True, rounding="stochastic", seed=i)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for i, (c, a) in enumerate(ref):
+        assert torch.equal(got[i][0], c) and torch.equal(got[i][1], a)
+
+
 def test_store_inplace_reuses_the_state_tensors():
     g = torch.Generator().manual_seed(14)
     a, b = {}, {}
@@ -364,7 +390,10 @@ def test_store_inplace_reuses_the_state_tensors():
         for k, v in before.items():
             assert b[k] is v, "same tensor object, written in place"
         for k in a:
-            assert (torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+            if isinstance(a[k], torch.Tensor):
+                assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype
+            else:
+                assert a[k] == b[k]
     old = b["m_q8"]
     q.store(b, "m", torch.randn(7), signed=True, seed=0, inplace=True)  # new shape: new tensors
     assert b["m_q8"] is not old and b["m_q8"].shape == (7,)

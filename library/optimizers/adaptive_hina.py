@@ -580,23 +580,20 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         seed = quant8.mix_seed(self.param_index(ps[0]), t)
         for key, signed, tag in (("exp_avg", True, "m8"), ("exp_avg_sq_root", False, "v8")):
             flat, _ = self._flat(ps, tag, torch.float32, _BLOCK)
-            codes, absmax = quant8.quantize_blockwise(flat, signed=signed, block_size=_BLOCK, rounding="stochastic",
-                                                      seed=quant8.mix_seed(seed, key))
             dst = [st[key + quant8.Q_SUFFIX] for st in sts]
             dst_abs = [st[key + quant8.ABSMAX_SUFFIX] for st in sts]
             c_flat, c_views = self._flat(dst, ("codes", key), dst[0].dtype, _BLOCK)
             a_flat, a_views = self._flat(dst_abs, ("absmax", key), torch.float32, 1)
-            c_flat.copy_(codes.view(c_flat.dtype))
-            a_flat.copy_(absmax)
+            quant8.quantize_blockwise(flat, signed=signed, block_size=_BLOCK, rounding="stochastic",
+                                      seed=quant8.mix_seed(seed, key), codes_out=c_flat, absmax_out=a_flat)
             torch._foreach_copy_(dst, c_views)
             torch._foreach_copy_(dst_abs, a_views)
         if "lr_mask_lq" in sts[0]:
             lo, hi = sts[0]["lr_mask_lrange"]
             flat, _ = self._flat(ps, "mask8", torch.float32, _BLOCK)
-            codes = quant8.quantize_log(flat, lo, hi, bits=8, seed=quant8.mix_seed(seed, "lr_mask"))
             dst = [st["lr_mask_lq"] for st in sts]
             c_flat, c_views = self._flat(dst, ("codes", "lr_mask"), dst[0].dtype, _BLOCK)
-            c_flat.copy_(codes)
+            quant8.quantize_log(flat, lo, hi, bits=8, seed=quant8.mix_seed(seed, "lr_mask"), out=c_flat)
             torch._foreach_copy_(dst, c_views)
 
     def _collect_features(self, ps, ms, step, feats: dict) -> None:

@@ -35,10 +35,17 @@ width of 2^-8, below the smallest relative gap of either map, so a cell holds at
 boundary) gives the code as ``(table[cell] + pattern) >> 15``, exactly ``torch.bucketize`` on
 the fp32 map (or midpoints; verified by the tests). Stochastic rounding then adds one when
 ``v > map[k] + u * gap[k]``; the two values are fetched for two neighbouring codes at once (one
-gather per pair of elements). Per element that is two gathers and about ten elementwise passes,
-run on chunks of 2^18 elements that stay in cache, with no 64-bit index tensors. Decoding reads
-two values per gather the same way. On the 2-core CPU of ``benchmarks/bench_quant8.py``
-this is 3-5x faster than the previous lookup-table encoder (see benchmarks/results/quant8.json).
+gather per pair of elements). Per element that is two gathers and about a dozen elementwise
+passes, run on chunks of 2^18 elements that stay in cache, with no 64-bit index tensors; on
+CPU the scratch buffers are kept per thread between calls (< 8 MiB), because allocating them
+afresh costs as much in page faults as the work. Decoding reads two values per gather the same
+way. ``benchmarks/bench_quant8.py`` (2 threads, 9.44M elements in calls of 2^19) measured
+stochastic quantisation at 15-16 ms against 26-27 ms for the previous lookup-table encoder,
+nearest 8-9 ms (12-13), decoding 4.3 ms (5.4), the 8-bit log codec 13 ms / 3.7 ms (27 / 5.0);
+a single 9.44M call went from ~90 ms to ~15 ms (results/quant8.json; on the shared VM some
+runs of the same code were up to 1.5x slower). The gathers (``index_select``) run on one
+thread and are about half the cost. Per-call overhead is ~35 us, so many tiny tensors cost
+more per element than a few large ones.
 
 Non-finite input: never raises by default. A block holding NaN or +-inf gets a NaN absmax,
 so the whole block dequantises to NaN (codes stay valid integers). ``check_finite=True``
@@ -68,9 +75,10 @@ In-place variants
 -----------------
 ``quantize_blockwise(..., codes_out=, absmax_out=)``, ``quantize_log(..., out=)``,
 ``dequantize_blockwise(..., out=)``, ``dequantize_log(..., out=)`` and ``store(...,
-inplace=True)`` / ``store_log(..., inplace=True)`` write into existing tensors. Each call still
-allocates its scratch (a few buffers of at most 2^18 elements). Flat, block-aligned inputs
-are the fast case; any shape works.
+inplace=True)`` / ``store_log(..., inplace=True)`` write into existing tensors, so a call
+allocates nothing of the input's size (scratch: see "Encoder" above; on non-CPU devices it
+is taken from the caching allocator on every call). Flat, block-aligned fp32 inputs are the
+fast case; any shape, dtype and block size works.
 
 State-dict helpers
 ------------------
@@ -132,9 +140,9 @@ ABSMAX_SUFFIX = "_absmax"
 LOG_SUFFIX = "_lq"
 RANGE_SUFFIX = "_lrange"
 
-# Elements per internal pass: every scratch buffer of one call holds at most this many
-# elements (about 5 MiB in all), so the passes of one chunk run out of L2/L3 cache. Codes do
-# not depend on it (the noise is indexed by the global element position).
+# Elements per internal pass: every scratch buffer holds at most this many elements (< 8 MiB
+# in all), so the passes over one chunk run in L2/L3 cache. Codes do not depend on it (the
+# noise is indexed by the global element position).
 _CHUNK = 1 << 18
 
 # The uint16 view of two uint8 codes is c0 + 256 * c1 only on little-endian machines (every
@@ -256,7 +264,8 @@ def _step_table(points: torch.Tensor, strict: bool, mode: int, shift: int, base:
         lo = torch.where(up, lo, mid)
     t = torch.where(d > 0, hi, torch.full_like(hi, width))
     e = (k0 << shift) + width - t - ylo
-    if int(e.min()) < -(1 << 31) or int(e.max()) >= (1 << 31) or int(k0.max() + 1) << shift > (1 << 31) - 1:
+    # E + Y = (k0 << shift) + 2**shift - t + position, in [0, (k0 + 2) << shift): no int32 overflow
+    if int(e.min()) < -(1 << 31) or int(e.max()) >= (1 << 31) or (int(k0.max()) + 2) << shift > (1 << 31):
         return None
     return e.to(torch.int32)
 
@@ -308,7 +317,7 @@ def _noise_table(device) -> torch.Tensor:
         t = torch.rand(1 << _NOISE_BITS, generator=gen, dtype=torch.float32)
         return (torch.cat([t, t[:_CHUNK]]),)
 
-    return _cached(("noise", _CHUNK), device, build)[0]
+    return _cached(("noise", _NOISE_BITS, _CHUNK), device, build)[0]
 
 
 def _noise_offset(seed: int) -> int:
@@ -320,7 +329,8 @@ def _noise_offset(seed: int) -> int:
 class _Work:
     """Views of a scratch for chunks of ``n`` elements (``n`` even for 8-bit codes)."""
 
-    __slots__ = ("v", "bits", "head", "tail", "y", "thr", "thr64", "c", "idx", "k", "gap", "gap64", "codes", "p")
+    __slots__ = ("v", "bits", "head", "tail", "y", "thr", "thr64", "c", "idx", "k", "gap", "gap64", "codes", "step",
+                 "p")
 
     def __init__(self, s: "_Scratch", n: int, wide: bool):
         f32, i32 = torch.float32, torch.int32
@@ -333,7 +343,7 @@ class _Work:
         self.k = s.buf("k", i32)[:n]
         if wide:
             self.p = s.buf("p", torch.float64)[:n]
-            self.thr64 = self.gap = self.gap64 = self.idx = self.codes = None
+            self.thr64 = self.gap = self.gap64 = self.idx = self.codes = self.step = None
         else:
             self.p = None
             self.thr64 = self.thr.view(torch.float64)
@@ -341,6 +351,7 @@ class _Work:
             self.gap64 = self.gap.view(torch.float64)
             self.idx = self.c[:n // 2]
             self.codes = s.buf("codes", torch.uint8)[:n]
+            self.step = s.buf("step", torch.uint8)[:n]
 
 
 class _Scratch:
@@ -371,7 +382,7 @@ _LOCAL = threading.local()
 
 def _scratch(device: torch.device, n: int) -> _Scratch:
     """Scratch for chunks of up to n elements. On CPU each thread keeps its buffers between
-    calls (at most ~8 MiB: five 4-byte, one 8-byte and one 1-byte buffer of 2^18 elements),
+    calls (at most ~8 MiB: five 4-byte, one 8-byte and two 1-byte buffers of 2^18 elements),
     because a fresh large allocation costs page faults on every call, about as much as the
     work itself; other devices get new buffers (their caching allocators already reuse memory)."""
     n = min(max(n + (n & 1), 2), _CHUNK)
@@ -407,11 +418,10 @@ def _encode_chunk(w: _Work, meta, tabs, nearest: bool, u, out) -> None:
     # >= map[k] whatever the rounding, FMA or not). The sign bit of threshold - v is the step.
     thr = w.thr
     if nlev == 256:
+        out.copy_(k)
         if nearest:
-            out.copy_(k)
             return
         if _PAIRS:  # one gather fetches the entries of two neighbouring codes
-            out.copy_(k)
             _pair_index(w.idx, out)
             torch.index_select(tabs[4], 0, w.idx, out=w.thr64)
             torch.index_select(tabs[5], 0, w.idx, out=w.gap64)
@@ -419,8 +429,8 @@ def _encode_chunk(w: _Work, meta, tabs, nearest: bool, u, out) -> None:
             torch.index_select(tabs[4].view(torch.float32)[0:512:2], 0, k, out=thr)
             torch.index_select(tabs[5].view(torch.float32)[0:512:2], 0, k, out=w.gap)
         thr.addcmul_(u, w.gap).sub_(w.v)
-        k.sub_(thr.view(torch.int32).bitwise_right_shift_(31))
-        out.copy_(k)
+        w.step.copy_(thr.view(torch.int32).bitwise_right_shift_(31))  # 255 where rounding up, else 0
+        out.sub_(w.step)  # code - 255 == code + 1 (mod 256)
         return
     if not nearest:
         torch.index_select(tabs[6], 0, k, out=w.p)
@@ -585,7 +595,7 @@ def quantize_blockwise(
     block_size = _check_block_size(block_size)
     nearest = _check_rounding(rounding, seed)
     shape, device = x.shape, x.device
-    flat = x.detach().reshape(-1)
+    flat = (x.detach() if x.requires_grad else x).reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
     n = flat.numel()
@@ -598,7 +608,7 @@ def quantize_blockwise(
         absmax = torch.empty(nb, dtype=torch.float32, device=device)
     codes = _flat_codes(codes_out, n) if codes_out is not None else torch.empty(n, dtype=torch.uint8, device=device)
     if n == 0:
-        return (codes_out if codes_out is not None else codes.view(shape)), (absmax_out if absmax_out is not None else absmax)
+        return _results(codes, absmax, codes_out, absmax_out, shape)
     if check_finite and not bool(torch.isfinite(flat).all()):
         raise ValueError("quantize_blockwise: input holds NaN or inf")
     full = n // block_size
@@ -619,10 +629,11 @@ def quantize_blockwise(
         e = min(c1, body)
         k = (e - c0) // block_size if e > c0 else 0
         if k:
-            blocks = flat[c0:e].view(k, block_size)
-            am = absmax[b0:b0 + k]
+            whole = k == nb
+            blocks = (flat if whole else flat[c0:e]).view(k, block_size)
+            am = absmax if whole else absmax[b0:b0 + k]
             _absmax(blocks, signed, am)
-            torch.div(blocks, am.unsqueeze(1), out=dst[:e - c0].view(k, block_size))
+            torch.div(blocks, am.unsqueeze(1), out=(dst if whole else dst[:e - c0]).view(k, block_size))
         if c1 > body:  # the partial last block
             am = absmax[full:]
             _absmax(flat[body:].view(1, n - body), signed, am)
@@ -630,7 +641,12 @@ def quantize_blockwise(
 
     meta, tabs = _map_grid(signed, device)
     _run(fill, n, device, meta, tabs, nearest, seed, codes, 0.0)
-    return (codes_out if codes_out is not None else codes.view(shape)), (absmax_out if absmax_out is not None else absmax)
+    return _results(codes, absmax, codes_out, absmax_out, shape)
+
+
+def _results(codes, absmax, codes_out, absmax_out, shape):
+    """What quantize_blockwise returns: the caller's buffers as given, else the new tensors."""
+    return (codes.view(shape) if codes_out is None else codes_out), (absmax if absmax_out is None else absmax_out)
 
 
 def dequantize_blockwise(
@@ -649,30 +665,36 @@ def dequantize_blockwise(
     receives the result and is returned; otherwise a new ``dtype`` tensor is returned.
     Codes in any integer or float dtype holding the values 0..255 are accepted.
     """
-    shape = codes.shape if shape is None else torch.Size(shape)
     n = codes.numel()
-    if math.prod(shape) != n:
-        raise ValueError(f"shape {tuple(shape)} does not match {n} codes")
+    if shape is None:
+        shape = codes.shape
+    else:
+        shape = torch.Size(shape)
+        if math.prod(shape) != n:
+            raise ValueError(f"shape {tuple(shape)} does not match {n} codes")
     nb = absmax.numel()
     block_size = infer_block_size(n, nb) if block_size is None else _check_block_size(block_size)
     if -(-n // block_size) != nb:
         raise ValueError(f"{nb} absmax values do not fit {n} codes in blocks of {block_size}")
     device = codes.device
-    if out is not None and (out.numel() != n or not out.is_contiguous()):
-        raise ValueError("out must be contiguous with as many elements as codes")
-    direct = out is not None and out.dtype == torch.float32
+    direct = False
+    if out is not None:
+        if out.numel() != n or not out.is_contiguous():
+            raise ValueError("out must be contiguous with as many elements as codes")
+        direct = out.dtype == torch.float32
     res = out.view(-1) if direct else torch.empty(n, dtype=torch.float32, device=device)
     if n:
-        _, tabs = _map_grid(signed, device)
-        _gather_values(_code_indices(codes), tabs, res, True)
-        scale = absmax.reshape(-1)
+        _gather_values(_code_indices(codes), _map_grid(signed, device)[1], res, True)
+        scale = absmax.view(-1) if absmax.is_contiguous() else absmax.reshape(-1)
         if scale.dtype != torch.float32 or scale.device != device:
             scale = scale.to(device=device, dtype=torch.float32)
         full = n // block_size
         body = full * block_size
-        if full:
-            res[:body].view(full, block_size).mul_(scale[:full].unsqueeze(1))
-        if body < n:
+        if body == n:
+            res.view(full, block_size).mul_(scale.unsqueeze(1))
+        else:
+            if full:
+                res[:body].view(full, block_size).mul_(scale[:full].unsqueeze(1))
             res[body:].mul_(scale[full])
     if direct:
         return out
@@ -685,10 +707,11 @@ def dequantize_blockwise(
 def _code_indices(codes: torch.Tensor) -> torch.Tensor:
     """Flat uint8 codes (int8 is a bit-reinterpreted uint8), or int32 indices 0..255 for codes
     stored in another dtype (e.g. cast to float by Optimizer.load_state_dict)."""
-    flat = codes.reshape(-1)
-    if flat.dtype == torch.uint8:
+    flat = codes.view(-1) if codes.is_contiguous() else codes.reshape(-1)
+    dt = flat.dtype
+    if dt == torch.uint8:
         return flat
-    if flat.dtype == torch.int8:
+    if dt == torch.int8:
         return flat.view(torch.uint8)
     return flat.to(torch.int32) & 0xFF
 
@@ -738,7 +761,7 @@ def _build_log_grid(name: tuple, lo: float, hi: float, bits: int) -> tuple:
     lv = _build_levels(lo, hi, bits)
     a, b = _bits32(float(lv[0])), _bits32(float(lv[-1]))
     for shift in range(15 if bits == 8 else 14, -1, -1):
-        base = a >> shift
+        base = a >> shift if (b >> shift) >= (1 << 17) else 0  # a table from cell 0 saves a pass
         ncell = (b >> shift) - base + 1
         try:
             return _build_grid(name, lv, _RAW, shift, base, ncell)
