@@ -53,6 +53,13 @@ def render(quick: bool) -> str:
                   "|---|" + "---|" * len(next(iter(step["scaling"].values())))]
         for name, row in step["scaling"].items():
             lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row.values()) + " |")
+        sweep = step.get("chunk_sweep")
+        if sweep:
+            lines += ["", "AdaptiveHinaAdamW (general) by CPU chunk size of its multi-tensor step (elements per "
+                      f"chunk; the default is {sweep['default']}), each ratio against AdamW(foreach) timed right after it:", "",
+                      "| elements per chunk | ms/step | x AdamW(foreach) |", "|---|---|---|"]
+            for size, row in sweep["general_ms"].items():
+                lines.append(f"| {int(size):,} | {row['ms']:.1f} | {row['ratio_vs_foreach']:.2f} |")
         lines.append("")
     q8 = _load("quant8.json")
     if q8:

@@ -356,10 +356,13 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         xs = grads
         if group["skip_nonfinite"]:
             ok = (dots_out[0] if use_spd else torch.stack(torch._foreach_norm(grads)).float()).isfinite()
-            okf = ok.float()
-            oks = list(okf.unbind(0))
-            keep1 = list(torch.where(ok, beta1, 1.0).unbind(0))
-            keep2 = list(torch.where(ok, beta2, 1.0).unbind(0))
+            n, dev = len(ps), ok.device
+            okf, oks = pool.scalars(n, dev, "ok")
+            okf.copy_(ok)
+            k1, keep1 = pool.scalars(n, dev, "keep1")
+            k1.copy_(okf).mul_(beta1 - 1.0).add_(1.0)  # beta where finite, 1 where not
+            k2, keep2 = pool.scalars(n, dev, "keep2")
+            k2.copy_(okf).mul_(beta2 - 1.0).add_(1.0)
             dev = ok.device
             self._nonfinite_skips[dev] = self._nonfinite_skips.get(dev, 0) + (~ok).sum()
             xs = pool.views(ps, 0)
@@ -463,11 +466,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             for p, q, u in zip(ps, p32, us):
                 if p in self._row_scaled and p.ndim >= 1:
                     u.mul_(allora.row_scale(q, group["allora_eta"]))
-        ratios = [self._ratio.get(p, 1.0) for p in ps]
+        ratios = [self._ratio.get(p, 1.0) for p in ps] if self._ratio else [1.0] * len(ps)
         factors = self._factors(ps, sts)
         oks = None if okf is None else list(okf.unbind(0))
         wd = group["weight_decay"]
-        wdm = [self._wd_multiplier(p, t, group) for p in ps] if group["dynamic_weight_decay"] else [1.0] * len(ps)
+        wdm = self._wd_multipliers(ps, t, group) if group["dynamic_weight_decay"] else [1.0] * len(ps)
         scales = [lr * step_scale * r for r in ratios]
         decays = [lr * r * wd * w for r, w in zip(ratios, wdm)]
 
@@ -518,14 +521,13 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
     def _factors(self, ps, sts):
         """Per-tensor lr factors (importance x subclass scale) as 0-dim tensors, or None."""
-        out, any_set = [], False
-        for p, st in zip(ps, sts):
-            f = st.get("lr_factor")
-            e = self._extra_scale(p)
-            if e is not None:
-                f = e if f is None else f * e
-            any_set = any_set or f is not None
-            out.append(f)
+        out = [st.get("lr_factor") for st in sts]
+        if self._has_extra_scale:
+            for i, p in enumerate(ps):
+                e = self._extra_scale(p)
+                if e is not None:
+                    out[i] = e if out[i] is None else out[i] * e
+        any_set = any(f is not None for f in out)
         if not any_set:
             return None
         one = None
@@ -624,12 +626,17 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             feats[p] = row
 
     # ------------------------------------------------------------ hooks
+    #: subclasses that override _extra_scale set this, so the base class skips the per-tensor calls
+    _has_extra_scale = False
+
     def _extra_scale(self, p):
         """Optional 0-dim tensor multiplied into this parameter's lr (subclasses)."""
         return None
 
-    def _wd_multiplier(self, p, t: int, group: dict) -> float:
-        return dynamic_multiplier(t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"])
+    def _wd_multipliers(self, ps, t: int, group: dict) -> list[float]:
+        """Dynamic weight-decay multiplier per tensor (one value for all here; by type in subclasses)."""
+        m = dynamic_multiplier(t, group["wd_transition_steps"], group["wd_decay_factor"], group["wd_min_ratio"])
+        return [m] * len(ps)
 
     # ------------------------------------------------------------- importance
     def _refresh_importance(self, group, params, feats) -> None:

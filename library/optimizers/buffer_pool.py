@@ -96,6 +96,16 @@ class BufferPool:
         key = ("gaps", slot, dtype, tensors[0].device, tuple(t.shape for t in tensors), align)
         return self._views[key]
 
+    def scalars(self, n: int, device, tag) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A reusable fp32 vector of ``n`` values and its 0-dim views (for per-tensor scalars
+        handed to multi-tensor ops: fill the vector with ``copy_`` and pass the cached views)."""
+        key = ("scalars", tag, n, device)
+        hit = self._views.get(key)
+        if hit is None:
+            vec = torch.zeros(n, dtype=torch.float32, device=device)
+            hit = self._views[key] = (vec, list(vec.unbind(0)))
+        return hit
+
     def stats(self) -> dict:
         shapes = {(k[0], k[1], k[2]) for k in self._buffers}
         nbytes = sum(b.numel() * b.element_size() for b in self._buffers.values())

@@ -149,8 +149,13 @@ class HinaAdamWOptimizer(AdaptiveHinaAdamW):
             for q in members:
                 self._kron_scale[q] = scale
 
+    _has_extra_scale = True
+
     def _extra_scale(self, p):
         return self._kron_scale.get(p)
+
+    def _wd_multipliers(self, ps, t: int, group: dict) -> list[float]:
+        return [self._wd_multiplier(p, t, group) for p in ps]
 
     def _wd_multiplier(self, p, t: int, group: dict) -> float:
         kind = self._types.get(p)

@@ -42,7 +42,9 @@ def grams_cautious_list_(outs, us, gs, tmps=None) -> None:
     w = tmps if outs is us else outs
     _signs_(w, us, gs)  # s
     counts = [x.sum(dtype=torch.float32) for x in w]
-    torch._foreach_add_(counts, [torch.dot(x.reshape(-1), x.reshape(-1)) for x in w])
+    nonzero = torch._foreach_norm(w)  # s in {-1, 0, 1}: ||s||^2 counts the nonzero entries
+    torch._foreach_mul_(nonzero, nonzero)
+    torch._foreach_add_(counts, nonzero)
     torch._foreach_mul_(counts, [0.5 / max(x.numel(), 1) for x in w])  # mean(phi)
     a = torch.stack(counts).clamp_min_(FLOOR).reciprocal_().mul_(0.5).add_(0.5)
     torch._foreach_mul_(w, list(a.unbind(0)))
