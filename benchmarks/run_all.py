@@ -40,7 +40,10 @@ def render(quick: bool) -> str:
         m = step["machine"]
         lines += ["## Optimizer step at SD1.5 adapter shapes", "",
                   f"torch {m['torch']}, {m['threads']} threads. SD1.5 rank-16 LoRA: 528 tensors, 9.44M parameters. "
-                  "Ratios are to `torch.optim.AdamW` measured in the same process.", "",
+                  "Ratios are to `torch.optim.AdamW` measured in the same process"
+                  + (f" ({step['timing']})." if step.get("timing") else ".")
+                  + " The per-tensor scaling and chunk-size tables below come from single measurements in the same run, "
+                  "so they scatter more.", "",
                   "| optimizer | ms/step | x AdamW(foreach) | x AdamW(fused) | state B/param r16 | r4 | small LoKr |",
                   "|---|---|---|---|---|---|---|"]
         for name, ms in step["step_ms"].items():
