@@ -298,8 +298,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (min is reported)")
     ap.add_argument("--baseline", default=BASELINE,
                     help="git revision of the previous quant8.py for the 'old' rows ('' to skip)")
-    ap.add_argument("--out", default="quant8.json", help="file name under benchmarks/results/")
+    ap.add_argument("--out", default=None, help="file name under benchmarks/results/ "
+                    "(default quant8.json, quant8_quick.json with --quick)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = "quant8_quick.json" if args.quick else "quant8.json"
     thread_counts = args.threads or [torch.get_num_threads()]
     repeats = args.repeats or (3 if args.quick else 9)
     F, bnb_version = _bnb()

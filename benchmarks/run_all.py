@@ -64,7 +64,7 @@ def render(quick: bool) -> str:
             for size, row in sweep["general_ms"].items():
                 lines.append(f"| {int(size):,} | {row['ms']:.1f} | {row['ratio_vs_foreach']:.2f} |")
         lines.append("")
-    q8 = _load("quant8.json")
+    q8 = (_load("quant8_quick.json") if quick else None) or _load("quant8.json")
     if q8:
         lines += ["## 8-bit state store", "", "Quantise / dequantise of the SD1.5 rank-16 LoRA set (528 tensors) and of the "
                   "same elements as one flat tensor, ours against bitsandbytes in one process "
