@@ -49,6 +49,22 @@ CACHE_DIR = os.environ.get("HINA_CACHE_DIR", os.path.join(ROOT, ".cache"))
 BENCH_CACHE = os.path.join(CACHE_DIR, "bench_quality")
 
 
+
+def _load_or_pretrain(module, file, pretrain, info: dict) -> None:
+    """Load the cached pretrained weights, or pretrain (``pretrain()`` returns info) and cache
+    them atomically; then freeze the module for LoRA fine-tuning."""
+    if os.path.isfile(file):
+        module.load_state_dict(torch.load(file, weights_only=True))
+        info["pretrain_cached"] = True
+    else:
+        info.update(pretrain())
+        info["pretrain_cached"] = False
+        os.makedirs(BENCH_CACHE, exist_ok=True)
+        torch.save(module.state_dict(), file + ".tmp")
+        os.replace(file + ".tmp", file)
+    module.requires_grad_(False)
+    module.eval()
+
 class Run:
     """One training run's model: trainable LoRA tensors, a loss per step, a held-out score."""
 
@@ -196,17 +212,7 @@ class TinyDiffusionTask:
         file = os.path.join(BENCH_CACHE, f"unet_pretrained_{_key(spec)}.pt")
         unet = self.sd.unet
         info = {"latent_scale": self.scale, "pretrain_spec": spec, "pretrain_cache": os.path.relpath(file, ROOT)}
-        if os.path.isfile(file):
-            unet.load_state_dict(torch.load(file, weights_only=True))
-            info["pretrain_cached"] = True
-        else:
-            info.update(self._pretrain(unet, log))
-            info["pretrain_cached"] = False
-            os.makedirs(BENCH_CACHE, exist_ok=True)
-            torch.save(unet.state_dict(), file + ".tmp")
-            os.replace(file + ".tmp", file)
-        unet.requires_grad_(False)
-        unet.eval()
+        _load_or_pretrain(unet, file, lambda: self._pretrain(unet, log), info)
         info["base_eval_loss"] = self._eval_loss()
         info["setup_seconds"] = time.perf_counter() - t0
         self.info = info
@@ -454,17 +460,7 @@ class CharLMTask:
         info = {"pretrain_files": f"{files[0]} .. {files[-1]} ({len(files)} files)", "text_sha256_12": digest,
                 "pretrain_bytes": len(code), "finetune_bytes": len(train_t), "eval_bytes": len(eval_t),
                 "pretrain_cache": os.path.relpath(file, ROOT)}
-        if os.path.isfile(file):
-            base.load_state_dict(torch.load(file, weights_only=True))
-            info["pretrain_cached"] = True
-        else:
-            info.update(self._pretrain(base, log))
-            info["pretrain_cached"] = False
-            os.makedirs(BENCH_CACHE, exist_ok=True)
-            torch.save(base.state_dict(), file + ".tmp")
-            os.replace(file + ".tmp", file)
-        base.requires_grad_(False)
-        base.eval()
+        _load_or_pretrain(base, file, lambda: self._pretrain(base, log), info)
         self.base = base
         with torch.no_grad():
             info["base_eval_loss"] = self._ce(base, self.eval_x, self.eval_y).item()

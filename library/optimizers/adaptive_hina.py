@@ -544,15 +544,21 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     def _flat(self, tensors, tag, dtype, align):
         return self._buffer_pool.aligned(tensors, tag, dtype, align)
 
+    def _code_arenas(self, sts, key):
+        """The chunk's stored codes and block absmax lists, and block-aligned flat arenas + views
+        with the same layout as the fp32 scratch of :meth:`_flat`."""
+        codes = [st[key + quant8.Q_SUFFIX] for st in sts]
+        absmax = [st[key + quant8.ABSMAX_SUFFIX] for st in sts]
+        c_flat, c_views = self._flat(codes, ("codes", key), codes[0].dtype, _BLOCK)
+        a_flat, a_views = self._flat(absmax, ("absmax", key), torch.float32, 1)
+        return codes, absmax, c_flat, c_views, a_flat, a_views
+
     def _load_q8(self, ps, sts, has_mask):
         pool = self._buffer_pool
         out = []
         for key, signed, tag in (("exp_avg", True, "m8"), ("exp_avg_sq_root", False, "v8")):
             flat, views = self._flat(ps, tag, torch.float32, _BLOCK)
-            codes = [st[key + quant8.Q_SUFFIX] for st in sts]
-            absmax = [st[key + quant8.ABSMAX_SUFFIX] for st in sts]
-            c_flat, c_views = self._flat(codes, ("codes", key), codes[0].dtype, _BLOCK)
-            a_flat, a_views = self._flat(absmax, ("absmax", key), torch.float32, 1)
+            codes, absmax, c_flat, c_views, a_flat, a_views = self._code_arenas(sts, key)
             torch._foreach_copy_(c_views, codes)
             torch._foreach_copy_(a_views, absmax)
             quant8.dequantize_blockwise(c_flat, a_flat, signed=signed, block_size=_BLOCK, out=flat)
@@ -582,10 +588,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         seed = quant8.mix_seed(self.param_index(ps[0]), t)
         for key, signed, tag in (("exp_avg", True, "m8"), ("exp_avg_sq_root", False, "v8")):
             flat, _ = self._flat(ps, tag, torch.float32, _BLOCK)
-            dst = [st[key + quant8.Q_SUFFIX] for st in sts]
-            dst_abs = [st[key + quant8.ABSMAX_SUFFIX] for st in sts]
-            c_flat, c_views = self._flat(dst, ("codes", key), dst[0].dtype, _BLOCK)
-            a_flat, a_views = self._flat(dst_abs, ("absmax", key), torch.float32, 1)
+            dst, dst_abs, c_flat, c_views, a_flat, a_views = self._code_arenas(sts, key)
             quant8.quantize_blockwise(flat, signed=signed, block_size=_BLOCK, rounding="stochastic",
                                       seed=quant8.mix_seed(seed, key), codes_out=c_flat, absmax_out=a_flat)
             torch._foreach_copy_(dst, c_views)
