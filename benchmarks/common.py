@@ -39,19 +39,22 @@ def time_steps(opt, warmup=3, repeats=11, stat="min"):
     return 1e3 * (min(ts) if stat == "min" else statistics.median(ts))
 
 
-def state_bytes(opt) -> int:
-    total = 0
-    for st in opt.state.values():
-        stack = [st]
-        while stack:
-            v = stack.pop()
-            if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
-            elif isinstance(v, dict):
-                stack.extend(v.values())
-            elif isinstance(v, (list, tuple)):
-                stack.extend(v)
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in ``value`` (nested dicts, lists and tuples)."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
     return total
+
+
+def state_bytes(opt) -> int:
+    return sum(tensor_bytes(st) for st in opt.state.values())
 
 
 def machine() -> dict:

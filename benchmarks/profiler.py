@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine, make_params, state_bytes, time_steps
+from benchmarks.common import RESULTS_DIR, machine, make_params, state_bytes, tensor_bytes, time_steps
 from benchmarks.shapes import lokr_shapes, lora_shapes
 
 
@@ -60,32 +60,19 @@ def _jsonable(v):
     return repr(v)
 
 
-def _tensor_bytes(v) -> int:
-    total, stack = 0, [v]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            total += x.numel() * x.element_size()
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-    return total
-
-
 def state_bytes_by_key(opt) -> dict:
     """{state key: bytes summed over parameters}, plus ``group:<key>`` for tensors in param groups."""
     out: dict = {}
     for st in opt.state.values():
         for k, v in st.items():
-            b = _tensor_bytes(v)
+            b = tensor_bytes(v)
             if b:
                 out[str(k)] = out.get(str(k), 0) + b
     for g in opt.param_groups:
         for k, v in g.items():
             if k == "params":
                 continue
-            b = _tensor_bytes(v) if isinstance(v, (torch.Tensor, dict, list, tuple)) else 0
+            b = tensor_bytes(v) if isinstance(v, (torch.Tensor, dict, list, tuple)) else 0
             if b:
                 out[f"group:{k}"] = out.get(f"group:{k}", 0) + b
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))

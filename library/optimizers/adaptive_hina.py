@@ -400,7 +400,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         # 2-3. second moment and momentum; u = the direction before the lr
         us = pool.views(ps, 1)
         if use_adopt:
-            adopt.normalize_list_(us, xs, vs, k, eps, tmp)
+            adopt.normalize_list_(us, xs, vs, k, eps)
             n_cos = k - 1  # cosines available: the momentum is non-zero from k = 2 on
             inputs = us
         else:
@@ -492,8 +492,12 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 if oks is None:
                     torch._foreach_mul_(p32, [1.0 - c for c in decays])
                 else:  # 1 - c where the gradient is finite, 1 where it is not
-                    c_vec = torch.tensor(decays, dtype=torch.float32).to(okf.device, non_blocking=True)
-                    torch._foreach_mul_(p32, list((1.0 - c_vec * okf).unbind(0)))
+                    keep, keeps = pool.scalars(len(ps), okf.device, "keep_decay")
+                    if all(c == decays[0] for c in decays):
+                        keep.copy_(okf).mul_(-decays[0]).add_(1.0)
+                    else:
+                        keep.copy_(torch.tensor(decays, dtype=torch.float32)).mul_(okf).neg_().add_(1.0)
+                    torch._foreach_mul_(p32, keeps)
             if oks is None:
                 step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-s for s in scales]) else scales
             else:

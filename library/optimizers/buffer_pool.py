@@ -30,33 +30,9 @@ class BufferPool:
             self.hits += 1
         return buf
 
-    def views(self, tensors, slot: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    def views(self, tensors, slot, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """One contiguous scratch view per tensor (same shapes), disjoint within the call."""
-        shapes = tuple(t.shape for t in tensors)
-        device = tensors[0].device
-        key = (slot, dtype, device, shapes)
-        out = self._views.get(key)
-        if out is not None:
-            self.hits += 1
-            return out
-        total = sum(t.numel() for t in tensors)
-        akey = ("arena", dtype, device, slot)
-        arena = self._buffers.get(akey)
-        if arena is None or arena.numel() < total:
-            if arena is not None:  # grown: views into the old arena must not keep it alive
-                self._views = {k: v for k, v in self._views.items() if k[:3] != (slot, dtype, device)}
-            arena = torch.empty(total, dtype=dtype, device=device)
-            self._buffers[akey] = arena
-            self.allocations += 1
-        out, off = [], 0
-        for t in tensors:
-            n = t.numel()
-            out.append(arena[off:off + n].view(t.shape))
-            off += n
-        if len(self._views) >= 512:  # chunk layouts changed many times: start over
-            self._views.clear()
-        self._views[key] = out
-        return out
+        return self.aligned(tensors, slot, dtype, 1)[1]
 
     def aligned(self, tensors, slot, dtype: torch.dtype = torch.float32, align: int = 256):
         """``(flat, views)``: one view per tensor, each starting at a multiple of ``align``
@@ -84,7 +60,7 @@ class BufferPool:
         views = [flat[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, tensors)]
         gaps = [flat[o + t.numel():e] for o, t, e in zip(offsets, tensors, offsets[1:] + [total])]
         gaps = [g for g in gaps if g.numel()]
-        if len(self._views) >= 512:
+        if len(self._views) >= 512:  # chunk layouts changed many times: start over
             self._views.clear()
         self._views[key] = out = (flat, views)
         self._views[("gaps",) + key[1:]] = gaps

@@ -32,15 +32,3 @@ def quotient_list_(outs, nums, dens) -> None:
     """``out = num / den`` exactly (0 + num/den), into preallocated ``outs``."""
     torch._foreach_zero_(outs)
     torch._foreach_addcdiv_(outs, nums, dens)
-
-
-def update_second_moment_(v: torch.Tensor, g: torch.Tensor, beta2: float) -> None:
-    update_second_moment_list_([v], [g], beta2)
-
-
-def direction(m: torch.Tensor, v: torch.Tensor, step: int, beta2: float, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """``out = m / (sqrt(v)/sqrt(1-b2^t) + eps)``; the caller scales by lr / (1 - b1^t)."""
-    den = torch.empty_like(out)
-    denominator_list_([den], [v], step, beta2, eps)
-    quotient_list_([out], [m], [den])
-    return out

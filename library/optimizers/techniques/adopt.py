@@ -18,9 +18,9 @@ def clip_value(k: int) -> float:
 _FLOOR = 1.1754943508222875e-38
 
 
-def normalize_list_(outs, gs, vs, k: int, eps: float, dens=None) -> None:
+def normalize_list_(outs, gs, vs, k: int, eps: float) -> None:
     """``out = clip(g / max(sqrt(v), eps), -k^(1/4), k^(1/4))``, computed as
-    ``g * rsqrt(max(v, eps^2))`` (the same value; ``dens`` is unused)."""
+    ``g * rsqrt(max(v, eps^2))`` (the same value)."""
     c = clip_value(k)
     torch._foreach_copy_(outs, vs)
     torch._foreach_clamp_min_(outs, max(eps * eps, _FLOOR))
@@ -41,7 +41,7 @@ def update_second_moment_list_(vs, gs, k: int, beta2: float, decay=None) -> None
 
 
 def normalize(g: torch.Tensor, v: torch.Tensor, k: int, eps: float, out: torch.Tensor) -> torch.Tensor:
-    normalize_list_([out], [g], [v], k, eps, [torch.empty_like(out)])
+    normalize_list_([out], [g], [v], k, eps)
     return out
 
 

@@ -48,11 +48,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return cosines([a], [b])[0]
 
 
-def cosine_with_norm(a: torch.Tensor, b: torch.Tensor, a_norm: torch.Tensor) -> torch.Tensor:
-    """cos(a, b) when ||a|| is already known."""
-    return cosines([a], [b], [a_norm])[0]
-
-
 def damping(s: torch.Tensor, cos: torch.Tensor, count: int, gamma: float) -> torch.Tensor:
     """Update the smoothed cosine ``s`` in place (``count`` cosines including this one); return d."""
     return damping_list([s], cos.reshape(1), count, gamma)[0]
