@@ -55,3 +55,16 @@ def run_quadratic(opt, params, steps, seed=1):
         loss.backward()
         opt.step()
     return params
+
+
+def step_in_lockstep(pairs, steps, gen):
+    """Step several optimizers ``[(optimizer, params), ...]`` with identical random gradients
+    (the same draw for the i-th tensor of every list), ``steps`` times."""
+    lists = [params for _, params in pairs]
+    for _ in range(steps):
+        for tensors in zip(*lists):
+            g = torch.randn(tensors[0].shape, generator=gen)
+            for x in tensors:
+                x.grad = g.clone()
+        for opt, _ in pairs:
+            opt.step()

@@ -17,7 +17,7 @@ from library.automagic_cameamp_refactored import RefactoredAutomagicCameAMP
 from library.optimizers.engine import HinaOptimizer
 from library.optimizers.registry import check_optimizer_kwargs
 from library.toy_tasks import train_lora_teacher
-from tests.helpers import forbid_host_sync, save_load
+from tests.helpers import forbid_host_sync, save_load, step_in_lockstep
 
 FOUR = [Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit]
 EIGHT = {Automagic_CameAMP8bit: Automagic_CameAMP, Automagic_CameAMP_COptim8bit: Automagic_CameAMP_COptim}
@@ -80,13 +80,7 @@ def test_plain_came_configuration_equals_came_pytorch():
     b = _clone(a)
     ours = Automagic_CameAMP(a, lr=1e-3, betas=(0.9, 0.999, 0.9999), weight_decay=0.01, **PLAIN_CAME)
     ref = came_pytorch.CAME(b, lr=1e-3, betas=(0.9, 0.999, 0.9999), weight_decay=0.01)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(50):
-        for x, y in zip(a, b):
-            g = torch.randn(x.shape, generator=gen)
-            x.grad, y.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
+    step_in_lockstep([(ours, a), (ref, b)], 50, torch.Generator().manual_seed(1))
     for x, y in zip(a, b):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
 

@@ -18,7 +18,7 @@ from library.automagic_cameamp_refactored import (
 from library.optimizers.automagic import Automagic_CameAMP
 from library.optimizers.automagic_refactored import OptimizationPhase
 from library.toy_tasks import LoRATeacher, train_lora_teacher
-from tests.helpers import save_load
+from tests.helpers import save_load, step_in_lockstep
 
 ALL_OFF = dict(edge_suppression=False, background_regularization=False, lora_rank_penalty=False,
                spatial_awareness=False)
@@ -372,12 +372,7 @@ def test_regularisers_off_equals_the_base_optimizer():
     b = [nn.Parameter(x.clone()) for x in p0]
     ref = RefactoredAutomagicCameAMP(a, lr=1e-3, warmup_steps=4, enable_stage_optimization=False, **ALL_OFF)
     base = Automagic_CameAMP(b, lr=1e-3, warmup_steps=4)
-    for _ in range(10):
-        for x, y in zip(a, b):
-            g = torch.randn(x.shape, generator=gen)
-            x.grad, y.grad = g.clone(), g.clone()
-        ref.step()
-        base.step()
+    step_in_lockstep([(ref, a), (base, b)], 10, gen)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
