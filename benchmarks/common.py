@@ -54,7 +54,11 @@ def tensor_bytes(value) -> int:
 
 
 def state_bytes(opt) -> int:
-    return sum(tensor_bytes(st) for st in opt.state.values())
+    """Memory behind ``opt.state``: every storage once (arenas of 8-bit codes with their block
+    padding; ``tensor_bytes`` counts elements, so per-key sums can be slightly lower)."""
+    from library.optimizers.engine import storage_bytes
+
+    return storage_bytes(opt.state.values())
 
 
 def machine() -> dict:

@@ -190,11 +190,11 @@ def test_8bit_state_is_at_most_half_of_its_twin_at_sd15_lora_shapes():
     p = make_params([("x.lora_up.weight", (64, 16))])
     opt = Automagic_CameAMP8bit(p, lr=1e-4)  # small tensors are quantised too (bitsandbytes keeps them fp32)
     opt.step()
-    assert "exp_avg_q8" in opt.state[p[0][1]] and "exp_avg" not in opt.state[p[0][1]]
+    assert "exp_avg_f8" in opt.state[p[0][1]] and "exp_avg" not in opt.state[p[0][1]]
     q = make_params([("x.lora_up.weight", (64, 16))])
     opt = Automagic_CameAMP8bit(q, lr=1e-4, min_8bit_size=4096)  # opt-in bitsandbytes' rule
     opt.step()
-    assert "exp_avg" in opt.state[q[0][1]] and "exp_avg_q8" not in opt.state[q[0][1]]
+    assert "exp_avg" in opt.state[q[0][1]] and "exp_avg_f8" not in opt.state[q[0][1]]
 
 
 # ------------------------------------------------------------------ COptim context

@@ -12,11 +12,13 @@ All state lives in ``self.state[p]``; ``step()`` never reads a tensor back to th
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 from . import __version__
 from . import quant8
+from .buffer_pool import _aligned_offsets
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
 from .techniques import adam, adopt, allora, tam
@@ -74,7 +76,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     See docs/optimizers.md for every argument; defaults follow seed 000's example.
     """
 
-    _shaped_state_keys = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor", "exp_avg_q8", "exp_avg_sq_root_q8", "lr_mask_lq")
+    _shaped_state_keys = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor", "exp_avg_f8", "exp_avg_sq_root_f8",
+                          "lr_mask_f8", "exp_avg_q8", "exp_avg_sq_root_q8", "lr_mask_lq")
 
     def __init__(
         self,
@@ -166,6 +169,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         )
         self._pairs = None
         self._nonfinite_skips = {}  # device -> count of (tensor, step) pairs skipped, on device
+        self._packed: set = set()  # ids of the groups whose 8-bit state sits in flat arenas
+        self._slices: dict = {}  # (id of a chunk's first stored tensor, count) -> (tensors, arena slice)
         super().__init__(params, defaults, param_names=param_names)
         for group in self.param_groups:
             self._check_group(group)
@@ -183,8 +188,19 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for st in self.state.values():  # 8-bit lr masks saved with the log codec (before float8)
+            if "lr_mask_lq" in st:
+                x = quant8.load_log(st, "lr_mask")
+                del st["lr_mask_lq"], st["lr_mask_lrange"]
+                quant8.store(st, "lr_mask", x, signed=False, rounding="nearest")
+
     def _on_layout_changed(self) -> None:
         super()._on_layout_changed()
+        if hasattr(self, "_packed"):  # a load replaced the state tensors: pack them again
+            self._packed.clear()
+            self._slices.clear()
         if getattr(self, "_pairs", None) is not None:
             self._discover()
 
@@ -242,9 +258,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             base = group["base_lr"]
             lo, hi = self._mask_range(group)
             start = min(max(1.0, lo), hi)
-            if q8 and lo > 0 and hi > lo:  # log-domain 8-bit codes: min_lr never flushes to 0
+            if q8 and lo > 0 and hi > lo:  # 8-bit codes, clamped to [min_lr, max_lr] when decoded
                 full = torch.full(p.shape, start, dtype=torch.float32, device=p.device)
-                quant8.store_log(st, "lr_mask", full, lo=lo, hi=hi, bits=8, seed=quant8.mix_seed(self.param_index(p), 0))
+                quant8.store(st, "lr_mask", full, signed=False, rounding="nearest")
             else:
                 dt = storage_dtype(group["lr_bump"], base, lo * base, hi * base)
                 st["lr_mask"] = torch.full_like(p, start, dtype=dt, memory_format=torch.preserve_format)
@@ -285,7 +301,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         out, cur, size, sig0 = [], [], 0, None
         for p in params:
             st = self.state[p]
-            sig = (st["step"], p.dtype, p.device, "exp_avg_q8" in st, "lr_mask" in st, st.get("lr_mask_lrange"),
+            sig = (st["step"], p.dtype, p.device, "exp_avg_f8" in st, "lr_mask" in st, "lr_mask_f8" in st,
                    "anchor" in st)
             n = p.numel()
             if cur and (sig != sig0 or size + n > budget):
@@ -300,10 +316,15 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
         refresh = group["use_dynamic_adaptation"] and group["step_count"] % group["relationship_discovery_interval"] == 0
+        new = False
         for p in params:
             st = self.state[p]
             if "step" not in st:
                 self._init_state(p, st, group)
+                new = True
+        if group["optim_bits"] == 8 and (new or id(group) not in self._packed):
+            self._pack_q8(group["params"])
+            self._packed.add(id(group))
         feats = {} if refresh else None
         for chunk in self._chunks(params):
             self._update_chunk(chunk, group, feats)
@@ -322,10 +343,10 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         beta1, beta2 = group["betas"]
         eps, lr = group["eps"], group["lr"]
         use_adopt = group["use_adopt_stability"]
-        q8 = "exp_avg_q8" in sts[0]
-        has_mask = "lr_mask" in sts[0] or "lr_mask_lq" in sts[0]
+        q8 = "exp_avg_f8" in sts[0]
+        has_mask = "lr_mask" in sts[0] or "lr_mask_f8" in sts[0]
         if q8:  # dequantise the whole chunk at once into block-aligned scratch; see _commit
-            ms, vs, masks = self._load_q8(ps, sts, has_mask)
+            ms, vs, masks = self._load_q8(ps, sts, has_mask, group)
         else:
             ms, vs = [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]
             masks = [st["lr_mask"] for st in sts] if has_mask else None
@@ -542,68 +563,122 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 out[i] = one
         return out
 
-    # 8-bit state: every tensor of a chunk occupies whole 256-element blocks of one flat
-    # buffer, so the codec runs once per chunk on a flat tensor, with no per-tensor overhead;
-    # each tensor's codes and block absmax values stay in its own self.state[p].
+    # 8-bit state: the codes and block absmax values of a group live in flat arenas, one per
+    # state key, every tensor starting at a multiple of the block size, in group order;
+    # self.state[p] holds views into them. A chunk of consecutive tensors is then one arena
+    # slice, which the codec decodes from and encodes into in place, with no per-tensor copies.
+    # The fp32 working copies are block-aligned scratch with the same layout. A chunk that is
+    # not one slice (a tensor in between had no gradient this step) goes through scratch copies.
+    _Q8_KEYS = (("exp_avg", True, "m8"), ("exp_avg_sq_root", False, "v8"))
+
     def _flat(self, tensors, tag, dtype, align):
         return self._buffer_pool.aligned(tensors, tag, dtype, align)
 
-    def _code_arenas(self, sts, key):
-        """The chunk's stored codes and block absmax lists, and block-aligned flat arenas + views
-        with the same layout as the fp32 scratch of :meth:`_flat`."""
-        codes = [st[key + quant8.Q_SUFFIX] for st in sts]
-        absmax = [st[key + quant8.ABSMAX_SUFFIX] for st in sts]
-        c_flat, c_views = self._flat(codes, ("codes", key), codes[0].dtype, _BLOCK)
-        a_flat, a_views = self._flat(absmax, ("absmax", key), torch.float32, 1)
-        return codes, absmax, c_flat, c_views, a_flat, a_views
+    # packing pays for itself in speed, but block padding costs memory: groups of many small
+    # tensors (small LoKr factors, say) keep standalone state and take the copying path
+    _PACK_MAX_PADDING = 0.02
 
-    def _load_q8(self, ps, sts, has_mask):
+    def _pack_q8(self, params) -> None:
+        """Move the 8-bit state tensors of ``params`` into fresh flat arenas (on the first step,
+        when a tensor's state is created, and after a load), unless block padding would add
+        more than 2 % to the codes."""
+        self._slices.clear()
+        n = sum(p.numel() for p in params)
+        if _aligned_offsets(params, _BLOCK)[1] > n * (1 + self._PACK_MAX_PADDING):
+            return
+        names = [k for k, _, _ in self._Q8_KEYS] + ["lr_mask"]
+        keys = [(k + quant8.F8_SUFFIX, _BLOCK) for k in names] + [(k + quant8.ABSMAX_SUFFIX, 1) for k in names]
+        for key, align in keys:
+            runs: dict = {}
+            for p in params:
+                t = self.state[p].get(key) if p in self.state else None
+                if isinstance(t, torch.Tensor):
+                    runs.setdefault((t.dtype, t.device), []).append(p)
+            for (dtype, device), ps in runs.items():
+                ts = [self.state[p][key] for p in ps]
+                offsets, total = _aligned_offsets(ts, align)
+                arena = torch.zeros(total, dtype=dtype, device=device)
+                views = [arena[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, ts)]
+                torch._foreach_copy_(views, ts)
+                for p, v in zip(ps, views):
+                    self.state[p][key] = v
+
+    def _arena_slice(self, tensors, align):
+        """The arena slice holding ``tensors`` back to back (each at a multiple of ``align``), or None."""
+        key = (id(tensors[0]), len(tensors))
+        hit = self._slices.get(key)
+        if hit is not None and all(map(operator.is_, hit[0], tensors)):
+            return hit[1]
+        base = tensors[0]._base
+        if base is None or base.dim() != 1:
+            return None
+        b0 = base.storage_offset()
+        start = off = tensors[0].storage_offset() - b0
+        for t in tensors:
+            if t._base is not base or t.storage_offset() - b0 != off:
+                return None
+            off += -(-t.numel() // align) * align
+        flat = base[start:off]
+        if len(self._slices) >= 4096:
+            self._slices.clear()
+        self._slices[key] = (list(tensors), flat)
+        return flat
+
+    def _stored(self, sts, key, align, read: bool):
+        """``(flat, back)``: the chunk's stored tensors under ``key`` as one flat tensor: the arena
+        slice itself (``back`` None), or a scratch copy (``read``: filled from the state) that
+        ``torch._foreach_copy_(*back)`` writes back."""
+        ts = [st[key] for st in sts]
+        flat = self._arena_slice(ts, align)
+        if flat is not None:
+            return flat, None
+        flat, views = self._flat(ts, ("codes", key), ts[0].dtype, align)
+        if read:
+            torch._foreach_copy_(views, ts)
+        return flat, (ts, views)
+
+    def _q8_keys(self, sts):
+        keys = self._Q8_KEYS
+        return keys + (("lr_mask", False, "mask8"),) if "lr_mask_f8" in sts[0] else keys
+
+    def _load_q8(self, ps, sts, has_mask, group):
         pool = self._buffer_pool
-        out = []
-        for key, signed, tag in (("exp_avg", True, "m8"), ("exp_avg_sq_root", False, "v8")):
+        out = {}
+        for key, signed, tag in self._q8_keys(sts):
             flat, views = self._flat(ps, tag, torch.float32, _BLOCK)
-            codes, absmax, c_flat, c_views, a_flat, a_views = self._code_arenas(sts, key)
-            torch._foreach_copy_(c_views, codes)
-            torch._foreach_copy_(a_views, absmax)
-            quant8.dequantize_blockwise(c_flat, a_flat, signed=signed, block_size=_BLOCK, out=flat)
-            gaps = pool.gaps(ps, tag, torch.float32, _BLOCK)
-            if gaps:  # padding must not raise a block's absmax at the next store
-                torch._foreach_zero_(gaps)
-            out.append(views)
-        ms, vs = out
-        torch._foreach_mul_(vs, vs)  # stored as sqrt(v)
+            codes, back = self._stored(sts, key + quant8.F8_SUFFIX, _BLOCK, True)
+            absmax, _ = self._stored(sts, key + quant8.ABSMAX_SUFFIX, 1, True)
+            quant8.dequantize_float8(codes, absmax, signed=signed, block_size=_BLOCK, out=flat)
+            if back is not None:  # stale scratch codes in the padding: it must decode to 0
+                gaps = pool.gaps(ps, tag, torch.float32, _BLOCK)
+                if gaps:
+                    torch._foreach_zero_(gaps)
+            out[key] = (flat, views)
+        v_flat, vs = out["exp_avg_sq_root"]
+        v_flat.mul_(v_flat)  # stored as sqrt(v); the padding stays 0
         masks = None
-        if has_mask:
-            if "lr_mask_lq" in sts[0]:
-                lo, hi = sts[0]["lr_mask_lrange"]
-                flat, masks = self._flat(ps, "mask8", torch.float32, _BLOCK)
-                codes = [st["lr_mask_lq"] for st in sts]
-                c_flat, c_views = self._flat(codes, ("codes", "lr_mask"), codes[0].dtype, _BLOCK)
-                torch._foreach_copy_(c_views, codes)
-                quant8.dequantize_log(c_flat, lo, hi, out=flat)
-            else:
-                masks = [st["lr_mask"] for st in sts]
-        return ms, vs, masks
+        if "lr_mask" in out:  # never below min_lr: an element near it may decode one level lower
+            flat, masks = out["lr_mask"]
+            flat.clamp_(*self._mask_range(group))
+        elif has_mask:
+            masks = [st["lr_mask"] for st in sts]
+        return out["exp_avg"][1], vs, masks
 
     def _commit(self, ps, sts, ms, vs, masks, t: int) -> None:
         """Requantise the chunk's 8-bit state (stochastic rounding; the stream is seeded by the
         chunk's first parameter index and the step, so a resumed run replays it exactly)."""
-        torch._foreach_sqrt_(vs)
         seed = quant8.mix_seed(self.param_index(ps[0]), t)
-        for key, signed, tag in (("exp_avg", True, "m8"), ("exp_avg_sq_root", False, "v8")):
+        for key, signed, tag in self._q8_keys(sts):
             flat, _ = self._flat(ps, tag, torch.float32, _BLOCK)
-            dst, dst_abs, c_flat, c_views, a_flat, a_views = self._code_arenas(sts, key)
-            quant8.quantize_blockwise(flat, signed=signed, block_size=_BLOCK, rounding="stochastic",
-                                      seed=quant8.mix_seed(seed, key), codes_out=c_flat, absmax_out=a_flat)
-            torch._foreach_copy_(dst, c_views)
-            torch._foreach_copy_(dst_abs, a_views)
-        if "lr_mask_lq" in sts[0]:
-            lo, hi = sts[0]["lr_mask_lrange"]
-            flat, _ = self._flat(ps, "mask8", torch.float32, _BLOCK)
-            dst = [st["lr_mask_lq"] for st in sts]
-            c_flat, c_views = self._flat(dst, ("codes", "lr_mask"), dst[0].dtype, _BLOCK)
-            quant8.quantize_log(flat, lo, hi, bits=8, seed=quant8.mix_seed(seed, "lr_mask"), out=c_flat)
-            torch._foreach_copy_(dst, c_views)
+            if key == "exp_avg_sq_root":
+                flat.sqrt_()
+            codes, back = self._stored(sts, key + quant8.F8_SUFFIX, _BLOCK, False)
+            absmax, a_back = self._stored(sts, key + quant8.ABSMAX_SUFFIX, 1, False)
+            quant8.quantize_float8(flat, signed=signed, block_size=_BLOCK, rounding="stochastic",
+                                   seed=quant8.mix_seed(seed, key), codes_out=codes, absmax_out=absmax)
+            for b in (back, a_back):
+                if b is not None:
+                    torch._foreach_copy_(*b)
 
     def _collect_features(self, ps, ms, step, feats: dict) -> None:
         """(gradient term, change rate, intrinsic term) per tensor, as vectors on device.
@@ -732,9 +807,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         }
 
     def get_lr_mask_analysis(self) -> dict:
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+
         def mask_of(p, st):
-            if "lr_mask_lq" in st:
-                return quant8.load_log(st, "lr_mask")
+            if "lr_mask_f8" in st:
+                return quant8.load(st, "lr_mask").clamp_(*self._mask_range(group_of[p]))
             mask = st.get("lr_mask")
             return None if mask is None else mask.float()
 

@@ -211,8 +211,8 @@ class Automagic_CameAMP(HinaOptimizer):
     _DEFAULTS: dict = _BASE_DEFAULTS
     _eight_bit = False
     _coptim = False
-    _shaped_state_keys = ("exp_avg", "exp_avg_q8", "exp_avg_slow", "exp_avg_slow_q8", "lr_mask", "lr_mask_lq",
-                          "came_v", "came_res", "came_rms_q8", "came_res_rms_q8")
+    _shaped_state_keys = ("exp_avg", "exp_avg_f8", "exp_avg_slow", "exp_avg_slow_f8", "lr_mask", "lr_mask_lq",
+                          "came_v", "came_res", "came_rms_f8", "came_res_rms_f8")
 
     def _construct(self, params, param_names=None, **kwargs):
         name = type(self).__name__
@@ -256,9 +256,8 @@ class Automagic_CameAMP(HinaOptimizer):
         for dev in {p.device for p in group["params"]}:
             x = torch.ones(2, device=dev)
             for signed in (True, False):
-                codes, absmax = quant8.quantize_blockwise(x, signed=signed, rounding="stochastic", seed=0)
-                quant8.dequantize_blockwise(codes, absmax, signed=signed)
-                quant8.quantize_blockwise(x, signed=signed, rounding="nearest")
+                codes, absmax = quant8.quantize_float8(x, signed=signed, rounding="stochastic", seed=0)
+                quant8.dequantize_float8(codes, absmax, signed=signed)
             if group["use_lr_mask"]:
                 lo, hi, start = self._mask_bounds(group)
                 clo, chi = _mask_codec_range(lo, hi, start)
@@ -379,7 +378,7 @@ class Automagic_CameAMP(HinaOptimizer):
         e1, e2 = group["eps"]
         warm = group["warmup_steps"]
         early = 2 * t <= warm
-        eight = "exp_avg_q8" in st
+        eight = "exp_avg_f8" in st
         seed = quant8.mix_seed(group["seed"], t, self.param_index(p)) if eight else None
         grad = p.grad
         p32 = p if p.dtype == torch.float32 else pool.get(p, 5).copy_(p)
@@ -397,7 +396,7 @@ class Automagic_CameAMP(HinaOptimizer):
 
         # 2. CAME second moment, RMS clip
         u = pool.get(p, 1)
-        v8 = quant8.load(st, "came_rms", out=pool.get(p, 8)).square_() if "came_rms_q8" in st else None
+        v8 = quant8.load(st, "came_rms", out=pool.get(p, 8)).square_() if "came_rms_f8" in st else None
         came.normalize(g, st, b2, e1, out=u, tmp=tmp, bc2=came.correction(b2, t, group["came_bias_correction"]), v=v8)
         if v8 is not None:
             quant8.store(st, "came_rms", v8.sqrt_(), signed=False, seed=seed)
@@ -427,7 +426,7 @@ class Automagic_CameAMP(HinaOptimizer):
                 quant8.store(st, "exp_avg_slow", ms, signed=True, seed=seed)
 
         # 4. CAME confidence (vectors: AdaBelief residual unless disabled)
-        res8 = quant8.load(st, "came_res_rms", out=pool.get(p, 9)).square_() if "came_res_rms_q8" in st else None
+        res8 = quant8.load(st, "came_res_rms", out=pool.get(p, 9)).square_() if "came_res_rms_f8" in st else None
         s = came.confidence(u, mm, st, b3, e2, out=pool.get(p, 3),
                             bc3=came.correction(b3, t, group["came_bias_correction"]), res=res8)
         if res8 is not None:

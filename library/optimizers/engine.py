@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import torch
 
+from . import quant8
 from .buffer_pool import BufferPool
 
 __all__ = ["HinaOptimizer", "normalize_param_groups"]
@@ -240,6 +241,8 @@ class HinaOptimizer(torch.optim.Optimizer):
                         f"{tuple(t.shape)}, the parameter has {tuple(p.shape)}"
                     )
             new_state[p] = _copy_to_device(value, p.device)
+            if isinstance(new_state[p], dict):
+                quant8.upgrade_dynamic(new_state[p])  # 8-bit state saved before the float8 map
         new_groups = []
         for g, sg in zip(groups, saved_groups):
             ng = {k: v for k, v in sg.items() if k != "params"}
@@ -305,12 +308,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._buffer_pool.clear()
 
     def state_bytes(self) -> int:
-        """Bytes held by tensors in ``self.state`` (for memory benchmarks)."""
-        total = 0
-        for st in self.state.values():
-            for v in _iter_tensors(st):
-                total += v.numel() * v.element_size()
-        return total
+        """Bytes of memory behind ``self.state`` (for memory benchmarks): see :func:`storage_bytes`."""
+        return storage_bytes(self.state.values())
 
 
 def _copy_to_device(value, device):
@@ -321,6 +320,17 @@ def _copy_to_device(value, device):
     if isinstance(value, (list, tuple)):
         return type(value)(_copy_to_device(v, device) for v in value)
     return value
+
+
+def storage_bytes(value) -> int:
+    """Bytes of the storages behind every tensor in ``value`` (nested dicts, lists, tuples,
+    iterables), each storage counted once: state tensors that are views into one flat arena
+    (the 8-bit optimizers' codes) count the arena, block padding included."""
+    seen: dict = {}
+    for t in _iter_tensors(list(value) if not isinstance(value, (torch.Tensor, dict, list, tuple)) else value):
+        st = t.untyped_storage()
+        seen[(st.data_ptr(), str(t.device))] = st.nbytes()
+    return sum(seen.values())
 
 
 def _iter_tensors(value) -> Iterable[torch.Tensor]:

@@ -117,6 +117,10 @@ __all__ = [
     "dynamic_map",
     "quantize_blockwise",
     "dequantize_blockwise",
+    "quantize_float8",
+    "dequantize_float8",
+    "float8_values",
+    "upgrade_dynamic",
     "infer_block_size",
     "log_levels",
     "quantize_log",
@@ -136,6 +140,7 @@ DEFAULT_BLOCK_SIZE = 256
 ABSMAX_FLOOR = 1e-38  # clamp before dividing: 1 / 1e-38 is still a finite fp32
 
 Q_SUFFIX = "_q8"
+F8_SUFFIX = "_f8"
 ABSMAX_SUFFIX = "_absmax"
 LOG_SUFFIX = "_lq"
 RANGE_SUFFIX = "_lrange"
@@ -152,6 +157,16 @@ _PAIRS = sys.byteorder == "little"
 _TABLES: dict = {}
 _META: dict = {}
 _CPU = torch.device("cpu")
+
+_F32_MAX = 3.4028234663852886e38
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _bits32(v: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", v))[0]
 
 
 def _cached(name: tuple, device, build):
@@ -716,18 +731,213 @@ def _code_indices(codes: torch.Tensor) -> torch.Tensor:
     return flat.to(torch.int32) & 0xFF
 
 
+# --------------------------------------------------------------------------- float8 codec
+#
+# Magnitude code c with M mantissa bits (signed: 7-bit magnitude, M = 3; unsigned: 8 bits,
+# M = 4) stands for  y(c) = c * 2^-(14 + M)  for c < 2^M  and  2^((c >> M) - 15) *
+# (1 + (c mod 2^M) / 2^M)  above: a float with 4 exponent bits whose smallest binade continues
+# linearly down to 0. y runs from 0 to TOP = 2 - 2^-M (1.875 / 1.9375); an element decodes to
+# sign * y(c) / TOP * absmax, so the block's absmax and 0 are exact codes.
+#
+# y(c) * 2^-112 is exactly the fp32 number whose bit pattern is  c << (23 - M): exponent
+# field e = c >> M, with e = 0 landing on fp32's own subnormals, which are linear in the bit
+# pattern. So the encoder computes z = (x / absmax) * C with C = TOP * 2^-112 (exact; a single
+# constant per block would underflow for a large absmax) and reads the code off z's bits:
+#   stochastic:  c = (bits(z) + r) >> (23 - M),  r uniform on [0, 2^(23 - M))
+#   nearest:     c = (bits(z) + 2^(22 - M)) >> (23 - M)          (ties go up)
+# Adding r below the kept bits and truncating picks the level above with probability equal to
+# the distance from the level below over the gap, also across a binade edge (the carry moves
+# into the exponent) and in the linear range, so E[decoded] = x up to the fp32 rounding of z.
+# |x / absmax| <= 1 (correctly rounded division), so no code overflows. For a negative z the
+# arithmetic shift keeps the sign in the high bits; the low byte is the magnitude code and the
+# signed encoder adds 128 where z < 0 (codes are sign-magnitude; int8 storage reads them back
+# sign-extended, and masking off the extension gives the fp32 pattern again). The unsigned
+# encoder stores |x| the same way. Decoding is four or five elementwise passes written into the
+# output (no gathers, no scratch); encoding is five to seven passes per chunk of 2^18 elements
+# (cache-resident scratch) plus the block absmax.
+
+_F8_M = {True: 3, False: 4}  # mantissa bits of the signed (7-bit magnitude) and unsigned maps
+# z = y * 2^-shift: the top exponent field 2^E - 1 (E = magnitude bits - M) is y's binade 2^0
+_F8_SHIFT = {s: 127 - ((1 << ((7 if s else 8) - m)) - 1) for s, m in _F8_M.items()}
+_F8_TOP = {s: 2.0 - 2.0 ** -m for s, m in _F8_M.items()}  # the largest y (1.875, 1.9375)
+_F8_C = {s: _F8_TOP[s] * 2.0 ** -_F8_SHIFT[s] for s in _F8_M}  # z of the absmax, exact in fp32
+_F8_NOISE_BITS = 20  # 2^20 int32 offsets (4 MiB per mantissa width and device), built once
+
+
+def _f8_noise(m: int, device) -> torch.Tensor:
+    """Uniform integers on [0, 2^(23 - m)), 2^20 of them plus one chunk of wrap-around."""
+    def build():
+        gen = torch.Generator().manual_seed(0x5EED8)
+        t = torch.randint(0, 1 << 23, (1 << _F8_NOISE_BITS,), generator=gen, dtype=torch.int32)
+        t = t.bitwise_right_shift_(m)
+        return (torch.cat([t, t[:_CHUNK]]),)
+
+    return _cached(("f8noise", m, _CHUNK), device, build)[0]
+
+
+def float8_values(signed: bool = True, device=None) -> torch.Tensor:
+    """The fp32 value of every code as a fraction of the block's absmax (256 entries, indexed
+    by the uint8 code; signed codes are sign-magnitude, 128 + c is -value(c); the top code is 1)."""
+    codes = torch.arange(256, dtype=torch.uint8, device=device)
+    one = torch.ones(1, dtype=torch.float32, device=device)
+    return dequantize_float8(codes.view(torch.int8) if signed else codes, one, signed=signed, block_size=256)
+
+
+def _f8_encode_rows(xb, absmax, codes, z, t, noise, m: int, signed: bool) -> None:
+    """Codes of the rows of ``xb`` (fp32 [k, w]) with block absmax ``absmax`` ([k]); ``codes``:
+    flat uint8 [k * w]; ``z`` fp32 and ``t`` int32 scratch [k * w]; ``noise``: int32 [k * w]
+    or a Python int (nearest)."""
+    torch.div(xb, absmax.unsqueeze(1), out=z.view(xb.shape))  # |.| <= 1, exactly 1 at the absmax
+    z.mul_(_F8_C[signed])
+    zi = z.view(torch.int32)
+    if signed:
+        torch.bitwise_right_shift(zi, 31, out=t)  # -1 where z < 0
+        zi.add_(noise).bitwise_right_shift_(23 - m)
+        zi.sub_(t, alpha=128)
+    else:
+        zi.add_(noise).bitwise_right_shift_(23 - m)
+    codes.copy_(zi)
+
+
+def quantize_float8(
+    x: torch.Tensor,
+    signed: bool = True,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    *,
+    codes_out: Optional[torch.Tensor] = None,
+    absmax_out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x`` blockwise to the float8 map (see "float8 codec" in the module docstring).
+
+    Same contract as :func:`quantize_blockwise`: ``(codes, absmax)``, codes shaped like ``x``
+    (int8 when signed, uint8 otherwise, unless ``codes_out`` of the other 8-bit dtype is given),
+    fp32 absmax per block, ``"nearest"`` or ``"stochastic"`` rounding (then ``seed`` is
+    required; element i uses noise entry ``(offset(seed) + i) mod 2^20``). Unsigned codes store
+    |x|. A block holding NaN or inf decodes to NaN.
+    """
+    block_size = _check_block_size(block_size)
+    nearest = _check_rounding(rounding, seed)
+    signed = bool(signed)
+    shape, device = x.shape, x.device
+    flat = (x.detach() if x.requires_grad else x).reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    n = flat.numel()
+    nb = -(-n // block_size)
+    if absmax_out is not None:
+        if absmax_out.dtype != torch.float32 or absmax_out.numel() != nb or not absmax_out.is_contiguous():
+            raise ValueError(f"absmax_out must be a contiguous fp32 tensor of {nb} elements")
+        absmax = absmax_out.view(-1)
+    else:
+        absmax = torch.empty(nb, dtype=torch.float32, device=device)
+    if codes_out is not None:
+        codes = _flat_codes(codes_out, n)
+    else:
+        codes_out = torch.empty(shape, dtype=torch.int8 if signed else torch.uint8, device=device)
+        codes = codes_out.view(-1).view(torch.uint8)
+    result = codes_out, (absmax if absmax_out is None else absmax_out)
+    if n == 0:
+        return result
+    full = n // block_size
+    body = full * block_size
+    if full:
+        _absmax(flat[:body].view(full, block_size), True, absmax[:full])
+    if body < n:
+        _absmax(flat[body:].view(1, n - body), True, absmax[full:])
+    m = _F8_M[signed]
+    noise = None if nearest else _f8_noise(m, device)
+    offset = 0 if nearest else _splitmix64(int(seed) & _MASK64) & ((1 << _F8_NOISE_BITS) - 1)
+    rows = max(_CHUNK // block_size, 1)
+    step = rows * block_size
+    s = _scratch(device, min(step, n))
+    z_all, t_all = s.buf("v", torch.float32), s.buf("y", torch.int32)
+    if z_all.numel() < min(step, n):  # a block wider than the scratch
+        z_all = torch.empty(min(step, n), dtype=torch.float32, device=device)
+        t_all = torch.empty(min(step, n), dtype=torch.int32, device=device)
+
+    def rng(c0, length):
+        if noise is None:
+            return 1 << (22 - m)
+        out, pos = [], c0
+        while pos < c0 + length:  # windows of at most one chunk
+            start = (offset + pos) & ((1 << _F8_NOISE_BITS) - 1)
+            take = min(c0 + length - pos, _CHUNK)
+            out.append(noise[start:start + take])
+            pos += take
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    for c0 in range(0, body, step):
+        c1 = min(c0 + step, body)
+        k, w = (c1 - c0) // block_size, c1 - c0
+        _f8_encode_rows(flat[c0:c1].view(k, block_size), absmax[c0 // block_size:c1 // block_size], codes[c0:c1],
+                        z_all[:w], t_all[:w], rng(c0, w), m, signed)
+    if body < n:
+        w = n - body
+        _f8_encode_rows(flat[body:].view(1, w), absmax[full:], codes[body:], z_all[:w], t_all[:w], rng(body, w),
+                        m, signed)
+    return result
+
+
+def dequantize_float8(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    signed: bool = True,
+    shape=None,
+    block_size: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_float8` (same contract as :func:`dequantize_blockwise`)."""
+    n = codes.numel()
+    if shape is None:
+        shape = codes.shape
+    else:
+        shape = torch.Size(shape)
+        if math.prod(shape) != n:
+            raise ValueError(f"shape {tuple(shape)} does not match {n} codes")
+    nb = absmax.numel()
+    block_size = infer_block_size(n, nb) if block_size is None else _check_block_size(block_size)
+    if -(-n // block_size) != nb:
+        raise ValueError(f"{nb} absmax values do not fit {n} codes in blocks of {block_size}")
+    device = codes.device
+    if out is not None and (out.numel() != n or not out.is_contiguous()):
+        raise ValueError("out must be contiguous with as many elements as codes")
+    direct = out is not None and out.dtype == torch.float32
+    res = out.view(-1) if direct else torch.empty(n, dtype=torch.float32, device=device)
+    if n:
+        flat = codes.reshape(-1)
+        if flat.dtype not in (torch.uint8, torch.int8):  # e.g. cast to float by a plain load
+            flat = flat.to(torch.int32) & 0xFF
+        ri = res.view(torch.int32)
+        if signed:
+            ri.copy_(flat.view(torch.int8) if flat.dtype == torch.uint8 else flat if flat.dtype == torch.int8
+                     else (flat ^ 0x80) - 0x80)  # sign-extended
+            sh = 23 - _F8_M[True]  # clear the sign extension above the 7 magnitude bits
+            ri.bitwise_left_shift_(sh).bitwise_and_(-(1 << 31) | ((1 << (sh + 7)) - 1))
+        else:
+            ri.copy_(flat.view(torch.uint8) if flat.dtype == torch.int8 else flat)
+            ri.bitwise_left_shift_(23 - _F8_M[False])
+        res.div_(_F8_C[bool(signed)])  # y / TOP: exactly 1 for the top code
+        scale = absmax.reshape(-1)
+        if scale.dtype != torch.float32 or scale.device != device:
+            scale = scale.to(device=device, dtype=torch.float32)
+        full = n // block_size
+        body = full * block_size
+        if full:
+            res[:body].view(full, block_size).mul_(scale[:full].unsqueeze(1))
+        if body < n:
+            res[body:].mul_(scale[full])
+    if direct:
+        return out
+    if out is not None:
+        return out.copy_(res.view(out.shape))
+    res = res.view(shape)
+    return res if dtype == torch.float32 else res.to(dtype)
+
+
 # --------------------------------------------------------------------------- log codec
-
-
-_F32_MAX = 3.4028234663852886e38
-
-
-def _f32(v: float) -> float:
-    return struct.unpack("f", struct.pack("f", v))[0]
-
-
-def _bits32(v: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", v))[0]
 
 
 def _check_range(lo: float, hi: float) -> tuple[float, float]:
@@ -900,6 +1110,14 @@ def mix_seed(*parts) -> int:
 # --------------------------------------------------------------------------- state dicts
 
 
+def _codec(code: str):
+    if code == "float8":
+        return quantize_float8, dequantize_float8, F8_SUFFIX
+    if code == "dynamic":
+        return quantize_blockwise, dequantize_blockwise, Q_SUFFIX
+    raise ValueError(f"code must be 'float8' or 'dynamic', got {code!r}")
+
+
 def store(
     state: dict,
     key: str,
@@ -910,61 +1128,84 @@ def store(
     rounding: str = "stochastic",
     block_size: int = DEFAULT_BLOCK_SIZE,
     inplace: bool = False,
+    code: str = "float8",
 ) -> None:
-    """Quantise ``x`` into ``state[key + "_q8"]`` (int8 codes if signed, else uint8; shaped
-    like x) and ``state[key + "_absmax"]`` (fp32). The stochastic stream is
-    ``mix_seed(seed, key)``, so two keys stored with the same seed get different streams.
+    """Quantise ``x`` into ``state[key + "_f8"]`` (float8 map; ``code="dynamic"``: the dynamic
+    map under ``key + "_q8"``), int8 codes if signed, else uint8, shaped like x, and
+    ``state[key + "_absmax"]`` (fp32). A code stored under the other suffix is removed. The
+    stochastic stream is ``mix_seed(seed, key)``, so two keys stored with the same seed get
+    different streams.
 
     ``inplace=True`` overwrites the tensors already stored under ``key`` when they have the
     right dtype, shape and device (no allocation; anything holding them sees the new codes),
     and stores new ones otherwise. The codes are the same either way."""
+    quantize, _, suffix = _codec(code)
     mixed = None if seed is None else mix_seed(seed, key)
     codes_out = absmax_out = None
     if inplace:
-        old_c, old_a = state.get(key + Q_SUFFIX), state.get(key + ABSMAX_SUFFIX)
+        old_c, old_a = state.get(key + suffix), state.get(key + ABSMAX_SUFFIX)
         nb = -(-x.numel() // _check_block_size(block_size))
         if (isinstance(old_c, torch.Tensor) and isinstance(old_a, torch.Tensor)
                 and old_c.dtype == (torch.int8 if signed else torch.uint8) and old_c.shape == x.shape
                 and old_c.device == x.device and old_c.is_contiguous()
                 and old_a.dtype == torch.float32 and old_a.shape == (nb,) and old_a.device == x.device):
             codes_out, absmax_out = old_c, old_a
-    codes, absmax = quantize_blockwise(x, signed=signed, block_size=block_size, rounding=rounding,
-                                       seed=mixed, codes_out=codes_out, absmax_out=absmax_out)
-    state[key + Q_SUFFIX] = codes.view(torch.int8) if signed and codes.dtype != torch.int8 else codes
+    codes, absmax = quantize(x, signed=signed, block_size=block_size, rounding=rounding,
+                             seed=mixed, codes_out=codes_out, absmax_out=absmax_out)
+    state.pop(key + (Q_SUFFIX if suffix == F8_SUFFIX else F8_SUFFIX), None)
+    want = torch.int8 if signed else torch.uint8
+    state[key + suffix] = codes if codes.dtype == want else codes.view(want)
     state[key + ABSMAX_SUFFIX] = absmax
 
 
 def store_zeros(state: dict, key: str, shape, *, signed: bool, device=None,
-                block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                block_size: int = DEFAULT_BLOCK_SIZE, code: str = "float8") -> None:
     """Store an all-zero tensor of ``shape`` without materialising it in fp32."""
+    _, _, suffix = _codec(code)
     block_size = _check_block_size(block_size)
     shape = torch.Size(shape)
     n = math.prod(shape)
-    zero_code = _zero_code(signed)
+    zero_code = _zero_code(signed) if suffix == Q_SUFFIX else 0
     codes = torch.full(shape, zero_code, dtype=torch.uint8, device=device)
-    state[key + Q_SUFFIX] = codes.view(torch.int8) if signed else codes
+    state.pop(key + (Q_SUFFIX if suffix == F8_SUFFIX else F8_SUFFIX), None)
+    state[key + suffix] = codes.view(torch.int8) if signed else codes
     state[key + ABSMAX_SUFFIX] = torch.full((-(-n // block_size),), ABSMAX_FLOOR,
                                             dtype=torch.float32, device=device)
 
 
 def load(state: dict, key: str, *, out: Optional[torch.Tensor] = None,
          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dequantise what :func:`store` put under ``key`` (shape = the stored codes' shape).
+    """Dequantise what :func:`store` put under ``key`` (shape = the stored codes' shape), with
+    the map named by the suffix (``_f8`` float8, ``_q8`` dynamic).
 
-    The map is read from the codes' dtype (int8: signed, uint8: unsigned). Codes that a plain
-    ``Optimizer.load_state_dict`` cast to a float dtype cannot tell the map apart and raise
-    ``ValueError``; keep saved dtypes on load (the engine does).
+    Signed or unsigned is read from the codes' dtype (int8: signed, uint8: unsigned). Codes
+    that a plain ``Optimizer.load_state_dict`` cast to a float dtype cannot tell them apart and
+    raise ``ValueError``; keep saved dtypes on load (the engine does).
     """
-    codes = state[key + Q_SUFFIX]
+    suffix = F8_SUFFIX if key + F8_SUFFIX in state else Q_SUFFIX
+    dequantize = dequantize_float8 if suffix == F8_SUFFIX else dequantize_blockwise
+    codes = state[key + suffix]
     if codes.dtype == torch.int8:
         signed = True
     elif codes.dtype == torch.uint8:
         signed = False
     else:
-        raise ValueError(f"state[{key + Q_SUFFIX!r}] has dtype {codes.dtype}: it was cast on load "
+        raise ValueError(f"state[{key + suffix!r}] has dtype {codes.dtype}: it was cast on load "
                          "(keep saved dtypes in load_state_dict)")
-    return dequantize_blockwise(codes, state[key + ABSMAX_SUFFIX], signed=signed,
-                                out=out, dtype=dtype)
+    return dequantize(codes, state[key + ABSMAX_SUFFIX], signed=signed, out=out, dtype=dtype)
+
+
+def upgrade_dynamic(state: dict) -> int:
+    """Re-encode every dynamic-map entry (``*_q8``, written before the float8 map became the
+    default) of one parameter's state to float8 with nearest rounding; returns how many."""
+    keys = [k[:-len(Q_SUFFIX)] for k, v in state.items()
+            if isinstance(k, str) and k.endswith(Q_SUFFIX) and isinstance(v, torch.Tensor)]
+    for key in keys:
+        signed = state[key + Q_SUFFIX].dtype == torch.int8
+        block = infer_block_size(state[key + Q_SUFFIX].numel(), state[key + ABSMAX_SUFFIX].numel())
+        x = load(state, key)
+        store(state, key, x, signed=signed, rounding="nearest", block_size=block)
+    return len(keys)
 
 
 def store_log(state: dict, key: str, x: torch.Tensor, *, lo: float, hi: float, bits: int = 8,
@@ -995,12 +1236,12 @@ def load_log(state: dict, key: str, *, out: Optional[torch.Tensor] = None,
 
 def has_quantized(state: dict, key: str) -> bool:
     """Whether :func:`store` or :func:`store_log` has written ``key`` into ``state``."""
-    return key + Q_SUFFIX in state or key + LOG_SUFFIX in state
+    return key + F8_SUFFIX in state or key + Q_SUFFIX in state or key + LOG_SUFFIX in state
 
 
 def quant_keys(key: str) -> tuple[str, ...]:
     """Every state key :func:`store` / :func:`store_log` may write for ``key``."""
-    return (key + Q_SUFFIX, key + ABSMAX_SUFFIX, key + LOG_SUFFIX, key + RANGE_SUFFIX)
+    return (key + F8_SUFFIX, key + Q_SUFFIX, key + ABSMAX_SUFFIX, key + LOG_SUFFIX, key + RANGE_SUFFIX)
 
 
 def state_nbytes(state: dict) -> int:
