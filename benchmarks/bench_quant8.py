@@ -1,26 +1,28 @@
-"""Blockwise 8-bit state store: speed against the previous encoder and bitsandbytes, bytes per
-element, accuracy.
+"""Blockwise 8-bit state store: the float8 map (what the optimizers use) against the dynamic
+map (kept for reading older checkpoints) and bitsandbytes; bytes per element; accuracy; how
+well an 8-bit Adam state tracks fp32 over many steps.
 
-    python -m benchmarks.bench_quant8 [--quick] [--threads N [N ...]] [--repeats R] [--baseline REV]
+    python -m benchmarks.bench_quant8 [--quick] [--threads N [N ...]] [--repeats R]
 
 Same process, same data, CPU. The 9.44M elements of the SD1.5 rank-16 LoRA set (528 tensors)
 are laid out three ways:
 
-- ``lora16x528``: one call per tensor (the per-tensor API);
+- ``lora16x528``: one call per tensor (the per-tensor API, as the Automagic family calls it);
 - ``flat/512K``: one flat fp32 buffer cut into block-aligned calls of 2^19 elements, the way
-  an optimizer that keeps its state in flat chunks calls the codec (the case optimised for);
+  AdaptiveHinaAdamW / HinaAdamWOptimizer call the codec on a chunk's arena slice;
 - ``flat9.4M``: the whole buffer in one call.
 
-For each it times quantise and dequantise (block 256) of ``library.optimizers.quant8`` (nearest
-and stochastic rounding, and stochastic with ``codes_out=`` / ``absmax_out=`` and decoding with
-``out=``, which allocate nothing per call), of the previous implementation of the module
-(``--baseline``, a git revision, read with ``git show``; "old" rows) and of
-``bitsandbytes.functional`` (whose CPU kernel does nearest only), with Adam-like data: signed map
-on N(0, 1e-3) "exp_avg", unsigned map on its square (the optimizers store sqrt(exp_avg_sq)
-unsigned; the map and the cost are the same). It also times the lr-mask log codec, measures
-state bytes per element on the rank-16, rank-4 and small LoKr sets (ours quantises every
-tensor; bitsandbytes' 8-bit optimizers keep tensors under 4096 elements in fp32), and the mean
-absolute quantisation error of both implementations.
+For each it times quantise and dequantise (block 256) with both maps of
+``library.optimizers.quant8`` (nearest and stochastic rounding; stochastic also with
+``codes_out=`` / ``absmax_out=`` and decoding with ``out=``, which allocate nothing per call)
+and with ``bitsandbytes.functional`` (dynamic map; its CPU kernel rounds to nearest only), on
+Adam-like data: signed map on N(0, 1e-3) "exp_avg", unsigned map on its square. It also times
+the lr-mask log codec (the Automagic family's 8-bit masks), measures state bytes per element on
+the rank-16, rank-4 and small LoKr sets (we quantise every tensor; bitsandbytes' 8-bit
+optimizers keep tensors under 4096 elements in fp32), the mean absolute quantisation error, and
+EMA tracking: Adam's m (beta 0.9) and sqrt(v) (beta 0.999) stored in 8 bits and requantised
+every step for 2,000 steps of noisy gradients, relative RMS error against the fp32 EMAs and of
+the resulting update m / sqrt(v).
 
 Implementations are timed in turn inside each repeat (so a busy spell on a shared machine hits
 all of them) and every number is the minimum over ``--repeats`` runs (the median is stored
@@ -29,13 +31,10 @@ too): other processes only ever add time. Writes benchmarks/results/quant8.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ""):
@@ -51,9 +50,8 @@ BLOCK = 256
 FLAT_CHUNK = 1 << 19  # elements per call in the "flat/512K" layout (block-aligned)
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit default: smaller tensors stay fp32
 LO, HI = 1e-7, 1e-3
-# the last commit of quant8.py with the 2^17-entry lookup-table encoder
-BASELINE = "6705429f76b336b44649d8a1b08473a09f213852"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODECS = {"float8": (q.quantize_float8, q.dequantize_float8),
+          "dynamic": (q.quantize_blockwise, q.dequantize_blockwise)}
 
 
 def _bnb():
@@ -64,27 +62,6 @@ def _bnb():
         print(f"bitsandbytes unavailable ({exc}); measuring ours only")
         return None, None
     return F, bitsandbytes.__version__
-
-
-def _baseline(rev: str):
-    """The module as it was at git revision ``rev`` (None if git or the revision is missing)."""
-    if not rev:
-        return None, None
-    try:
-        full = subprocess.run(["git", "rev-parse", "--verify", rev + "^{commit}"], cwd=REPO, check=True,
-                              capture_output=True, text=True).stdout.strip()
-        src = subprocess.run(["git", "show", f"{full}:library/optimizers/quant8.py"], cwd=REPO, check=True,
-                             capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        print(f"baseline {rev!r} unavailable ({exc}); no 'old' rows")
-        return None, None
-    with tempfile.NamedTemporaryFile("w", suffix="_quant8_old.py", delete=False) as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("quant8_baseline", f.name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    os.unlink(f.name)
-    return mod, full
 
 
 def timed_all(fns: dict, repeats: int) -> dict:
@@ -108,24 +85,26 @@ def make_data(shapes, seed=0):
     return m, v
 
 
-def _impls(xs, signed, old, F):
+def _impls(xs, signed, F):
     """{impl: (quantise fn, dequantise fn or None)} on the list of tensors ``xs``."""
     out = {}
     seeds = list(range(len(xs)))
-    for name, mod in (("old", old), ("new", q)):
-        if mod is None:
-            continue
-        codes = [mod.quantize_blockwise(x, signed, BLOCK) for x in xs]
+    for name, (fq, fd) in CODECS.items():
+        codes = [fq(x, signed, BLOCK) for x in xs]
         out[f"{name} nearest"] = (
-            lambda mod=mod: [mod.quantize_blockwise(x, signed, BLOCK) for x in xs],
-            lambda mod=mod, codes=codes: [mod.dequantize_blockwise(c, a, signed) for c, a in codes],
+            lambda fq=fq: [fq(x, signed, BLOCK) for x in xs],
+            lambda fd=fd, codes=codes: [fd(c, a, signed) for c, a in codes],
         )
         bufs = [torch.empty_like(x) for x in xs]
         out[f"{name} stochastic"] = (
-            lambda mod=mod: [mod.quantize_blockwise(x, signed, BLOCK, rounding="stochastic", seed=i)
-                             for i, x in zip(seeds, xs)],
-            lambda mod=mod, codes=codes, bufs=bufs: [mod.dequantize_blockwise(c, a, signed, out=o)
-                                                     for (c, a), o in zip(codes, bufs)],
+            lambda fq=fq: [fq(x, signed, BLOCK, rounding="stochastic", seed=i) for i, x in zip(seeds, xs)],
+            lambda fd=fd, codes=codes, bufs=bufs: [fd(c, a, signed, out=o) for (c, a), o in zip(codes, bufs)],
+        )
+        keep = [(c.clone(), a.clone()) for c, a in codes]
+        out[f"{name} stochastic in place"] = (
+            lambda fq=fq, keep=keep: [fq(x, signed, BLOCK, rounding="stochastic", seed=i, codes_out=c, absmax_out=a)
+                                      for i, x, (c, a) in zip(seeds, xs, keep)],
+            None,
         )
     if F is not None:
         code = F.create_dynamic_map(signed)
@@ -134,22 +113,15 @@ def _impls(xs, signed, old, F):
             lambda: [F.quantize_blockwise(x, code=code, blocksize=BLOCK) for x in xs],
             lambda: [F.dequantize_blockwise(c, s) for c, s in bnb_q],
         )
-    codes = [q.quantize_blockwise(x, signed, BLOCK) for x in xs]
-    keep = [(c.clone(), a.clone()) for c, a in codes]
-    out["new stochastic in place"] = (
-        lambda: [q.quantize_blockwise(x, signed, BLOCK, rounding="stochastic", seed=i, codes_out=c, absmax_out=a)
-                 for i, x, (c, a) in zip(seeds, xs, keep)],
-        None,
-    )
     return out
 
 
-def bench_throughput(layouts, repeats, F, old):
+def bench_throughput(layouts, repeats, F):
     rows = []
     for layout, tensors in layouts:
         n = sum(t.numel() for t in tensors["m"])
         for map_name, signed, xs in (("signed", True, tensors["m"]), ("unsigned", False, tensors["v"])):
-            impls = _impls(xs, signed, old, F)
+            impls = _impls(xs, signed, F)
             fns = {}
             for impl, (fq, fdq) in impls.items():
                 fns[(impl, "quant")] = fq
@@ -171,18 +143,11 @@ def bench_throughput(layouts, repeats, F, old):
         lrs = [torch.rand(t.shape, generator=gen).mul_(math.log(HI / LO)).add_(math.log(LO)).exp_()
                for t in tensors["m"]]
         for bits in (8, 16):
-            fns = {}
-            for name, mod in (("old", old), ("new", q)):
-                if mod is None:
-                    continue
-                codes = [mod.quantize_log(x, LO, HI, bits=bits, seed=i) for i, x in enumerate(lrs)]
-                fns[(name, "quant")] = lambda mod=mod: [mod.quantize_log(x, LO, HI, bits=bits, seed=i)
-                                                        for i, x in enumerate(lrs)]
-                fns[(name, "dequant")] = lambda mod=mod, codes=codes: [mod.dequantize_log(c, LO, HI) for c in codes]
+            codes = [q.quantize_log(x, LO, HI, bits=bits, seed=i) for i, x in enumerate(lrs)]
+            fns = {("log", "quant"): lambda: [q.quantize_log(x, LO, HI, bits=bits, seed=i) for i, x in enumerate(lrs)],
+                   ("log", "dequant"): lambda codes=codes: [q.dequantize_log(c, LO, HI) for c in codes]}
             res = timed_all(fns, repeats)
-            for name in ("old", "new"):
-                if (name, "quant") not in res:
-                    continue
+            for name in ("log",):
                 (qm, qmed), (dm, dmed) = res[(name, "quant")], res[(name, "dequant")]
                 rows.append({"layout": layout, "map": f"log{bits} [1e-7,1e-3]", "impl": f"{name} stochastic",
                              "elements": n, "calls": len(lrs), "quant_ms": qm, "quant_ms_median": qmed,
@@ -197,16 +162,16 @@ def bench_throughput(layouts, repeats, F, old):
 
 
 def speedups(rows) -> list:
-    """new / old time ratios per (layout, map, rounding) where both were measured."""
+    """dynamic / float8 time ratios per (layout, map, rounding)."""
     idx = {(r["layout"], r["map"], r["impl"]): r for r in rows}
     out = []
     for (layout, map_name, impl), r in idx.items():
-        if not impl.startswith("new ") or impl.endswith("in place"):
+        if not impl.startswith("float8 "):
             continue
-        o = idx.get((layout, map_name, "old " + impl[4:]))
+        o = idx.get((layout, map_name, "dynamic " + impl[7:]))
         if o is None:
             continue
-        row = {"layout": layout, "map": map_name, "rounding": impl[4:],
+        row = {"layout": layout, "map": map_name, "rounding": impl[7:],
                "quant_speedup": o["quant_ms"] / r["quant_ms"]}
         if "dequant_ms" in r and "dequant_ms" in o:
             row["dequant_speedup"] = o["dequant_ms"] / r["dequant_ms"]
@@ -223,7 +188,7 @@ def bytes_per_element(shape_sets):
         small = 0
         for _, shape in shapes:
             x = torch.randn(shape)
-            codes, absmax = q.quantize_blockwise(x, True, BLOCK)
+            codes, absmax = q.quantize_float8(x, True, BLOCK)
             n = x.numel()
             n_total += n
             ours += codes.numel() * codes.element_size() + absmax.numel() * absmax.element_size()
@@ -246,22 +211,61 @@ def accuracy(m, v, F):
     """Mean |deq - x| / mean |x| per implementation on the rank-16 LoRA data."""
     out = {}
     for map_name, signed, xs in (("signed", True, m), ("unsigned", False, v)):
-        num = {"ours nearest": 0.0, "ours stochastic": 0.0, "bitsandbytes": 0.0}
+        num = {f"{c} {r}": 0.0 for c in CODECS for r in ("nearest", "stochastic")}
+        if F is not None:
+            num["bitsandbytes"] = 0.0
         den = 0.0
         for i, x in enumerate(xs):
             den += float(x.abs().sum())
-            c, a = q.quantize_blockwise(x, signed, BLOCK)
-            num["ours nearest"] += float((q.dequantize_blockwise(c, a, signed) - x).abs().sum())
-            c, a = q.quantize_blockwise(x, signed, BLOCK, rounding="stochastic", seed=i)
-            num["ours stochastic"] += float((q.dequantize_blockwise(c, a, signed) - x).abs().sum())
+            for c, (fq, fd) in CODECS.items():
+                codes, a = fq(x, signed, BLOCK)
+                num[f"{c} nearest"] += float((fd(codes, a, signed) - x).abs().sum())
+                codes, a = fq(x, signed, BLOCK, rounding="stochastic", seed=i)
+                num[f"{c} stochastic"] += float((fd(codes, a, signed) - x).abs().sum())
             if F is not None:
                 c, s = F.quantize_blockwise(x, code=F.create_dynamic_map(signed), blocksize=BLOCK)
                 num["bitsandbytes"] += float((F.dequantize_blockwise(c, s) - x).abs().sum())
-        out[map_name] = {k: val / den for k, val in num.items() if F is not None or k != "bitsandbytes"}
+        out[map_name] = {k: val / den for k, val in num.items()}
     return out
 
 
-def markdown(rows, speed, bpe, acc) -> str:
+def ema_tracking(steps: int = 2000, n: int = 1 << 16, seed: int = 0) -> dict:
+    """Adam's m and sqrt(v) kept in 8 bits (requantised every step) against fp32 EMAs.
+
+    Gradient of element i: N(mu_i, s_i) with s_i log-uniform over 1e-5..1e-2 (so one block
+    holds magnitudes three decades apart) and mu_i = 0.3 s_i. Reports the relative RMS error
+    of m, of v and of the update m / (sqrt(v) + 1e-8) after ``steps`` steps."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.rand(n, generator=gen).mul_(math.log(1e3)).exp_().mul_(1e-5)
+    mu = 0.3 * s
+    out = {}
+    variants = [(c, r) for c in CODECS for r in ("stochastic", "nearest")]
+    for codec, rounding in variants:
+        fq, fd = CODECS[codec]
+        m32, v32 = torch.zeros(n), torch.zeros(n)
+        mq, mqa = fq(torch.zeros(n), True, BLOCK)
+        rq, rqa = fq(torch.zeros(n), False, BLOCK)
+        g_gen = torch.Generator().manual_seed(seed + 1)
+        for t in range(1, steps + 1):
+            g = torch.randn(n, generator=g_gen).mul_(s).add_(mu)
+            m32.lerp_(g, 0.1)
+            v32.mul_(0.999).addcmul_(g, g, value=0.001)
+            m8 = fd(mq, mqa, True).lerp_(g, 0.1)
+            v8 = fd(rq, rqa, False).square_().mul_(0.999).addcmul_(g, g, value=0.001)
+            kw = {"rounding": rounding} if rounding == "nearest" else {"rounding": rounding, "seed": q.mix_seed(seed, t)}
+            mq, mqa = fq(m8, True, BLOCK, **kw)
+            rq, rqa = fq(v8.sqrt_(), False, BLOCK, **kw)
+        m8, v8 = fd(mq, mqa, True), fd(rq, rqa, False).square_()
+
+        def rel(a, b):
+            return float((a - b).norm() / b.norm())
+
+        u32, u8 = m32 / (v32.sqrt() + 1e-8), m8 / (v8.sqrt() + 1e-8)
+        out[f"{codec} {rounding}"] = {"m": rel(m8, m32), "v": rel(v8, v32), "update": rel(u8, u32)}
+    return out
+
+
+def markdown(rows, speed, bpe, acc, ema) -> str:
     lines = ["| threads | layout | map | impl | quantise ms | dequantise ms | quantise M el/s | dequantise M el/s |",
              "|---:|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -272,7 +276,7 @@ def markdown(rows, speed, bpe, acc) -> str:
         lines.append(f"| {r['threads']} | {r['layout']} | {r['map']} | {r['impl']} | {r['quant_ms']:.1f} | {dq} | "
                      f"{r['quant_Melem_s']:.0f} | {dqs} |")
     if speed:
-        lines += ["", "| threads | layout | map | rounding | quantise old/new | dequantise old/new |",
+        lines += ["", "| threads | layout | map | rounding | quantise dynamic/float8 | dequantise dynamic/float8 |",
                   "|---:|---|---|---|---:|---:|"]
         for s in speed:
             dq = f"{s['dequant_speedup']:.2f}x" if "dequant_speedup" in s else "-"
@@ -287,6 +291,10 @@ def markdown(rows, speed, bpe, acc) -> str:
               "|---|" + "---:|" * len(next(iter(acc.values())))]
     for name, a in acc.items():
         lines.append(f"| {name} mean abs err / mean abs | " + " | ".join(f"{v:.4%}" for v in a.values()) + " |")
+    lines += ["", "EMA tracking (2,000 steps, m beta 0.9, sqrt(v) beta 0.999, requantised every step; relative RMS "
+              "error against fp32):", "", "| codec | m | v | update m/sqrt(v) |", "|---|---:|---:|---:|"]
+    for name, e in ema.items():
+        lines.append(f"| {name} | {e['m']:.2%} | {e['v']:.2%} | {e['update']:.2%} |")
     return "\n".join(lines)
 
 
@@ -296,8 +304,6 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="torch CPU thread counts to time, e.g. --threads 1 2 (default: torch's)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (min is reported)")
-    ap.add_argument("--baseline", default=BASELINE,
-                    help="git revision of the previous quant8.py for the 'old' rows ('' to skip)")
     ap.add_argument("--out", default=None, help="file name under benchmarks/results/ "
                     "(default quant8.json, quant8_quick.json with --quick)")
     args = ap.parse_args(argv)
@@ -306,7 +312,6 @@ def main(argv=None):
     thread_counts = args.threads or [torch.get_num_threads()]
     repeats = args.repeats or (3 if args.quick else 9)
     F, bnb_version = _bnb()
-    old, old_rev = _baseline(args.baseline)
 
     shapes16 = lora_shapes(16)
     m, v = make_data(shapes16)
@@ -318,21 +323,23 @@ def main(argv=None):
     rows, speed = [], []
     for threads in thread_counts:
         torch.set_num_threads(threads)
-        print(f"quant8 benchmark: threads={threads} repeats={repeats} bnb={bnb_version} baseline={old_rev}")
-        r = bench_throughput(layouts, repeats, F, old)
+        print(f"quant8 benchmark: threads={threads} repeats={repeats} bnb={bnb_version}")
+        r = bench_throughput(layouts, repeats, F)
         rows += [{"threads": threads, **row} for row in r]
         speed += [{"threads": threads, **row} for row in speedups(r)]
     bpe = bytes_per_element({"lora_shapes(16)": shapes16, "lora_shapes(4)": lora_shapes(4),
                              "lokr_shapes(16)": lokr_shapes(16)})
     acc = accuracy(m, v, F)
-    table = markdown(rows, speed, bpe, acc)
+    ema = ema_tracking(steps=500 if args.quick else 2000)
+    table = markdown(rows, speed, bpe, acc, ema)
     print()
     print(table)
     path = write_json(args.out, {
         "benchmark": "quant8", "quick": args.quick, "thread_counts": thread_counts, "repeats": repeats,
-        "block_size": BLOCK, "flat_chunk": FLAT_CHUNK, "bitsandbytes": bnb_version, "baseline": old_rev,
+        "block_size": BLOCK, "flat_chunk": FLAT_CHUNK, "bitsandbytes": bnb_version,
         "timing": "min over repeats, implementations interleaved within each repeat (median stored as *_median)",
-        "throughput": rows, "speedup_new_vs_old": speed, "bytes_per_element": bpe, "mean_abs_error_rel": acc,
+        "throughput": rows, "speedup_float8_vs_dynamic": speed, "bytes_per_element": bpe,
+        "mean_abs_error_rel": acc, "ema_tracking": ema,
         "markdown": table,
     })
     print(f"\nwrote {path}")

@@ -80,3 +80,15 @@ def test_quality_smallest_task_runs(tmp_path):
     md = render_markdown(res)
     assert "## Training quality" in md and "| **AdaptiveHinaAdamW** |" in md and "AdamW (fused)" in md
     json.dumps(res)  # the results file is plain JSON (inf allowed)
+
+
+def test_quant8_ema_tracking_smoke():
+    """The EMA-tracking measurement of bench_quant8 runs for both maps and both roundings and
+    reports relative errors that are finite and small for stochastic rounding."""
+    from benchmarks.bench_quant8 import ema_tracking
+
+    res = ema_tracking(steps=40, n=4096)
+    assert set(res) == {"float8 stochastic", "float8 nearest", "dynamic stochastic", "dynamic nearest"}
+    for name, r in res.items():
+        assert set(r) == {"m", "v", "update"} and all(0.0 <= x < float("inf") for x in r.values()), name
+    assert res["float8 stochastic"]["update"] < 0.5

@@ -183,6 +183,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
         check_betas("betas", group["betas"])
         check_eps("eps", group["eps"])
+        if group["optim_bits"] == 8:  # the codec's tables, built now rather than inside step()
+            for dev in {p.device for p in group["params"]}:
+                quant8.prepare_float8(dev)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)

@@ -255,9 +255,7 @@ class Automagic_CameAMP(HinaOptimizer):
         use), for every device of this group, so that step() never builds one."""
         for dev in {p.device for p in group["params"]}:
             x = torch.ones(2, device=dev)
-            for signed in (True, False):
-                codes, absmax = quant8.quantize_float8(x, signed=signed, rounding="stochastic", seed=0)
-                quant8.dequantize_float8(codes, absmax, signed=signed)
+            quant8.prepare_float8(dev)
             if group["use_lr_mask"]:
                 lo, hi, start = self._mask_bounds(group)
                 clo, chi = _mask_codec_range(lo, hi, start)

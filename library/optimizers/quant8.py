@@ -1,11 +1,25 @@
 """Blockwise 8-bit storage for optimizer state, and a range-preserving codec for lr masks.
 
-Pure torch, device-agnostic, no host syncs, no global RNG. Written from the published
-description of the "dynamic" 8-bit data type (Dettmers et al., 8-bit optimizers); nothing
-here imports bitsandbytes.
+Pure torch, device-agnostic, no host syncs, no global RNG. Nothing here imports bitsandbytes.
 
-Blockwise codec (moments: ``exp_avg`` signed, ``exp_avg_sq`` unsigned)
------------------------------------------------------------------------
+Two blockwise maps share one contract (flatten, blocks of ``block_size`` elements, a power of
+two, default 256, the last block may be partial; an fp32 absmax per block, clamped to >= 1e-38;
+one uint8/int8 code per element; cost ``1 + 4 / block_size`` bytes per element, 1.016 at 256,
+for every tensor however small):
+
+- **float8** (:func:`quantize_float8`, what every optimizer here stores): codes are read off
+  the fp32 bit pattern of x / absmax, a float with 4 exponent bits and 3 (signed: momenta) or
+  4 (unsigned: sqrt of second moments, lr masks) mantissa bits whose lowest binade continues
+  linearly to 0. No table lookups: encoding and decoding are a few elementwise passes. See
+  "float8 codec" below.
+- **dynamic** (:func:`quantize_blockwise`, the map of the 8-bit-optimizers paper and of
+  bitsandbytes): kept to read checkpoints written before the float8 map (:func:`upgrade_dynamic`)
+  and for comparisons; its encoder and decoder need table lookups (gathers).
+
+:func:`store` / :func:`load` put either into a state dict (``_f8`` or ``_q8`` suffix).
+
+Dynamic map (legacy; moments: ``exp_avg`` signed, ``exp_avg_sq`` unsigned)
+------------------------------------------------------------------------
 ``quantize_blockwise`` flattens a tensor into blocks of ``block_size`` elements (a power of
 two, default 256, the last block may be partial), stores the fp32 absmax of every block
 (clamped to >= 1e-38, so an all-zero block decodes to zeros and a subnormal block is coded,
@@ -85,9 +99,9 @@ State-dict helpers
 :func:`store` / :func:`load` keep a quantised tensor in an ``optimizer.state[p]`` dict as
 plain tensors only (safe for ``torch.load(weights_only=True)``):
 
-- ``state[key + "_q8"]``: the codes, shaped like the tensor; dtype ``int8`` for the signed
-  map and ``uint8`` for the unsigned one (the int8 tensor is the same bytes reinterpreted,
-  so :func:`load` knows the map without being told);
+- ``state[key + "_f8"]`` (float8, the default) or ``state[key + "_q8"]`` (``code="dynamic"``):
+  the codes, shaped like the tensor; dtype ``int8`` for a signed map and ``uint8`` for an
+  unsigned one (so :func:`load` knows the map from the suffix and the dtype);
 - ``state[key + "_absmax"]``: fp32 ``[ceil(numel / block_size)]``; the block size is
   recovered from the two lengths (it is a power of two, see :func:`infer_block_size`).
 
@@ -120,6 +134,7 @@ __all__ = [
     "quantize_float8",
     "dequantize_float8",
     "float8_values",
+    "prepare_float8",
     "upgrade_dynamic",
     "infer_block_size",
     "log_levels",
@@ -773,6 +788,13 @@ def _f8_noise(m: int, device) -> torch.Tensor:
         return (torch.cat([t, t[:_CHUNK]]),)
 
     return _cached(("f8noise", m, _CHUNK), device, build)[0]
+
+
+def prepare_float8(device=None) -> None:
+    """Build the float8 codec's noise tables for ``device`` now (they are otherwise built on first
+    use, on the host, and copied: optimizers call this at construction so step() never does)."""
+    for m in set(_F8_M.values()):
+        _f8_noise(m, device)
 
 
 def float8_values(signed: bool = True, device=None) -> torch.Tensor:
