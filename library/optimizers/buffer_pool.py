@@ -60,7 +60,7 @@ class BufferPool:
         views = [flat[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, tensors)]
         gaps = [flat[o + t.numel():e] for o, t, e in zip(offsets, tensors, offsets[1:] + [total])]
         gaps = [g for g in gaps if g.numel()]
-        if len(self._views) >= 512:  # chunk layouts changed many times: start over
+        if len(self._views) >= 1 << 14:  # chunk layouts changed many times: start over
             self._views.clear()
         self._views[key] = out = (flat, views)
         self._views[("gaps",) + key[1:]] = gaps

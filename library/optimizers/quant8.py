@@ -592,6 +592,22 @@ def _absmax(blocks: torch.Tensor, signed: bool, out: torch.Tensor) -> None:
     out.clamp_(min=ABSMAX_FLOOR).nan_to_num_(nan=math.nan, posinf=math.nan)
 
 
+def _encode_setup(x, block_size, rounding, seed, absmax_out):
+    """Checks and buffers shared by both blockwise encoders: ``(block_size, nearest, flat fp32
+    input, flat absmax buffer)``."""
+    block_size = _check_block_size(block_size)
+    nearest = _check_rounding(rounding, seed)
+    flat = (x.detach() if x.requires_grad else x).reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    nb = -(-flat.numel() // block_size)
+    if absmax_out is None:
+        return block_size, nearest, flat, torch.empty(nb, dtype=torch.float32, device=x.device)
+    if absmax_out.dtype != torch.float32 or absmax_out.numel() != nb or not absmax_out.is_contiguous():
+        raise ValueError(f"absmax_out must be a contiguous fp32 tensor of {nb} elements")
+    return block_size, nearest, flat, absmax_out.view(-1)
+
+
 def _flat_codes(codes_out: torch.Tensor, n: int) -> torch.Tensor:
     if codes_out.dtype not in (torch.uint8, torch.int8) or codes_out.numel() != n or not codes_out.is_contiguous():
         raise ValueError("codes_out must be a contiguous uint8 or int8 tensor with as many elements as x")
@@ -622,20 +638,8 @@ def quantize_blockwise(
     one per block) receive the results in place and are returned as given (so an int8
     ``codes_out`` holds the same bytes as the uint8 codes). They must not overlap ``x``.
     """
-    block_size = _check_block_size(block_size)
-    nearest = _check_rounding(rounding, seed)
-    shape, device = x.shape, x.device
-    flat = (x.detach() if x.requires_grad else x).reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.float()
-    n = flat.numel()
-    nb = -(-n // block_size)
-    if absmax_out is not None:
-        if absmax_out.dtype != torch.float32 or absmax_out.numel() != nb or not absmax_out.is_contiguous():
-            raise ValueError(f"absmax_out must be a contiguous fp32 tensor of {nb} elements")
-        absmax = absmax_out.view(-1)
-    else:
-        absmax = torch.empty(nb, dtype=torch.float32, device=device)
+    block_size, nearest, flat, absmax = _encode_setup(x, block_size, rounding, seed, absmax_out)
+    shape, device, n, nb = x.shape, x.device, flat.numel(), absmax.numel()
     codes = _flat_codes(codes_out, n) if codes_out is not None else torch.empty(n, dtype=torch.uint8, device=device)
     if n == 0:
         return _results(codes, absmax, codes_out, absmax_out, shape)
@@ -695,6 +699,17 @@ def dequantize_blockwise(
     receives the result and is returned; otherwise a new ``dtype`` tensor is returned.
     Codes in any integer or float dtype holding the values 0..255 are accepted.
     """
+    device = codes.device
+
+    def values(res):
+        _gather_values(_code_indices(codes), _map_grid(signed, device)[1], res, True)
+
+    return _blockwise_decode(codes, absmax, shape, block_size, out, dtype, values)
+
+
+def _blockwise_decode(codes, absmax, shape, block_size, out, dtype, values) -> torch.Tensor:
+    """Shared by both maps: checks, the fp32 result (``out`` itself when it is fp32), ``values(res)``
+    writing each code's map value (a fraction of the block absmax), the per-block scaling."""
     n = codes.numel()
     if shape is None:
         shape = codes.shape
@@ -707,24 +722,20 @@ def dequantize_blockwise(
     if -(-n // block_size) != nb:
         raise ValueError(f"{nb} absmax values do not fit {n} codes in blocks of {block_size}")
     device = codes.device
-    direct = False
-    if out is not None:
-        if out.numel() != n or not out.is_contiguous():
-            raise ValueError("out must be contiguous with as many elements as codes")
-        direct = out.dtype == torch.float32
+    if out is not None and (out.numel() != n or not out.is_contiguous()):
+        raise ValueError("out must be contiguous with as many elements as codes")
+    direct = out is not None and out.dtype == torch.float32
     res = out.view(-1) if direct else torch.empty(n, dtype=torch.float32, device=device)
     if n:
-        _gather_values(_code_indices(codes), _map_grid(signed, device)[1], res, True)
+        values(res)
         scale = absmax.view(-1) if absmax.is_contiguous() else absmax.reshape(-1)
         if scale.dtype != torch.float32 or scale.device != device:
             scale = scale.to(device=device, dtype=torch.float32)
         full = n // block_size
         body = full * block_size
-        if body == n:
-            res.view(full, block_size).mul_(scale.unsqueeze(1))
-        else:
-            if full:
-                res[:body].view(full, block_size).mul_(scale[:full].unsqueeze(1))
+        if full:
+            res[:body].view(full, block_size).mul_(scale[:full].unsqueeze(1))
+        if body < n:
             res[body:].mul_(scale[full])
     if direct:
         return out
@@ -839,21 +850,9 @@ def quantize_float8(
     required; element i uses noise entry ``(offset(seed) + i) mod 2^20``). Unsigned codes store
     |x|. A block holding NaN or inf decodes to NaN.
     """
-    block_size = _check_block_size(block_size)
-    nearest = _check_rounding(rounding, seed)
+    block_size, nearest, flat, absmax = _encode_setup(x, block_size, rounding, seed, absmax_out)
     signed = bool(signed)
-    shape, device = x.shape, x.device
-    flat = (x.detach() if x.requires_grad else x).reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.float()
-    n = flat.numel()
-    nb = -(-n // block_size)
-    if absmax_out is not None:
-        if absmax_out.dtype != torch.float32 or absmax_out.numel() != nb or not absmax_out.is_contiguous():
-            raise ValueError(f"absmax_out must be a contiguous fp32 tensor of {nb} elements")
-        absmax = absmax_out.view(-1)
-    else:
-        absmax = torch.empty(nb, dtype=torch.float32, device=device)
+    shape, device, n = x.shape, x.device, flat.numel()
     if codes_out is not None:
         codes = _flat_codes(codes_out, n)
     else:
@@ -912,23 +911,7 @@ def dequantize_float8(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_float8` (same contract as :func:`dequantize_blockwise`)."""
-    n = codes.numel()
-    if shape is None:
-        shape = codes.shape
-    else:
-        shape = torch.Size(shape)
-        if math.prod(shape) != n:
-            raise ValueError(f"shape {tuple(shape)} does not match {n} codes")
-    nb = absmax.numel()
-    block_size = infer_block_size(n, nb) if block_size is None else _check_block_size(block_size)
-    if -(-n // block_size) != nb:
-        raise ValueError(f"{nb} absmax values do not fit {n} codes in blocks of {block_size}")
-    device = codes.device
-    if out is not None and (out.numel() != n or not out.is_contiguous()):
-        raise ValueError("out must be contiguous with as many elements as codes")
-    direct = out is not None and out.dtype == torch.float32
-    res = out.view(-1) if direct else torch.empty(n, dtype=torch.float32, device=device)
-    if n:
+    def values(res):
         flat = codes.reshape(-1)
         if flat.dtype not in (torch.uint8, torch.int8):  # e.g. cast to float by a plain load
             flat = flat.to(torch.int32) & 0xFF
@@ -942,21 +925,8 @@ def dequantize_float8(
             ri.copy_(flat.view(torch.uint8) if flat.dtype == torch.int8 else flat)
             ri.bitwise_left_shift_(23 - _F8_M[False])
         res.div_(_F8_C[bool(signed)])  # y / TOP: exactly 1 for the top code
-        scale = absmax.reshape(-1)
-        if scale.dtype != torch.float32 or scale.device != device:
-            scale = scale.to(device=device, dtype=torch.float32)
-        full = n // block_size
-        body = full * block_size
-        if full:
-            res[:body].view(full, block_size).mul_(scale[:full].unsqueeze(1))
-        if body < n:
-            res[body:].mul_(scale[full])
-    if direct:
-        return out
-    if out is not None:
-        return out.copy_(res.view(out.shape))
-    res = res.view(shape)
-    return res if dtype == torch.float32 else res.to(dtype)
+
+    return _blockwise_decode(codes, absmax, shape, block_size, out, dtype, values)
 
 
 # --------------------------------------------------------------------------- log codec
