@@ -22,7 +22,9 @@ the rank-16, rank-4 and small LoKr sets (we quantise every tensor; bitsandbytes'
 optimizers keep tensors under 4096 elements in fp32), the mean absolute quantisation error, and
 EMA tracking: Adam's m (beta 0.9) and sqrt(v) (beta 0.999) stored in 8 bits and requantised
 every step for 2,000 steps of noisy gradients, relative RMS error against the fp32 EMAs and of
-the resulting update m / sqrt(v).
+the resulting update m / sqrt(v); and how far 8-bit AdamW (AdaptiveHinaAdamW with every feature
+off) ends from torch.optim.AdamW on the noisy quadratic of tests/test_state_8bit.py, with the
+float8 store and with the dynamic map swapped into the same code path.
 
 Implementations are timed in turn inside each repeat (so a busy spell on a shared machine hits
 all of them) and every number is the minimum over ``--repeats`` runs (the median is stored
@@ -265,7 +267,36 @@ def ema_tracking(steps: int = 2000, n: int = 1 << 16, seed: int = 0) -> dict:
     return out
 
 
-def markdown(rows, speed, bpe, acc, ema) -> str:
+def adamw_tracking(steps: int = 150, seeds=(1, 2, 3, 4, 5)) -> dict:
+    """AdaptiveHinaAdamW(optim_bits=8) with every feature off against torch.optim.AdamW on the
+    noisy quadratic of tests/test_state_8bit.py (lr 1e-2, weight decay 0.01, 150 steps): the
+    largest relative parameter distance over its three tensors, per seed, with the shipped
+    float8 store and, for comparison, with the dynamic map swapped into the same code path."""
+    from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
+    from tests.helpers import quadratic_params, run_quadratic
+
+    off = dict(use_spd=False, use_cautious=False, use_orthogonal_grad=False, use_adopt_stability=False,
+               use_grams=False, use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False,
+               dynamic_weight_decay=False)
+    shipped = q.quantize_float8, q.dequantize_float8
+    out = {}
+    try:
+        for name, (fq, fd) in CODECS.items():
+            q.quantize_float8, q.dequantize_float8 = fq, fd
+            dist = []
+            for seed in seeds:
+                a = quadratic_params(shapes=((64, 32), (32,), (16, 8, 3, 3)))
+                b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+                run_quadratic(torch.optim.AdamW(b, lr=1e-2, weight_decay=0.01), b, steps, seed=seed)
+                run_quadratic(AdaptiveHinaAdamW(a, lr=1e-2, weight_decay=0.01, optim_bits=8, **off), a, steps, seed=seed)
+                dist.append(max(float((x - y).detach().norm() / y.detach().norm()) for x, y in zip(a, b)))
+            out[name] = {"per_seed": dist, "mean": sum(dist) / len(dist), "max": max(dist)}
+    finally:
+        q.quantize_float8, q.dequantize_float8 = shipped
+    return out
+
+
+def markdown(rows, speed, bpe, acc, ema, track) -> str:
     lines = ["| threads | layout | map | impl | quantise ms | dequantise ms | quantise M el/s | dequantise M el/s |",
              "|---:|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -295,6 +326,11 @@ def markdown(rows, speed, bpe, acc, ema) -> str:
               "error against fp32):", "", "| codec | m | v | update m/sqrt(v) |", "|---|---:|---:|---:|"]
     for name, e in ema.items():
         lines.append(f"| {name} | {e['m']:.2%} | {e['v']:.2%} | {e['update']:.2%} |")
+    lines += ["", "8-bit AdamW (AdaptiveHinaAdamW, every feature off, optim_bits=8) against torch.optim.AdamW on "
+              "the noisy quadratic of tests/test_state_8bit.py after 150 steps: largest relative parameter "
+              "distance, over 5 seeds:", "", "| store | mean | max |", "|---|---:|---:|"]
+    for name, t in track.items():
+        lines.append(f"| {name} | {t['mean']:.2%} | {t['max']:.2%} |")
     return "\n".join(lines)
 
 
@@ -331,7 +367,8 @@ def main(argv=None):
                              "lokr_shapes(16)": lokr_shapes(16)})
     acc = accuracy(m, v, F)
     ema = ema_tracking(steps=500 if args.quick else 2000)
-    table = markdown(rows, speed, bpe, acc, ema)
+    track = adamw_tracking()
+    table = markdown(rows, speed, bpe, acc, ema, track)
     print()
     print(table)
     path = write_json(args.out, {
@@ -339,7 +376,7 @@ def main(argv=None):
         "block_size": BLOCK, "flat_chunk": FLAT_CHUNK, "bitsandbytes": bnb_version,
         "timing": "min over repeats, implementations interleaved within each repeat (median stored as *_median)",
         "throughput": rows, "speedup_float8_vs_dynamic": speed, "bytes_per_element": bpe,
-        "mean_abs_error_rel": acc, "ema_tracking": ema,
+        "mean_abs_error_rel": acc, "ema_tracking": ema, "adamw_quadratic_tracking": track,
         "markdown": table,
     })
     print(f"\nwrote {path}")
