@@ -1237,7 +1237,9 @@ def quant_keys(key: str) -> tuple[str, ...]:
 
 
 def state_nbytes(state: dict) -> int:
-    """Bytes held by the tensors of one parameter's state dict (storage actually used)."""
+    """Bytes of the tensors of one parameter's state dict, counted as elements x element size (a
+    view into an optimizer's shared arena counts its own elements; ``engine.storage_bytes``
+    counts whole storages)."""
     return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
 
 
