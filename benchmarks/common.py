@@ -58,7 +58,7 @@ def state_bytes(opt) -> int:
     padding; ``tensor_bytes`` counts elements, so per-key sums can be slightly lower)."""
     from library.optimizers.engine import storage_bytes
 
-    return storage_bytes(opt.state.values())
+    return storage_bytes(list(opt.state.values()))
 
 
 def machine() -> dict:

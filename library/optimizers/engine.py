@@ -309,7 +309,7 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of memory behind ``self.state`` (for memory benchmarks): see :func:`storage_bytes`."""
-        return storage_bytes(self.state.values())
+        return storage_bytes(list(self.state.values()))
 
 
 def _copy_to_device(value, device):
@@ -323,11 +323,11 @@ def _copy_to_device(value, device):
 
 
 def storage_bytes(value) -> int:
-    """Bytes of the storages behind every tensor in ``value`` (nested dicts, lists, tuples,
-    iterables), each storage counted once: state tensors that are views into one flat arena
+    """Bytes of the storages behind every tensor in ``value`` (nested dicts, lists, tuples),
+    each storage counted once: state tensors that are views into one flat arena
     (the 8-bit optimizers' codes) count the arena, block padding included."""
     seen: dict = {}
-    for t in _iter_tensors(list(value) if not isinstance(value, (torch.Tensor, dict, list, tuple)) else value):
+    for t in _iter_tensors(value):
         st = t.untyped_storage()
         seen[(st.data_ptr(), str(t.device))] = st.nbytes()
     return sum(seen.values())

@@ -1144,10 +1144,7 @@ def store(
             codes_out, absmax_out = old_c, old_a
     codes, absmax = quantize(x, signed=signed, block_size=block_size, rounding=rounding,
                              seed=mixed, codes_out=codes_out, absmax_out=absmax_out)
-    state.pop(key + (Q_SUFFIX if suffix == F8_SUFFIX else F8_SUFFIX), None)
-    want = torch.int8 if signed else torch.uint8
-    state[key + suffix] = codes if codes.dtype == want else codes.view(want)
-    state[key + ABSMAX_SUFFIX] = absmax
+    _put(state, key, suffix, codes, absmax, signed)
 
 
 def store_zeros(state: dict, key: str, shape, *, signed: bool, device=None,
@@ -1159,10 +1156,17 @@ def store_zeros(state: dict, key: str, shape, *, signed: bool, device=None,
     n = math.prod(shape)
     zero_code = _zero_code(signed) if suffix == Q_SUFFIX else 0
     codes = torch.full(shape, zero_code, dtype=torch.uint8, device=device)
+    absmax = torch.full((-(-n // block_size),), ABSMAX_FLOOR, dtype=torch.float32, device=device)
+    _put(state, key, suffix, codes, absmax, signed)
+
+
+def _put(state: dict, key: str, suffix: str, codes, absmax, signed: bool) -> None:
+    """Codes under ``key + suffix`` (int8 if signed, else uint8) and the absmax; an entry of the
+    other map under ``key`` is removed."""
     state.pop(key + (Q_SUFFIX if suffix == F8_SUFFIX else F8_SUFFIX), None)
-    state[key + suffix] = codes.view(torch.int8) if signed else codes
-    state[key + ABSMAX_SUFFIX] = torch.full((-(-n // block_size),), ABSMAX_FLOOR,
-                                            dtype=torch.float32, device=device)
+    want = torch.int8 if signed else torch.uint8
+    state[key + suffix] = codes if codes.dtype == want else codes.view(want)
+    state[key + ABSMAX_SUFFIX] = absmax
 
 
 def load(state: dict, key: str, *, out: Optional[torch.Tensor] = None,
