@@ -189,8 +189,9 @@ def test_config_validation_names_the_field():
         OptimizerConfig(betas=(0.8, 1.5, 0.999))
     with pytest.raises(ValueError, match="rank_interval"):
         OptimizerConfig(rank_interval=0)
-    with pytest.raises(ValueError, match=r"lr \(0.01\) must lie within"):
-        OptimizerConfig(lr=1e-2)
+    with pytest.raises(ValueError, match="min_lr"):
+        OptimizerConfig(min_lr=1e-2, max_lr=1e-3)
+    OptimizerConfig(lr=1e-2, max_lr=1e-3)  # an lr outside [min_lr, max_lr] is not an error
     with pytest.raises(ValueError, match="did you mean 'edge_penalty'"):
         RefactoredAutomagicCameAMP([nn.Parameter(torch.zeros(2))], edge_penaltyy=0.1)
     with pytest.raises(ValueError, match="config must be an OptimizerConfig"):
@@ -201,7 +202,8 @@ def test_config_validation_names_the_field():
 
 def test_config_defaults_are_seed_004s_and_not_shared():
     c = OptimizerConfig()
-    assert (c.lr, c.min_lr, c.max_lr, c.warmup_steps) == (1e-6, 1e-7, 1e-3, 500)
+    assert (c.lr, c.min_lr, c.max_lr, c.warmup_steps) == (1e-6, None, None, 500)
+    assert (c.lr_mask_rate, c.lr_mask_floor, c.lr_mask_ceiling, c.lr_bump) == (0.02, 0.1, 10.0, None)
     assert (c.edge_suppression, c.edge_threshold, c.edge_penalty, c.background_regularization) == (True, 0.6, 0.1, True)
     assert (c.lora_rank_penalty, c.rank_penalty_strength, c.low_rank_emphasis) == (True, 0.01, 1.2)
     assert (c.spatial_awareness, c.frequency_penalty, c.detail_preservation, c.verbose) == (True, 0.05, 0.8, False)

@@ -82,7 +82,7 @@ def test_unknown_key_names_closest_match_and_accepted_keys():
 
 
 @pytest.mark.parametrize("bad, culprit", [("lr=-1", "lr"), ("betas=0.9,1.5", "betas"), ("eps=0", "eps"),
-                                         ("warmup_steps=abc", "warmup_steps"), ("min_lr=1", "min_lr")])
+                                         ("warmup_steps=abc", "warmup_steps"), ("lr_mask_floor=2", "lr_mask_floor")])
 def test_bad_values_are_one_line_errors(bad, culprit):
     a = args("AdaptiveHinaAdamW", bad, lr=None) if bad.startswith("lr=") else args("AdaptiveHinaAdamW", bad)
     with pytest.raises(ValueError, match=culprit):
@@ -114,3 +114,75 @@ def test_param_names_pass_through_groups():
     # torch optimizers ignore the extra key
     _, _, opt = get_optimizer(args("AdamW"), [{"params": [lin.weight], "named": ["w"], "lr": 1e-4}])
     assert opt.param_groups[0]["lr"] == 1e-4
+
+
+# --------------------------------------------------- per-group lrs and schedulers
+def _adapter_model(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    named = [("m.lora_down.weight", torch.randn(4, 16, generator=gen) * 0.1),
+             ("m.lora_up.weight", torch.randn(16, 4, generator=gen) * 0.1),
+             ("n.weight", torch.randn(8, 8, generator=gen))]
+    return [(n, torch.nn.Parameter(t)) for n, t in named]
+
+
+def _build(info, named, lr):
+    cls = info.load()
+    kw = dict(info.defaults)
+    return cls([{"params": [p for _, p in named], "named": [n for n, _ in named], "lr": lr}], lr=lr, **kw)
+
+
+def _grads(named, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen) + 0.5 for _, p in named]
+
+
+@pytest.mark.parametrize("info", list_optimizers(), ids=lambda i: i.name)
+def test_a_schedulers_lr_reaches_every_optimizer(info):
+    """Two identical optimizers step identically until a scheduler halves one's lr: that step
+    moves its parameters by half as much (decay, lr mask and SPD all scale with the lr)."""
+    a, b = _adapter_model(), _adapter_model()
+    opt_a, opt_b = _build(info, a, 1e-3), _build(info, b, 1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda s: 1.0 if s < 6 else 0.5)
+    for step in range(7):
+        before = [p.detach().clone() for _, p in a], [p.detach().clone() for _, p in b]
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            for (_, p), g in zip(model, _grads(model, step)):
+                p.grad = g
+            opt.step()
+        sched.step()
+        da = torch.cat([(p.detach() - q).flatten() for (_, p), q in zip(a, before[0])])
+        db = torch.cat([(p.detach() - q).flatten() for (_, p), q in zip(b, before[1])])
+        if step < 6:
+            assert torch.equal(da, db), (info.name, step)
+    assert opt_b.param_groups[0]["lr"] == pytest.approx(5e-4)
+    ratio = float(db.norm() / da.norm())
+    assert ratio == pytest.approx(0.5, rel=0.05), (info.name, ratio)
+
+
+@pytest.mark.parametrize("name", ["AdaptiveHinaAdamW", "Automagic_CameAMP", "Automagic_CameAMP8bit"])
+def test_a_group_with_a_lower_lr_never_steps_above_its_lr_times_the_mask_ceiling(name):
+    """A text-encoder-style group at a much lower lr: however long its gradients agree, its
+    per-element lr stays within lr_mask_ceiling x its scheduled lr (it used to climb to max_lr)."""
+    info = lookup(name)
+    unet, te = torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8, 8))
+    off = ({"use_agr": False, "use_tam": False, "use_grams": False, "use_cautious": False, "use_spd": False,
+            "use_adopt_stability": False, "use_dynamic_adaptation": False, "weight_decay": 0.0}
+           if name == "AdaptiveHinaAdamW" else
+           {"use_agr": False, "use_tam": False, "use_grams": False, "use_orthograd": False, "weight_decay": 0.0,
+            "eta": None})
+    opt = info.load()([{"params": [unet], "lr": 1e-3}, {"params": [te], "lr": 1e-28}], lr=1e-3, min_lr=1e-7,
+                      max_lr=1e-2, warmup_steps=1000, **off)
+    ceiling = opt.defaults["lr_mask_ceiling"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s / 10))
+    plain = torch.nn.Parameter(torch.zeros(8, 8))  # the same update without a mask, lr 1
+    ref = info.load()([plain], lr=1.0, use_lr_mask=False, warmup_steps=1000, **off)
+    for step in range(60):  # a constant gradient: every element agrees at every step
+        lr_now = opt.param_groups[1]["lr"]
+        before, ref_before = te.detach().clone(), plain.detach().clone()
+        unet.grad, te.grad, plain.grad = torch.ones(8, 8), torch.ones(8, 8), torch.ones(8, 8)
+        opt.step()
+        ref.step()
+        sched.step()
+        moved, unit = (te.detach() - before).abs(), (plain.detach() - ref_before).abs()
+        assert torch.all(moved <= ceiling * lr_now * unit * 1.001 + 1e-45), step
+    assert float(opt.get_lr_mask_analysis()["global_statistics"]["max_lr_scale"]) > 1.5  # the mask did grow

@@ -4,12 +4,11 @@ import math
 import pytest
 import torch
 
-from library.optimizers.techniques import adopt, allora, tam
+from library.optimizers.techniques import adopt, allora, lr_mask, tam
 from library.optimizers.techniques import spd as spd_t
 from library.optimizers.techniques.agr import agr
 from library.optimizers.techniques.cautious import cautious_
 from library.optimizers.techniques.grams import grams_, grams_cautious_
-from library.optimizers.techniques.lr_mask import bump_, storage_dtype
 from library.optimizers.techniques.orthograd import orthograd_
 from library.optimizers.techniques.weight_decay import dynamic_multiplier, steps_to_floor
 
@@ -209,27 +208,63 @@ def test_dynamic_weight_decay_floor_is_reachable():
 
 
 # ---------------------------------------------------------------- lr mask
-def test_lr_mask_bump_and_clamp():
+def test_lr_mask_agreement_is_the_sign_of_gradient_times_previous_momentum():
+    g = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    m = torch.tensor([0.5, 1.0, 0.0, 0.25])
+    out = torch.empty(4)
+    lr_mask.agreement_list_([out], [g], [m])
+    assert torch.equal(out, torch.tensor([1.0, -1.0, 0.0, 1.0]))
+
+
+def test_lr_mask_moves_multiplicatively_and_clamps():
     mask = torch.ones(4)
-    agree = torch.tensor([1.0, -1.0, 0.0, 1.0])
-    bump_(mask, agree, 0.25, 0.5, 1.25)
-    assert torch.equal(mask, torch.tensor([1.25, 0.75, 1.0, 1.25]))
-    bump_(mask, agree, 0.25, 0.5, 1.25)
-    assert torch.equal(mask, torch.tensor([1.25, 0.5, 1.0, 1.25]))
+    lr_mask.scale_(mask, torch.tensor([1.0, -1.0, 0.0, 1.0]), 0.25, 0.5, 1.5)
+    e = math.exp(0.25)
+    assert torch.allclose(mask, torch.tensor([e, 1 / e, 1.0, e]))
+    for _ in range(3):
+        lr_mask.scale_(mask, torch.tensor([1.0, -1.0, 0.0, -1.0]), 0.25, 0.5, 1.5)
+    assert torch.allclose(mask, torch.tensor([1.5, 0.5, 1.0, 1 / (e * e)]))
+    # scale-free: the same agreements move a mask the same relative amount at any level
+    a, b = torch.full((1,), 0.2), torch.full((1,), 4.0)
+    for x in (a, b):
+        lr_mask.scale_(x, torch.ones(1), 0.1, 1e-3, 1e3)
+    assert float(a / 0.2) == pytest.approx(float(b / 4.0))
+    # a skipped tensor (weight 0) keeps its mask
+    m = torch.ones(3)
+    lr_mask.scale_list_([m], [torch.ones(3)], 0.5, 0.1, 10.0, weights=[torch.zeros(())])
+    assert torch.equal(m, torch.ones(3))
+
+
+def test_lr_mask_bounds_are_relative_contain_one_and_respect_absolute_limits():
+    assert lr_mask.bounds(1e-3, 0.1, 10.0) == (0.1, 10.0)
+    # a tiny group lr stays tiny: at most 10x, and a min_lr above it neither lifts it nor fails
+    assert lr_mask.bounds(1e-28, 0.1, 10.0, 1e-7, 1e-3) == (1.0, 10.0)
+    assert lr_mask.bounds(1e-3, 0.1, 10.0, 1e-7, 1e-3) == (0.1, 1.0)  # max_lr = lr: the mask only lowers
+    assert lr_mask.bounds(1e-2, 0.1, 10.0, None, 1e-3) == (0.1, 1.0)  # lr above max_lr is used as given
+    assert lr_mask.bounds(1e-4, 0.1, 10.0, 5e-5, 2e-4) == pytest.approx((0.5, 2.0))
+    assert lr_mask.bounds(1e-6, 0.1, 10.0, 1e-6, None) == (1.0, 10.0)
+
+
+def test_lr_mask_rate_from_the_older_absolute_bump():
+    assert lr_mask.rate(0.02, None, 1e-3) == 0.02
+    assert lr_mask.rate(0.02, 3e-6, 1e-3) == pytest.approx(3e-3)
+    assert lr_mask.rate(0.02, 3e-6, 0.0) == 0.0
 
 
 def test_lr_mask_storage_never_stalls():
-    # seed configs: bump 3e-6 at lr 1e-3 (fp16 is fine); tiny bumps fall back to fp32
-    assert storage_dtype(3e-6, 1e-3, 1e-7, 1e-3) == torch.float16
-    assert storage_dtype(1e-8, 1e-3, 1e-7, 1e-3) == torch.float32
-    for bump, lr, lo, hi in [(3e-6, 1e-3, 1e-7, 1e-3), (1e-6, 5e-4, 1e-7, 1e-3), (5e-6, 8e-4, 1e-7, 1e-3), (1e-6, 1e-3, 1e-7, 1e-3)]:
-        dt = storage_dtype(bump, lr, lo, hi)
-        mask = torch.full((3,), 0.5, dtype=dt)
-        before = mask.clone()
-        bump_(mask, torch.tensor([1.0, -1.0, 1.0]), bump / lr, lo / lr, hi / lr)
-        assert not torch.equal(mask, before), (bump, lr, dt)
-        small = torch.full((1,), lo / lr, dtype=dt)
-        assert float(small) > 0
+    assert lr_mask.storage_dtype(0.02, 0.1, 10.0) == torch.float16
+    assert lr_mask.storage_dtype(3e-3, 0.1, 10.0) == torch.float16  # the seeds' bump 3e-6 at lr 1e-3
+    assert lr_mask.storage_dtype(1e-5, 0.1, 10.0) == torch.float32
+    assert lr_mask.storage_dtype(0.02, 1e-6, 10.0) == torch.float32  # below fp16's normal range
+    for r, lo, hi in [(0.02, 0.1, 10.0), (3e-3, 0.1, 10.0), (1e-3, 0.1, 10.0), (0.02, 1e-4, 1e3)]:
+        dt = lr_mask.storage_dtype(r, lo, hi)
+        for start in (lo * 1.01, 1.0, hi / 1.01):
+            mask = torch.full((2,), start, dtype=dt)
+            before = mask.clone()
+            m32 = mask.float()
+            lr_mask.scale_(m32, torch.tensor([1.0, -1.0]), r, lo, hi)
+            mask.copy_(m32)
+            assert not torch.equal(mask, before), (r, lo, hi, start, dt)
 
 
 # ------------------------------------------------------------------ ALLoRA

@@ -26,11 +26,12 @@ from .techniques import agr as agr_t
 from .techniques import spd as spd_t
 from .techniques.cautious import cautious_list_
 from .techniques.grams import grams_cautious_list_, grams_list_
-from .techniques.lr_mask import bump_list_, storage_dtype
+from .techniques import lr_mask
 from .techniques.orthograd import orthograd_list_
 from .techniques.stochastic_round import round_to_bf16_
 from .techniques.weight_decay import dynamic_multiplier
-from .validation import check_betas, check_bool, check_choice, check_eps, check_int, check_lr, check_real
+from .validation import (check_betas, check_bool, check_choice, check_eps, check_int, check_lr, check_lr_bounds,
+                         check_real)
 
 __all__ = ["AdaptiveHinaAdamW"]
 
@@ -101,9 +102,12 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         importance_decay: float = 0.95,
         compatibility_threshold: float = 0.3,
         use_lr_mask: bool = True,
-        lr_bump: float = 3e-6,
-        min_lr: float = 1e-7,
-        max_lr: float = 1e-3,
+        lr_mask_rate: float = 0.02,
+        lr_mask_floor: float = 0.1,
+        lr_mask_ceiling: float = 10.0,
+        lr_bump: float | None = None,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
         warmup_steps: int = 500,
         lr_mask_post_warmup_ratio: float = 0.1,
         dynamic_weight_decay: bool = True,
@@ -122,10 +126,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         betas = check_betas("betas", betas)
         eps = check_eps("eps", eps)
         weight_decay = check_real("weight_decay", weight_decay, lo=0.0)
-        min_lr = check_lr("min_lr", min_lr)
-        max_lr = check_lr("max_lr", max_lr, allow_zero=False)
-        if min_lr > max_lr:
-            raise ValueError(f"min_lr ({min_lr}) must be <= max_lr ({max_lr})")
+        min_lr, max_lr = check_lr_bounds(min_lr, max_lr)
         optim_bits = check_int("optim_bits", optim_bits)
         check_choice("optim_bits", optim_bits, {8, 32})
         allora_eta = check_real("allora_eta", allora_eta, lo=0.0, lo_open=True, allow_none=True)
@@ -151,7 +152,10 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             importance_decay=check_real("importance_decay", importance_decay, lo=0.0, hi=1.0, hi_open=True),
             compatibility_threshold=check_real("compatibility_threshold", compatibility_threshold, lo=0.0, hi=1.0),
             use_lr_mask=check_bool("use_lr_mask", use_lr_mask),
-            lr_bump=check_real("lr_bump", lr_bump, lo=0.0),
+            lr_mask_rate=check_real("lr_mask_rate", lr_mask_rate, lo=0.0, hi=1.0),
+            lr_mask_floor=check_real("lr_mask_floor", lr_mask_floor, lo=0.0, lo_open=True, hi=1.0),
+            lr_mask_ceiling=check_real("lr_mask_ceiling", lr_mask_ceiling, lo=1.0, hi=1e4),
+            lr_bump=check_real("lr_bump", lr_bump, lo=0.0, allow_none=True),
             min_lr=min_lr,
             max_lr=max_lr,
             warmup_steps=check_int("warmup_steps", warmup_steps, lo=0),
@@ -260,13 +264,12 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if group["use_lr_mask"] and group["base_lr"] > 0:
             base = group["base_lr"]
             lo, hi = self._mask_range(group)
-            start = min(max(1.0, lo), hi)
-            if q8 and lo > 0 and hi > lo:  # 8-bit codes, clamped to [min_lr, max_lr] when decoded
-                full = torch.full(p.shape, start, dtype=torch.float32, device=p.device)
+            if q8 and hi > lo:  # 8-bit codes, clamped to [lo, hi] when decoded
+                full = torch.ones(p.shape, dtype=torch.float32, device=p.device)
                 quant8.store(st, "lr_mask", full, signed=False, rounding="nearest")
             else:
-                dt = storage_dtype(group["lr_bump"], base, lo * base, hi * base)
-                st["lr_mask"] = torch.full_like(p, start, dtype=dt, memory_format=torch.preserve_format)
+                dt = lr_mask.storage_dtype(self._mask_rate(group, 0), lo, hi)
+                st["lr_mask"] = torch.ones_like(p, dtype=dt, memory_format=torch.preserve_format)
         if group["use_tam"]:
             st["tam_s"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if group["use_dynamic_adaptation"]:
@@ -278,11 +281,17 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
     @staticmethod
     def _mask_range(group) -> tuple[float, float]:
-        """Bounds of the lr-mask scale: [min_lr, max(max_lr, lr)] / lr. max_lr bounds how far the
-        mask raises an element's lr; a group lr above max_lr (kohya's LoRA+ groups, say) is used as
-        given, never silently capped."""
-        base = group["base_lr"]
-        return group["min_lr"] / base, max(group["max_lr"], base) / base
+        """Bounds of the lr-mask scale (techniques/lr_mask.py): [floor, ceiling], tightened by
+        the absolute min_lr / max_lr at the group's lr, always containing 1."""
+        return lr_mask.bounds(group["base_lr"], group["lr_mask_floor"], group["lr_mask_ceiling"], group["min_lr"],
+                              group["max_lr"])
+
+    @staticmethod
+    def _mask_rate(group, t: int) -> float:
+        """The mask's rate at step t: full during ``warmup_steps``, then times
+        ``lr_mask_post_warmup_ratio``."""
+        r = lr_mask.rate(group["lr_mask_rate"], group["lr_bump"], group["base_lr"])
+        return r * group["lr_mask_post_warmup_ratio"] if t > group["warmup_steps"] else r
 
     def _spd_anchor_needed(self, p, group) -> bool:
         mode = group["spd_anchor"]
@@ -415,11 +424,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             if sel:
                 orthograd_list_([xs[i] for i in sel], [p32[i] for i in sel])
 
-        # previous update direction (= the momentum; its sign is the update's sign)
-        prev = None
+        # lr-mask agreement sign(g_t * m_{t-1}), before the momentum moves
+        agree = None
         if has_mask:
-            prev = pool.views(ps, 3)
-            torch._foreach_copy_(prev, ms)
+            agree = pool.views(ps, 3)
+            lr_mask.agreement_list_(agree, xs, ms)
 
         # 2-3. second moment and momentum; u = the direction before the lr
         us = pool.views(ps, 1)
@@ -454,21 +463,16 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             step_scale = 1.0 / (1.0 - beta1**t)
             src_dir = us
 
-        # 4. lr mask: +bump where consecutive directions agree, -bump where they flip
+        # 4. lr mask: x e^r where the gradient agrees with the momentum, x e^-r where it opposes it
         if has_mask:
             stored = masks
-            torch._foreach_mul_(prev, ms)
-            torch._foreach_sign_(prev)
-            base = group["base_lr"]
-            bump = group["lr_bump"] / base
-            if t > group["warmup_steps"]:
-                bump *= group["lr_mask_post_warmup_ratio"]
+            r = self._mask_rate(group, t)
             if mask32 is not None:  # compact storage: work on an fp32 copy
                 stored, masks = masks, mask32
                 torch._foreach_copy_(masks, stored)
-            if bump > 0:
-                bump_list_(masks, prev, bump, *self._mask_range(group),
-                           None if okf is None else list(okf.unbind(0)))
+            if r > 0:
+                lr_mask.scale_list_(masks, agree, r, *self._mask_range(group),
+                                    None if okf is None else list(okf.unbind(0)))
                 if masks is not stored:
                     torch._foreach_copy_(stored, masks)
 
@@ -660,7 +664,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         v_flat, vs = out["exp_avg_sq_root"]
         v_flat.mul_(v_flat)  # stored as sqrt(v); the padding stays 0
         masks = None
-        if "lr_mask" in out:  # never below min_lr: an element near it may decode one level lower
+        if "lr_mask" in out:  # never outside its range: an element near a bound may decode one level beyond
             flat, masks = out["lr_mask"]
             flat.clamp_(*self._mask_range(group))
         elif has_mask:
@@ -835,6 +839,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 "compatibility_threshold": d["compatibility_threshold"],
             },
             "lr_mask_config": {
+                "lr_mask_rate": d["lr_mask_rate"],
+                "lr_mask_floor": d["lr_mask_floor"],
+                "lr_mask_ceiling": d["lr_mask_ceiling"],
                 "lr_bump": d["lr_bump"],
                 "min_lr": d["min_lr"],
                 "max_lr": d["max_lr"],

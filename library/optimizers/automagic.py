@@ -74,13 +74,12 @@ import torch
 from . import __version__, quant8
 from .engine import HinaOptimizer
 from .params import discover_pairs
-from .techniques import adaptive_wd, ademamix, allora, came, context, momentum_decay, tam
+from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, tam
 from .techniques.agr import agr
 from .techniques.cautious import cautious_
 from .techniques.grams import grams_
-from .techniques.lr_mask import bump_, storage_dtype
 from .techniques.orthograd import orthograd_
-from .validation import check_betas, check_bool, check_int, check_lr, check_real
+from .validation import check_betas, check_bool, check_int, check_lr, check_lr_bounds, check_real
 
 __all__ = [
     "Automagic_CameAMP",
@@ -93,9 +92,12 @@ logger = logging.getLogger(__name__)
 
 _BASE_DEFAULTS = dict(
     lr=1e-6,
-    min_lr=1e-7,
-    max_lr=1e-3,
-    lr_bump=3e-6,
+    lr_mask_rate=0.02,
+    lr_mask_floor=0.1,
+    lr_mask_ceiling=10.0,
+    lr_bump=None,
+    min_lr=None,
+    max_lr=None,
     eps=(1e-30, 1e-16),
     clip_threshold=1.0,
     betas=(0.8, 0.99, 0.999),
@@ -129,7 +131,10 @@ def _validate(cfg: dict, keys) -> dict:
         "clip_threshold": dict(lo=0.0, lo_open=True),
         "weight_decay": dict(lo=0.0),
         "adadecay_alpha": dict(lo=0.0),
-        "lr_bump": dict(lo=0.0),
+        "lr_bump": dict(lo=0.0, allow_none=True),
+        "lr_mask_rate": dict(lo=0.0, hi=1.0),
+        "lr_mask_floor": dict(lo=0.0, lo_open=True, hi=1.0),
+        "lr_mask_ceiling": dict(lo=1.0, hi=1e4),
         "beta1_decay": dict(lo=0.0, lo_open=True, hi=1.0),
         "beta1_min": dict(lo=0.0, hi=1.0, hi_open=True),
         "tam_beta": dict(lo=0.0, hi=1.0, hi_open=True),
@@ -173,13 +178,10 @@ def _validate(cfg: dict, keys) -> dict:
             lo = check_real("lr_multiplier_bounds[0]", v[0], lo=0.0, lo_open=True, hi=1.0)
             hi = check_real("lr_multiplier_bounds[1]", v[1], lo=1.0, hi=1e3)
             out[k] = (lo, hi)
-        elif k in ("lr", "min_lr", "max_lr"):
+        elif k == "lr":
             out[k] = check_lr(k, v)
-    if "min_lr" in out and "max_lr" in out:
-        if out["max_lr"] <= 0:
-            raise ValueError(f"max_lr must be > 0, got {out['max_lr']!r}")
-        if out["min_lr"] > out["max_lr"]:
-            raise ValueError(f"min_lr ({out['min_lr']}) must be <= max_lr ({out['max_lr']})")
+    if "min_lr" in out or "max_lr" in out:
+        out["min_lr"], out["max_lr"] = check_lr_bounds(out.get("min_lr"), out.get("max_lr"))
     return out
 
 
@@ -236,15 +238,6 @@ class Automagic_CameAMP(HinaOptimizer):
             if k in checked:
                 group[k] = checked[k]
         group.setdefault("base_lr", group["lr"])
-        base = group["base_lr"]
-        if group["use_lr_mask"]:
-            if base <= 0:
-                raise ValueError(f"lr must be > 0 when use_lr_mask=True, got {base!r}")
-            if not (group["min_lr"] <= base <= group["max_lr"]):
-                raise ValueError(
-                    f"lr ({base}) must lie within [min_lr, max_lr] = [{group['min_lr']}, {group['max_lr']}] "
-                    "(it is where the lr mask starts)"
-                )
         if self._coptim and "context" not in group:
             group["context"] = context.init(group["context_window"], group["params"][0].device)
         if self._eight_bit:
@@ -257,9 +250,8 @@ class Automagic_CameAMP(HinaOptimizer):
             x = torch.ones(2, device=dev)
             quant8.prepare_float8(dev)
             if group["use_lr_mask"]:
-                lo, hi, start = self._mask_bounds(group)
-                clo, chi = _mask_codec_range(lo, hi, start)
-                codes = quant8.quantize_log(x * start, clo, chi, bits=8, rounding="stochastic", seed=0)
+                clo, chi = _mask_codec_range(*self._mask_bounds(group), 1.0)
+                codes = quant8.quantize_log(x, clo, chi, bits=8, rounding="stochastic", seed=0)
                 quant8.dequantize_log(codes, clo, chi)
 
     def add_param_group(self, param_group):
@@ -279,10 +271,11 @@ class Automagic_CameAMP(HinaOptimizer):
             self._row_scaled = {params[i] for pr in pairs for i in (pr.a, pr.b)}
         return self._row_scaled
 
-    def _mask_bounds(self, group: dict) -> tuple[float, float, float]:
-        base = group["base_lr"]
-        lo, hi = group["min_lr"] / base, group["max_lr"] / base
-        return lo, hi, min(max(1.0, lo), hi)
+    @staticmethod
+    def _mask_bounds(group: dict) -> tuple[float, float]:
+        """Range of the lr-mask scale (techniques/lr_mask.py), always containing 1."""
+        return lr_mask.bounds(group["base_lr"], group["lr_mask_floor"], group["lr_mask_ceiling"], group["min_lr"],
+                              group["max_lr"])
 
     def _init_state(self, p: torch.Tensor, st: dict, group: dict) -> None:
         st["step"] = 0
@@ -306,15 +299,15 @@ class Automagic_CameAMP(HinaOptimizer):
         st.update(stats)
         if group["use_tam"]:
             st["tam_s"] = torch.zeros((), dtype=torch.float32, device=dev)
-        if group["use_lr_mask"]:
-            lo, hi, start = self._mask_bounds(group)
+        if group["use_lr_mask"]:  # starts at 1: the first steps use exactly the group's lr
+            lo, hi = self._mask_bounds(group)
             if eight:
-                clo, chi = _mask_codec_range(lo, hi, start)
-                quant8.store_log(st, "lr_mask", torch.full(p.shape, start, device=dev), lo=clo, hi=chi, bits=8,
+                clo, chi = _mask_codec_range(lo, hi, 1.0)
+                quant8.store_log(st, "lr_mask", torch.ones(p.shape, device=dev), lo=clo, hi=chi, bits=8,
                                  rounding="nearest")
             else:
-                dt = storage_dtype(group["lr_bump"], group["base_lr"], group["min_lr"], group["max_lr"])
-                st["lr_mask"] = torch.full(p.shape, start, dtype=dt, device=dev)
+                dt = lr_mask.storage_dtype(self._mask_rate(group, 1), lo, hi)
+                st["lr_mask"] = torch.ones(p.shape, dtype=dt, device=dev)
 
     # ------------------------------------------------------------------ hooks
     def _transform_grad(self, p, g, st, group, t):
@@ -328,9 +321,11 @@ class Automagic_CameAMP(HinaOptimizer):
     def _use_cautious(self, group, t) -> bool:
         return bool(group.get("use_cautious", False))
 
-    def _mask_bump(self, group, t) -> float:
-        """Bump (in mask-scale units) at step t; 0 after warmup (the mask is frozen)."""
-        return group["lr_bump"] / group["base_lr"] if t <= group["warmup_steps"] else 0.0
+    def _mask_rate(self, group, t) -> float:
+        """The lr mask's rate (log units per step) at step t; 0 after warmup (the mask is frozen)."""
+        if t > group["warmup_steps"]:
+            return 0.0
+        return lr_mask.rate(group["lr_mask_rate"], group["lr_bump"], group["base_lr"])
 
     def _extra_decay(self, p, p32, st, group, t, lr):
         """Additional decoupled decay (the refactored preset's rank-aware decay)."""
@@ -447,10 +442,9 @@ class Automagic_CameAMP(HinaOptimizer):
         if group["use_lr_mask"]:
             lq = "lr_mask_lq" in st
             mask = quant8.load_log(st, "lr_mask", out=pool.get(p, 12)) if lq else st["lr_mask"]
-            bump = self._mask_bump(group, t) if adapting else 0.0
-            if bump > 0.0:
-                lo, hi, _ = self._mask_bounds(group)
-                bump_(mask, agree, bump, lo, hi)
+            r = self._mask_rate(group, t) if adapting else 0.0
+            if r > 0.0:
+                lr_mask.scale_(mask, agree, r, *self._mask_bounds(group))
                 if lq:
                     clo, chi = st["lr_mask_lrange"]
                     quant8.store_log(st, "lr_mask", mask, lo=clo, hi=chi, bits=8, seed=seed)

@@ -103,9 +103,12 @@ class OptimizerConfig:
 
     # learning rate and the Automagic mask
     lr: float = 1e-6
-    min_lr: float = 1e-7
-    max_lr: float = 1e-3
-    lr_bump: float = 3e-6
+    lr_mask_rate: float = 0.02
+    lr_mask_floor: float = 0.1
+    lr_mask_ceiling: float = 10.0
+    lr_bump: float | None = None
+    min_lr: float | None = None
+    max_lr: float | None = None
     warmup_steps: int = 500
     # CAME and the base update
     betas: tuple = (0.8, 0.99, 0.999)
@@ -187,8 +190,6 @@ class OptimizerConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
-        if self.use_lr_mask and not self.min_lr <= self.lr <= self.max_lr:
-            raise ValueError(f"lr ({self.lr}) must lie within [min_lr, max_lr] = [{self.min_lr}, {self.max_lr}]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -380,12 +381,12 @@ class RefactoredAutomagicCameAMP(Automagic_CameAMP):
     def _use_cautious(self, group, t) -> bool:
         return self.config.enable_stage_optimization and t > group["warmup_steps"]
 
-    def _mask_bump(self, group, t) -> float:
-        bump = super()._mask_bump(group, t)
+    def _mask_rate(self, group, t) -> float:
+        r = super()._mask_rate(group, t)
         w = group["warmup_steps"]
-        if bump > 0 and self.config.enable_stage_optimization and 2 * t > w:
-            bump *= (w - t) / max(w - w // 2, 1)
-        return bump
+        if r > 0 and self.config.enable_stage_optimization and 2 * t > w:
+            r *= (w - t) / max(w - w // 2, 1)
+        return r
 
     # ------------------------------------------------------------- low rank
     def _lowrank_on(self, p) -> bool:

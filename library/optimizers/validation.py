@@ -7,6 +7,7 @@ from numbers import Real
 __all__ = [
     "check_real",
     "check_lr",
+    "check_lr_bounds",
     "check_betas",
     "check_eps",
     "check_range",
@@ -42,6 +43,15 @@ def check_real(name: str, value, *, lo=None, hi=None, lo_open=False, hi_open=Fal
 
 def check_lr(name: str, value, allow_zero=True):
     return check_real(name, value, lo=0.0, lo_open=not allow_zero)
+
+
+def check_lr_bounds(min_lr, max_lr) -> tuple[float | None, float | None]:
+    """Optional absolute lr bounds of an lr mask: each None or a number (max_lr > 0), min <= max."""
+    min_lr = None if min_lr is None else check_lr("min_lr", min_lr)
+    max_lr = None if max_lr is None else check_lr("max_lr", max_lr, allow_zero=False)
+    if min_lr is not None and max_lr is not None and min_lr > max_lr:
+        raise ValueError(f"min_lr ({min_lr}) must be <= max_lr ({max_lr})")
+    return min_lr, max_lr
 
 
 def check_eps(name: str, value):

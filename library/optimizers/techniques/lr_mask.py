@@ -1,49 +1,90 @@
-"""Per-element learning-rate mask (Automagic, ostris/ai-toolkit), made scheduler-aware.
+"""Per-element learning-rate mask: multiplicative, scale-free step-size adaptation.
 
-The mask is kept as a *scale* s relative to the group's base lr (the lr at construction),
-so the effective per-element lr is ``group['lr'] * s`` and follows any lr scheduler:
-    s_0 = 1
-    s   <- clamp(s + b * sign(m_prev * m_new), min_lr / base_lr, max_lr / base_lr)
-with b = lr_bump / base_lr during ``warmup_steps`` and ``post_warmup_ratio * b`` after it
-("gentle after warmup"). sign(m_prev * m_new) is +1 where consecutive update directions agree,
--1 where they flip, and 0 where there is no previous direction, so the first step does not
-bump anything (no step-1 polarity artefact). The update direction's sign is the momentum's
-sign because the Adam/ADOPT denominator is positive: no polarity state is stored.
+The lineage is Automagic's lr mask (ostris/ai-toolkit: an absolute per-element lr moved by
+``+-lr_bump`` where consecutive update directions agree / disagree) and, further back, Jacobs'
+delta-bar-delta and Rprop. Here the mask is a *scale* s of the group's *scheduled* lr, moved
+multiplicatively, so it means the same thing at any lr and under any scheduler:
+
+    a_t = sign(g_t * m_{t-1})             +1 where the new gradient agrees with the momentum
+                                          (the direction the last updates took), -1 where it
+                                          opposes it, 0 where there is no momentum yet (step 1)
+    s_t = clamp(s_{t-1} * exp(r a_t), lo, hi)      s_0 = 1
+    per-element lr = group["lr"] * s_t
+
+``a_t`` is the sign of the hypergradient of the loss with respect to the element's log-lr
+(Baydin et al., "Online learning rate adaptation with hypergradient descent", 2018): where
+the gradient keeps pointing the way the parameter has been moving, a larger step would have
+helped; where it flips, the step overshot. ``r`` (``lr_mask_rate``) is a rate in log units
+per step, so it does not depend on the lr's scale.
+
+Bounds are relative to the lr the group was built with (``base_lr``): ``[floor, ceiling]``
+(``lr_mask_floor`` / ``lr_mask_ceiling``), tightened by the optional absolute ``min_lr`` /
+``max_lr`` (``min_lr / base_lr``, ``max_lr / base_lr``), and always containing 1, so a mask
+never starts outside its range and a group lr outside ``[min_lr, max_lr]`` is not an error.
+A group given a lower lr (a text encoder, a LoRA+ split) therefore never steps with more than
+``ceiling`` times its scheduled lr.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 
-def bump_list_(masks, agree, bump: float, lo: float, hi: float, weights=None) -> None:
-    """``mask += bump * agree`` then clamp; ``agree`` holds -1/0/+1 (fp32); ``weights`` (one
-    0-dim tensor per mask, 0 or 1) switches the bump off for skipped tensors."""
-    if weights is None:
-        torch._foreach_add_(masks, agree, alpha=bump)
-    else:
-        torch._foreach_addcmul_(masks, agree, weights, value=bump)
-    for m in masks:
-        m.clamp_(lo, hi)
+def bounds(base_lr: float, floor: float, ceiling: float, min_lr: float | None = None,
+           max_lr: float | None = None) -> tuple[float, float]:
+    """The mask's range ``(lo, hi)`` with ``lo <= 1 <= hi``: see the module docstring."""
+    lo, hi = floor, ceiling
+    if base_lr > 0:
+        if min_lr is not None:
+            lo = max(lo, min_lr / base_lr)
+        if max_lr is not None:
+            hi = min(hi, max_lr / base_lr)
+    return min(lo, 1.0), max(hi, 1.0)
 
 
-def bump_(mask: torch.Tensor, agree: torch.Tensor, bump: float, lo: float, hi: float) -> None:
-    bump_list_([mask], [agree], bump, lo, hi)
+def rate(lr_mask_rate: float, lr_bump: float | None, base_lr: float) -> float:
+    """The rate r in log units per step. ``lr_bump`` (the older absolute bump, an lr change
+    per step) is read at the group's lr: r = lr_bump / base_lr; otherwise ``lr_mask_rate``."""
+    if lr_bump is None:
+        return lr_mask_rate
+    return lr_bump / base_lr if base_lr > 0 else 0.0
 
 
-def storage_dtype(lr_bump: float, base_lr: float, min_lr: float, max_lr: float) -> torch.dtype:
+def agreement_list_(outs, grads, moms) -> None:
+    """``outs <- sign(g * m_prev)`` per tensor (call before the momentum update)."""
+    torch._foreach_copy_(outs, grads)
+    torch._foreach_mul_(outs, moms)
+    torch._foreach_sign_(outs)
+
+
+def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> None:
+    """``s <- clamp(s * exp(r a), lo, hi)``; ``agree`` (fp32, -1/0/+1) is consumed as scratch.
+    ``weights`` (one 0-dim tensor per mask, 0 or 1) leaves a skipped tensor's mask as it is."""
+    if weights is not None:
+        torch._foreach_mul_(agree, weights)
+    torch._foreach_mul_(agree, r)
+    torch._foreach_exp_(agree)
+    torch._foreach_mul_(masks, agree)
+    torch._foreach_clamp_min_(masks, lo)
+    torch._foreach_clamp_max_(masks, hi)
+
+
+def scale_(mask: torch.Tensor, agree: torch.Tensor, r: float, lo: float, hi: float) -> None:
+    """One tensor's form of :func:`scale_list_` (``agree`` is consumed)."""
+    scale_list_([mask], [agree], r, lo, hi)
+
+
+_FP16_REL_ULP = 2.0 ** -10  # relative spacing of fp16 numbers, at most
+
+
+def storage_dtype(r: float, lo: float, hi: float) -> torch.dtype:
     """fp16 (2 bytes) when it is lossless enough, else fp32.
 
-    fp16 is used when every scale in [min_lr, max_lr] / base_lr is a normal fp16 number and a
-    bump is at least one fp16 ulp at the largest scale, so round-to-nearest can never stall
+    fp16 is used when every scale in ``[lo, hi]`` is a normal fp16 number and one step
+    ``exp(r)`` moves a scale by at least one fp16 spacing, so round-to-nearest never stalls
     the mask; otherwise the mask is kept in fp32.
     """
-    import math
-
-    if base_lr <= 0 or lr_bump <= 0:
+    if r <= 0 or hi > 6.0e4 or lo < torch.finfo(torch.float16).tiny:
         return torch.float32
-    lo, hi = min_lr / base_lr, max_lr / base_lr
-    if hi > 6.0e4 or lo < torch.finfo(torch.float16).tiny:
-        return torch.float32
-    _, exp = math.frexp(max(hi, 1.0))  # hi < 2**exp
-    ulp = 2.0 ** (exp - 1 - 10)  # fp16 has 10 explicit mantissa bits
-    return torch.float16 if lr_bump / base_lr >= ulp else torch.float32
+    return torch.float16 if -math.expm1(-r) >= _FP16_REL_ULP else torch.float32
