@@ -403,6 +403,7 @@ def train(args, plan: Plan) -> dict:
         max_steps = args.max_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
     warmup = parse_warmup(args.lr_warmup_steps, max_steps)
+    _warn_if_optimizer_phases_cover_the_run(optimizer, max_steps)
     sched_kwargs = {}
     if args.lr_scheduler == "cosine_with_restarts":
         sched_kwargs["num_cycles"] = args.lr_scheduler_num_cycles
@@ -665,6 +666,20 @@ def _draw(fn, shape, gen, world: int, rank: int):
         return fn(shape, gen)
     full = fn((shape[0] * world,) + tuple(shape[1:]), gen)
     return full[rank * shape[0]:(rank + 1) * shape[0]]
+
+
+_PHASE_LENGTHS = ("warmup_steps", "wd_transition_steps")
+
+
+def _warn_if_optimizer_phases_cover_the_run(optimizer, max_steps: int) -> None:
+    """One line when an optimizer's warmup / transition length is more than half the run: its
+    lr-mask adaptation, early-phase techniques or decay schedule would then span most of it."""
+    defaults = getattr(optimizer, "defaults", {})
+    long = {k: defaults[k] for k in _PHASE_LENGTHS if isinstance(defaults.get(k), int) and 2 * defaults[k] > max_steps}
+    if long:
+        logger.warning("%s over %d training steps: %s more than half the run; scale them to the run "
+                       "(--optimizer_args) if that is not intended", type(optimizer).__name__, max_steps,
+                       ", ".join(f"{k}={v}" for k, v in long.items()) + (" is" if len(long) == 1 else " are"))
 
 
 def _micro_step(args, dataset, idx, cached, vae, text_encoder, unet, tokenizer, noise_scheduler, gen, flip_gen, device,

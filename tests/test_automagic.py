@@ -400,3 +400,31 @@ def test_group_lr_outside_min_max_lr_is_accepted_and_the_mask_stays_relative():
         opt.step()
     assert torch.all(opt.state[p]["lr_mask"].float() == 1.0)  # lr 5e-3 > max_lr: only lowered, never raised
     assert float(opt.state[q]["lr_mask"].float().max()) <= 10.0  # at most the ceiling times 1e-28
+
+
+def test_orthograd_skips_adapter_factors_by_default_and_runs_where_asked():
+    """use_orthograd=None (default): adapter factors (named or paired by shape) never get
+    OrthoGrad (it removes the radial component a zero-initialised up factor needs to grow);
+    other tensors do, during the early window. True runs it on every tensor."""
+    def run(mode, names=True):
+        gen = torch.Generator().manual_seed(0)
+        named = [("m.lora_down.weight", torch.randn(4, 16, generator=gen)),
+                 ("m.lora_up.weight", torch.randn(16, 4, generator=gen) * 0.1),
+                 ("full.weight", torch.randn(8, 8, generator=gen))]
+        ps = [torch.nn.Parameter(t) for _, t in named]
+        opt = Automagic_CameAMP([{"params": ps, "named": [n for n, _ in named] if names else None}], lr=1e-3,
+                                use_orthograd=mode, warmup_steps=100, **{k: v for k, v in PLAIN_CAME.items()
+                                                                          if k != "use_orthograd"})
+        for step in range(3):
+            g = torch.Generator().manual_seed(10 + step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g) + p.detach()  # a radial component to remove
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    auto, off, on = run(None), run(False), run(True)
+    assert torch.equal(auto[0], off[0]) and torch.equal(auto[1], off[1])  # adapters: untouched by default
+    assert not torch.equal(auto[2], off[2])  # a full weight still gets OrthoGrad
+    assert not torch.equal(on[0], off[0]) and not torch.equal(on[1], off[1])  # explicit True: everywhere
+    unnamed = run(None, names=False)  # without names the pair is found by shape
+    assert torch.equal(unnamed[0], off[0]) and torch.equal(unnamed[1], off[1])

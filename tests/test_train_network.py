@@ -298,3 +298,22 @@ def test_two_processes_stay_in_sync_and_match_one_process(cache, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=0), k
+
+
+def test_optimizer_phases_longer_than_half_the_run_are_reported(caplog):
+    import logging
+
+    import torch
+
+    from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
+    from library.trainer import _warn_if_optimizer_phases_cover_the_run
+
+    opt = AdaptiveHinaAdamW([torch.nn.Parameter(torch.zeros(2))], warmup_steps=500, wd_transition_steps=300)
+    with caplog.at_level(logging.WARNING, logger="train_network"):
+        _warn_if_optimizer_phases_cover_the_run(opt, 2000)
+        assert not caplog.records
+        _warn_if_optimizer_phases_cover_the_run(opt, 800)
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "warmup_steps=500 is more than half the run" in msg and "wd_transition_steps" not in msg
+    _warn_if_optimizer_phases_cover_the_run(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), 10)

@@ -73,7 +73,7 @@ import torch
 
 from . import __version__, quant8
 from .engine import HinaOptimizer
-from .params import discover_pairs
+from .params import classify, discover_pairs, is_adapter_role
 from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, tam
 from .techniques.agr import agr
 from .techniques.cautious import cautious_
@@ -109,7 +109,7 @@ _BASE_DEFAULTS = dict(
     full_finetune=False,
     came_bias_correction=True,
     use_agr=True,
-    use_orthograd=True,
+    use_orthograd=None,
     use_tam=True,
     tam_beta=0.9,
     use_grams=True,
@@ -151,7 +151,7 @@ def _validate(cfg: dict, keys) -> dict:
     }
     ints = {"warmup_steps": 0, "verbose_interval": 1, "seed": 0, "min_8bit_size": 0, "context_window": 4,
             "stagnation_steps": 1}
-    bools = ("full_finetune", "came_bias_correction", "use_agr", "use_orthograd", "use_tam", "use_grams",
+    bools = ("full_finetune", "came_bias_correction", "use_agr", "use_tam", "use_grams",
              "use_adabelief", "use_lr_mask", "adaptive_weight_decay", "verbose", "use_cautious")
     for k in keys:
         if k not in out:
@@ -163,6 +163,8 @@ def _validate(cfg: dict, keys) -> dict:
             out[k] = check_int(k, v, lo=ints[k])
         elif k in bools:
             out[k] = check_bool(k, v)
+        elif k == "use_orthograd":  # None: automatic (never on adapter factors)
+            out[k] = None if v is None else check_bool(k, v)
         elif k == "eta":
             out[k] = check_real(k, v, lo=0.0, lo_open=True, allow_none=True)
         elif k == "betas":
@@ -226,7 +228,7 @@ class Automagic_CameAMP(HinaOptimizer):
             hint = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ValueError(f"unknown argument {unknown[0]!r} for {name}{hint}")
         defaults = _validate({**self._DEFAULTS, **kwargs}, self._DEFAULTS)
-        self._row_scaled = None
+        self._row_scaled = self._adapters = None
         super().__init__(params, defaults, param_names=param_names)
         for group in self.param_groups:
             self._check_group(group)
@@ -260,16 +262,28 @@ class Automagic_CameAMP(HinaOptimizer):
 
     def _on_layout_changed(self) -> None:
         super()._on_layout_changed()
-        self._row_scaled = None
+        self._row_scaled = self._adapters = None
 
     def _row_scaled_set(self) -> set:
         """LoRA factors (by name, else by shape and order) that get ALLoRA row scaling."""
         if self._row_scaled is None:
             params = self._all_params()
+            names = [self._names.get(p) for p in params]
             group_ids = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
-            pairs, _ = discover_pairs(params, [self._names.get(p) for p in params], group_ids)
+            pairs, _ = discover_pairs(params, names, group_ids)
             self._row_scaled = {params[i] for pr in pairs for i in (pr.a, pr.b)}
+            self._adapters = self._row_scaled | {p for p, n in zip(params, names) if is_adapter_role(classify(n)[1])}
         return self._row_scaled
+
+    def _orthograd_on(self, p, group) -> bool:
+        """OrthoGrad for this tensor? ``use_orthograd=None`` (default): every tensor except adapter
+        factors (LoRA, LoKr, LoHa: named, or paired by shape), whose zero-initialised side needs
+        exactly the radial component OrthoGrad removes; True: every tensor; False: none."""
+        mode = group["use_orthograd"]
+        if mode is None:
+            self._row_scaled_set()
+            return p not in self._adapters
+        return mode
 
     @staticmethod
     def _mask_bounds(group: dict) -> tuple[float, float]:
@@ -383,7 +397,7 @@ class Automagic_CameAMP(HinaOptimizer):
             g = agr(grad if grad.dtype == torch.float32 else g.copy_(grad), out=g, tmp=tmp)
         else:
             g.copy_(grad)
-        if group["use_orthograd"] and early and p.numel() > 1:
+        if early and p.numel() > 1 and self._orthograd_on(p, group):
             orthograd_(g, p32)
         g = self._transform_grad(p, g, st, group, t)
 
@@ -535,7 +549,7 @@ class Automagic_CameAMP(HinaOptimizer):
         return {
             "came_bias_correction": d["came_bias_correction"],
             "agr": d["use_agr"],
-            "orthograd": d["use_orthograd"],
+            "orthograd": "non-adapter tensors" if d["use_orthograd"] is None else d["use_orthograd"],
             "tam": d["use_tam"],
             "grams": d["use_grams"],
             "adabelief": d["use_adabelief"],

@@ -121,7 +121,7 @@ class OptimizerConfig:
     full_finetune: bool = False
     came_bias_correction: bool = True
     use_agr: bool = True
-    use_orthograd: bool = True
+    use_orthograd: bool | None = None
     use_tam: bool = True
     tam_beta: float = 0.9
     use_grams: bool = True
