@@ -38,9 +38,11 @@ bench-quick: setup
 	$(BIN)/python -m pip install -q -r requirements-bench.txt
 	$(BIN)/python -m benchmarks.run_all --quick
 
+# the quality benchmark alone (about 45 minutes on a 2-core CPU), then docs/benchmarks.md
 bench-quality: setup
 	$(BIN)/python -m pip install -q -r requirements-bench.txt
-	$(BIN)/python -m benchmarks.run_all --only bench_quality
+	$(BIN)/python -m benchmarks.bench_quality --jobs 2
+	$(BIN)/python -m benchmarks.run_all --render-only
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_output

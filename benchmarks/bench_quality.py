@@ -1,137 +1,192 @@
 """Training quality of every optimizer on four fully local LoRA fine-tuning tasks.
 
-    python -m benchmarks.bench_quality [--quick] [--tasks lora_teacher digits ...]
-                                       [--contenders "AdamW (fused)" AdaptiveHinaAdamW ...] [--jobs 1]
+    python -m benchmarks.bench_quality [--quick] [--jobs 2] [--tasks ...] [--contenders ...]
+    python -m benchmarks.bench_quality --rerender [--quick]     (no training)
 
-Tasks (``benchmarks/quality/tasks.py``): LoRA-teacher, tiny-SD U-Net LoRA on a held-out style,
-a digits MLP and a byte-level transformer LM, each pretrained briefly (cached under
-``.cache/bench_quality/``) and then LoRA-fine-tuned. Every optimizer gets the same lr grid
-around its documented lr on a tuning seed and is reported over 3 other seeds
-(``benchmarks/quality/runner.py`` has the protocol and the metric definitions).
+Tasks (``benchmarks/quality/tasks.py``): LoRA-teacher, a digits MLP, a byte-level transformer
+LM (each run ~0.5-1.6 s) and a 1500-step tiny-SD U-Net LoRA (``tiny_sd_long``, ~45-230 s a run),
+each pretrained briefly (cached under ``.cache/bench_quality/``) and then LoRA-fine-tuned.
+
+Protocol (``benchmarks/quality/protocol.py``): per task, every tuned contender gets an lr search
+on the tuning seed (``search.py``: centre x {1/3, 1, 3}, extended in factor-3 steps while the
+best point is at an edge, at most 8 points; the centre is the untuned lr, or a measured hint in
+``search.GRID_CENTRE``) and runs at its best lr on the report seeds (1, 2, 3);
+every untuned contender (ours at constructor defaults, every ``configs/*.toml`` preset) runs as
+shipped on the report seeds; warmup/transition lengths longer than half the run are scaled
+down (``contenders.scale_lengths``); identical runs are run once; AdaptiveHinaAdamW and
+Automagic_CameAMP get leave-one-out and add-one-in ablations (``ablation.py``) at their tuned
+lr on lora_teacher, digits and char_lm (``--ablate-long`` adds tiny_sd_long).
+
+The full run is sized for 45 minutes on a 2-core CPU with ``--jobs 2``: tiny_sd_long runs only
+``LONG_TASK_CONTENDERS`` (the report lists who was left out; ``--all-on-long`` runs everyone,
+about 100 minutes); the time estimate of the cost model is printed at the start (``--estimate``
+prints it and exits). ``--quick`` (under 5 minutes with --jobs 2): AdamW (fused), AdaptiveHinaAdamW,
+HinaAdamWOptimizer, Automagic_CameAMP and Prodigy, 1 report seed, tiny_sd_long at 300 steps,
+searches capped at 5 points, leave-one-out ablation of AdaptiveHinaAdamW on lora_teacher.
 
 Writes ``benchmarks/results/quality.json`` (``quality_quick.json`` with ``--quick``), loss-curve
 PNGs in ``docs/img/quality_<task>[_quick].png``, and prints the markdown section that
 ``benchmarks/run_all.py`` puts into docs/benchmarks.md.
-
-``--quick`` (at most 5 minutes): 5 optimizers, a 2-point grid, 1 report seed, shorter runs.
-The full run (at most 30 minutes on a 2-core CPU, one thread): 14 optimizers, a 4-point grid,
-3 report seeds, and our optimizers' documented lr on the report seeds too where the grid chose
-another lr.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import importlib.util
+import json
 import os
 import sys
 import time
 
 import torch
 
-TASK_ORDER = ("lora_teacher", "digits", "char_lm", "tiny_diffusion")
-QUICK_GRID = (1.0, 3.0)
+from benchmarks.quality.ablation import LEAVE_ONE_OUT, MODES
+from benchmarks.quality.protocol import (ABLATION_TASKS, FULL_RUN_MINUTES, REPORT_SEEDS, Ablation, ProtocolConfig,
+                                         RunStore, TaskProtocol, estimate, execute)
+from benchmarks.quality.search import SearchRule
+from benchmarks.quality.tasks import TASK_ORDER, TASK_SPECS
+
+ABLATED = ("AdaptiveHinaAdamW", "Automagic_CameAMP")
+# The full run fits FULL_RUN_MINUTES on a 2-core CPU with --jobs 2 only if tiny_sd_long (a run:
+# 45-230 s) runs a subset: AdamW (fused) as the reference, our three main classes tuned and
+# untuned, and the SD-LoRA presets of their families. Every other contender (peers' searches,
+# the 8-bit / C-Optim / refactored variants, the other presets, new presets) is left out of
+# that task and listed in the report; --all-on-long runs everything there (about 100 minutes).
+LONG_TASK = "tiny_sd_long"
+LONG_TASK_CONTENDERS = (
+    "AdamW (fused)", "CAME (pytorch_optimizer)", "Prodigy (prodigyopt)", "AdaptiveHinaAdamW",
+    "AdaptiveHinaAdamW (optim_bits=8)", "HinaAdamWOptimizer", "Automagic_CameAMP",
+    "preset adaptive_hina_sd_lora", "preset adaptive_hina_general", "preset demo", "preset hina_adamw_sd_lora",
+    "preset automagic_cameamp",
+)
+QUICK_MAX_POINTS = 5
 
 
-def _grid_fn(quick: bool):
-    if not quick:
-        return None
-
-    from benchmarks.quality.contenders import PRODIGY_GRID
-
-    def grid(c):
-        if c.grid == PRODIGY_GRID:  # Prodigy-style: lr=1 only
-            return [c.lr]
-        return [float(f"{c.lr * g:.3g}") for g in QUICK_GRID]
-
-    return grid
+def full_run_left_out(keys, all_on_long: bool = False, chosen_by_user: bool = False) -> dict:
+    """{task: contenders left out of it} of the full run (see LONG_TASK_CONTENDERS); nothing is
+    left out of contenders the user named."""
+    if all_on_long or chosen_by_user:
+        return {}
+    return {LONG_TASK: tuple(k for k in keys if k not in LONG_TASK_CONTENDERS)}
 
 
-def _effective(entry: dict) -> dict:
-    """The contender's keyword arguments with the class defaults filled in."""
-    import inspect
+def protocol_config(quick: bool = False, tasks=None, seeds=None, jobs: int = 2, threads: int = 1,
+                    overrides=None, ablate_long: bool = False, max_points: int | None = None,
+                    ablations=None, left_out=None) -> ProtocolConfig:
+    """The full or --quick protocol, with the CLI's changes."""
+    if ablations is None:
+        ablation_tasks = ABLATION_TASKS + (("tiny_sd_long",) if ablate_long else ())
+        ablations = ((Ablation("AdaptiveHinaAdamW", (LEAVE_ONE_OUT,), ("lora_teacher",)),) if quick else
+                     tuple(Ablation(key, MODES, ablation_tasks) for key in ABLATED))
+    return ProtocolConfig(
+        quick=quick, tasks=tuple(tasks or TASK_ORDER), report_seeds=tuple(seeds or ((1,) if quick else REPORT_SEEDS)),
+        rule=SearchRule(max_points=max_points or (QUICK_MAX_POINTS if quick else SearchRule().max_points)),
+        ablations=tuple(ablations), left_out={} if quick else dict(left_out or {}),
+        task_overrides=overrides or {}, jobs=jobs, threads=threads)
 
-    from library.train_util import resolve_optimizer
 
-    try:
-        cls, kw, _ = resolve_optimizer(entry["optimizer_type"], dict(entry["base_kwargs"]))
-    except ValueError:
-        return dict(entry["base_kwargs"])
-    out = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty}
-    out.update(kw)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+def select_contenders(quick: bool, keys=None, log=print) -> tuple[list, dict]:
+    """(contenders whose packages are installed, {key: why skipped}); `keys` picks by label, or
+    is a list of Contender objects to use as they are."""
+    from benchmarks.quality.contenders import Contender, contenders
+
+    pool = contenders()
+    if keys and all(isinstance(k, Contender) for k in keys):
+        pool, keys = list(keys), [k.key for k in keys]
+    chosen, skipped = [], {}
+    for c in pool:
+        if (keys is not None and c.key not in keys) or (keys is None and quick and not c.quick):
+            continue
+        try:
+            c.optimizer_class()
+            chosen.append(c)
+        except ValueError as e:  # its package is not installed (pip install -r requirements-bench.txt)
+            skipped[c.key] = str(e)
+            log(f"skip {c.key}: {e}")
+    if keys is not None:
+        unknown = set(keys) - {c.key for c in chosen} - set(skipped)
+        if unknown:
+            raise SystemExit(f"unknown contenders: {', '.join(sorted(unknown))}")
+    return chosen, skipped
 
 
-def _notes(results: dict) -> list[str]:
-    """Facts worth a line under the tables, derived from the results (grouped over tasks)."""
-    same, bnb32, state = {}, [], {}
-    for tname, task in results["tasks"].items():
-        cs = task["contenders"]
-        keys = list(cs)
-        for i, a in enumerate(keys):
-            for b in keys[i + 1:]:
-                ea, eb = cs[a], cs[b]
-                ra, rb = ea["runs"], eb["runs"]
-                if (ea["best_lr"] == eb["best_lr"] and len(ra) == len(rb)
-                        and all(math.isfinite(x["final"]) and x["final"] == y["final"] for x, y in zip(ra, rb))):
-                    same.setdefault((a, b), []).append((tname, ea["summary"]["step_ms"], eb["summary"]["step_ms"]))
-        bnb = cs.get("bnb AdamW8bit")
-        if bnb and bnb["summary"]["state_bytes_per_param"] >= 7.9:
-            bnb32.append(tname)
-        for key, e in cs.items():
-            if "default_summary" in e:
-                a, b = e["default_summary"]["state_bytes_per_param"], e["summary"]["state_bytes_per_param"]
-                if abs(a - b) > 0.5:
-                    changed = {k: v for k, v in e["runs"][0]["kwargs"].items() if e["base_kwargs"].get(k) != v}
-                    state.setdefault(key, []).append((tname, a, b, e["best_lr"], changed))
-    notes = []
-    for (a, b), where in same.items():
-        ea = next(t["contenders"][a] for t in results["tasks"].values() if a in t["contenders"])
-        eb = next(t["contenders"][b] for t in results["tasks"].values() if b in t["contenders"])
-        if ea["optimizer_type"] == eb["optimizer_type"]:
-            fa, fb = _effective(ea), _effective(eb)
-            diff = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-            why = "their arguments differ only in " + ", ".join(f"`{k}` ({fa.get(k)} / {fb.get(k)})" for k in diff)
+def _available_tasks(tasks, log) -> tuple[list, dict]:
+    ok, skipped = [], {}
+    for t in tasks:
+        need = TASK_SPECS[t].requires
+        if need and importlib.util.find_spec(need) is None:
+            skipped[t] = f"needs {need} (pip install -r requirements-bench.txt)"
+            log(f"skip task {t}: {skipped[t]}")
         else:
-            why = f"`{ea['optimizer_type']}` and `{eb['optimizer_type']}` made the same updates"
-        times = "; ".join(f"{t}: {x:.3g} / {y:.3g} ms" for t, x, y in where)
-        tail = (f" Their step times ({times}) show the timing noise of the shared machine."
-                if ea["optimizer_type"] == eb["optimizer_type"] else "")
-        notes.append(f"{a} and {b} gave bit-identical held-out losses on every seed in {', '.join(t for t, _, _ in where)} "
-                     f"({why}).{tail}")
-    if bnb32:
-        notes.append(f"bnb AdamW8bit kept 32-bit state (8 B/param) in {', '.join(bnb32)}: bitsandbytes quantises only "
-                     "tensors with at least `min_8bit_size` (4096) elements, and no LoRA tensor here is that large, so "
-                     "it ran as 32-bit AdamW.")
-    for key, rows in state.items():
-        cells = "; ".join(f"{t}: {a:.3g} at the documented lr, {b:.3g} at lr {lr:.3g} with {changed}"
-                          for t, a, b, lr, changed in rows)
-        notes.append(f"{key}: optimizer state per parameter depends on the lr setting ({cells}).")
-    if any(t["setup"].get("pretrain_cached") for t in results["tasks"].values() if isinstance(t.get("setup"), dict)):
-        notes.append("Pretrained weights came from `.cache/bench_quality/` (trained by an earlier run with the same "
-                     "settings); the wall time excludes that pretraining.")
-    return notes
+            ok.append(t)
+    return ok, skipped
 
 
-def rerender(quick: bool = False, plots: bool = True) -> dict:
-    """Recompute summaries, notes and plots from a saved results file (no training)."""
-    import json
+def _log_estimate(est: dict, config: ProtocolConfig, log) -> None:
+    per = ", ".join(f"{t} {s / 60:.1f}" for t, s in est["cpu_seconds"].items())
+    log(f"estimated time: {est['wall_seconds'] / 60:.1f} min wall on {config.jobs} process(es) "
+        f"({est['total_cpu_seconds'] / 60:.1f} CPU-min: {per}; searches assumed {est['search_points_assumed']} points)")
+    if not config.quick and est["wall_seconds"] > 60 * FULL_RUN_MINUTES:
+        log(f"warning: the estimate exceeds {FULL_RUN_MINUTES} minutes")
 
+
+def run(quick: bool = False, tasks=None, contenders=None, seeds=None, overrides=None, jobs: int = 2,
+        threads: int = 1, ablate_long: bool = False, max_points: int | None = None, ablations=None,
+        all_on_long: bool = False, log=None) -> dict:
+    """Run the benchmark; returns the results dict (written nowhere). `ablations=()` runs none."""
+    log = log or (lambda msg: print(msg, flush=True))
+    tasks, tasks_skipped = _available_tasks(list(tasks or TASK_ORDER), log)
+    chosen, skipped = select_contenders(quick, contenders, log)
+    config = protocol_config(quick, tasks, seeds, jobs, threads, overrides, ablate_long, max_points, ablations,
+                             full_run_left_out([c.key for c in chosen], all_on_long, contenders is not None))
+    est = estimate(config, chosen)
+    _log_estimate(est, config, log)
+    t0 = time.perf_counter()
+    factory = config.task_factory()
+    local = {t: factory(t) for t in tasks}
+    for t, obj in local.items():  # pretraining (if not cached) happens once, here
+        obj.setup(log)
+    store = RunStore(log)
+    protocols = {t: TaskProtocol(t, chosen, config, store) for t in tasks}
+    for p in protocols.values():
+        p.start()
+    execute(store, jobs, factory, threads, local)
+    results = {"mode": "quick" if quick else "full", "config": {**config.describe(), "estimate": est},
+               "contenders_skipped": skipped, "tasks_skipped": tasks_skipped,
+               "tasks": {t: p.results(local[t]) for t, p in protocols.items()},
+               "wall_seconds": time.perf_counter() - t0}
+    from benchmarks.common import machine
+    from benchmarks.quality.summary import summarise
+
+    results["machine"] = {**machine(), "threads": threads, "jobs": jobs}
+    results["git"] = _git_state()
+    return summarise(results)
+
+
+def results_path(quick: bool, name: str | None = None) -> str:
     from benchmarks.common import RESULTS_DIR
-    from benchmarks.quality.report import plot_all
-    from benchmarks.quality.runner import summarise
 
-    path = os.path.join(RESULTS_DIR, "quality_quick.json" if quick else "quality.json")
+    return os.path.join(RESULTS_DIR, name or ("quality_quick.json" if quick else "quality.json"))
+
+
+def rerender(quick: bool = False, plots: bool = True, path: str | None = None, img_dir: str | None = None) -> dict:
+    """Recompute the summaries and plots from a saved results file (no training) and save it."""
+    from benchmarks.quality.report import plot_all
+    from benchmarks.quality.summary import summarise
+
+    path = path or results_path(quick)
     with open(path, encoding="utf-8") as f:
-        results = json.load(f)
-    for task in results["tasks"].values():
-        summarise(task)
-    results["notes"] = _notes(results) + [n for n in results.get("notes", []) if "skipped" in n]
+        results = summarise(json.load(f))
     if plots:
-        plot_all(results)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+        plot_all(results, **({"img_dir": img_dir} if img_dir else {}))
+    _write(path, results)
     return results
+
+
+def _write(path: str, results: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _git_state() -> dict:
@@ -149,107 +204,68 @@ def _git_state() -> dict:
     return {"head": head, "uncommitted": [line[3:] for line in dirty if not line[3:].startswith("benchmarks/results")]}
 
 
-def _task_worker(payload):
-    name, quick, keys, seeds, default_runs, overrides, threads = payload
-    torch.set_num_threads(threads)
-    from benchmarks.quality.contenders import contenders
-    from benchmarks.quality.runner import run_task
-    from benchmarks.quality.tasks import make_task
-
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    skipped = {}
-    cs = []
-    for c in contenders():
-        if not ((keys is None and (c.quick or not quick)) or (keys is not None and c.key in keys)):
-            continue
-        try:
-            c.resolve()
-            cs.append(c)
-        except ValueError as e:  # its package is not installed (pip install -r requirements-bench.txt)
-            skipped[c.key] = str(e)
-            log(f"  skip {c.key}: {e}")
-    task = make_task(name, quick=quick, **(overrides or {}))
-    t0 = time.perf_counter()
-    out = run_task(task, cs, seeds=seeds, grid_override=_grid_fn(quick), default_on_report_seeds=default_runs, log=log)
-    out["seconds"] = time.perf_counter() - t0
-    out["skipped_contenders"] = skipped
-    log(f"== {name}: {out['seconds']:.0f}s, winner {out['winner']}")
-    return name, out
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the --quick protocol (see above)")
+    ap.add_argument("--tasks", nargs="*", choices=TASK_ORDER, help="tasks to run (default: all four)")
+    ap.add_argument("--contenders", nargs="*", metavar="LABEL",
+                    help='contender labels, e.g. "AdamW (fused)" "preset demo" (default: all, or the --quick set)')
+    ap.add_argument("--seeds", nargs="*", type=int, help="report seeds (default 1 2 3; --quick: 1)")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel worker processes (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ap.add_argument("--max-points", type=int, help="cap of an lr search (default 8; --quick: 5)")
+    ap.add_argument("--steps", nargs="*", metavar="TASK=N", default=[],
+                    help="override a task's length, e.g. lora_teacher=50 (changes the results' meaning)")
+    ap.add_argument("--ablate-long", action="store_true", help="also run the ablations on tiny_sd_long")
+    ap.add_argument("--no-ablations", action="store_true", help="run no ablation")
+    ap.add_argument("--all-on-long", action="store_true",
+                    help="run every contender on tiny_sd_long (the full run then takes about 100 minutes on 2 cores; see --estimate)")
+    ap.add_argument("--estimate", action="store_true", help="print the time estimate and exit")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--img-dir", help="where the plots go (default docs/img)")
+    ap.add_argument("--out", help="results file name in benchmarks/results (default quality[_quick].json)")
+    ap.add_argument("--rerender", action="store_true",
+                    help="no training: recompute summaries and plots from the saved results file")
+    return ap
 
 
-def run(quick: bool = False, tasks=None, contenders=None, seeds=None, default_runs=None, overrides=None,
-        jobs: int = 1, threads: int = 1) -> dict:
-    """Run the benchmark; returns the results dict (not written anywhere)."""
-    from benchmarks.quality.runner import REPORT_SEEDS, TUNING_SEED
-
-    import importlib.util
-
-    from benchmarks.quality.tasks import REQUIRES
-
-    tasks = list(tasks or TASK_ORDER)
-    missing = [t for t in tasks if t in REQUIRES and importlib.util.find_spec(REQUIRES[t]) is None]
-    for t in missing:
-        print(f"skip task {t}: needs {REQUIRES[t]} (pip install -r requirements-bench.txt)", file=sys.stderr)
-    tasks = [t for t in tasks if t not in missing]
-    seeds = tuple(seeds or ((1,) if quick else REPORT_SEEDS))
-    default_runs = (not quick) if default_runs is None else default_runs
-    payloads = [(t, quick, contenders, seeds, default_runs, (overrides or {}).get(t), threads) for t in tasks]
-    t0 = time.perf_counter()
-    if jobs > 1 and len(tasks) > 1:
-        import multiprocessing as mp
-
-        heavy_first = sorted(payloads, key=lambda p: -TASK_ORDER.index(p[0]) if p[0] in TASK_ORDER else 0)
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            done = dict(pool.imap_unordered(_task_worker, heavy_first))
-    else:
-        done = dict(_task_worker(p) for p in payloads)
-    results = {
-        "mode": "quick" if quick else "full",
-        "config": {"tuning_seed": TUNING_SEED, "report_seeds": list(seeds), "jobs": jobs, "threads": threads,
-                   "grid_desc": ("x{1, 3} of the documented lr (Prodigy-style: lr=1 only)" if quick else
-                                 "x{1/3, 1, 3, 10} of the documented lr (Prodigy-style: lr 0.5 and 1)"),
-                   "default_runs_on_report_seeds": default_runs},
-        "tasks": {t: done[t] for t in tasks},
-        "wall_seconds": time.perf_counter() - t0,
-    }
-    from benchmarks.common import machine
-
-    results["machine"] = machine()
-    results["git"] = _git_state()
-    results["notes"] = _notes(results) + [f"task {t} skipped: {REQUIRES[t]} is not installed" for t in missing]
-    for t, task in results["tasks"].items():
-        for k, why in task.get("skipped_contenders", {}).items():
-            results["notes"].append(f"{t}: {k} skipped ({why})")
-    return results
+def _step_overrides(items) -> dict:
+    out = {}
+    for item in items:
+        task, _, n = item.partition("=")
+        if task not in TASK_SPECS or not n.isdigit():
+            raise SystemExit(f"--steps {item!r}: expected TASK=N with TASK one of {', '.join(TASK_ORDER)}")
+        out[task] = {"steps": int(n)}
+    return out
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tasks", nargs="*", choices=TASK_ORDER)
-    ap.add_argument("--contenders", nargs="*", help="contender labels (default: all, or the --quick set)")
-    ap.add_argument("--seeds", nargs="*", type=int, help="report seeds (default 1 2 3; --quick: 1)")
-    ap.add_argument("--jobs", type=int, default=1, help="tasks run in parallel processes (default 1)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
-    ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--out", help="results file name in benchmarks/results (default quality[_quick].json)")
-    ap.add_argument("--rerender", action="store_true",
-                    help="no training: recompute summaries, notes and plots from the saved results file")
-    args = ap.parse_args(argv)
-    if args.rerender:
-        from benchmarks.quality.report import render_markdown
-
-        print(render_markdown(rerender(args.quick, plots=not args.no_plots)))
-        return None
-    torch.set_num_threads(args.threads)
-    from benchmarks.common import write_json
+    args = _parser().parse_args(argv)
     from benchmarks.quality.report import plot_all, render_markdown
 
+    if args.rerender:
+        print(render_markdown(rerender(args.quick, plots=not args.no_plots,
+                                       path=results_path(args.quick, args.out), img_dir=args.img_dir)))
+        return None
+    torch.set_num_threads(args.threads)
+    ablations = () if args.no_ablations else None
+    if args.estimate:
+        chosen, _ = select_contenders(args.quick, args.contenders)
+        config = protocol_config(args.quick, args.tasks, args.seeds, args.jobs, args.threads,
+                                 _step_overrides(args.steps), args.ablate_long, args.max_points, ablations,
+                                 full_run_left_out([c.key for c in chosen], args.all_on_long,
+                                                   args.contenders is not None))
+        _log_estimate(estimate(config, chosen), config, print)
+        return None
     results = run(quick=args.quick, tasks=args.tasks, contenders=args.contenders, seeds=args.seeds,
-                  jobs=args.jobs, threads=args.threads)
+                  overrides=_step_overrides(args.steps), jobs=args.jobs, threads=args.threads,
+                  ablate_long=args.ablate_long, max_points=args.max_points, ablations=ablations,
+                  all_on_long=args.all_on_long)
     if not args.no_plots:
-        plot_all(results)
-    path = write_json(args.out or ("quality_quick.json" if args.quick else "quality.json"), results)
+        plot_all(results, **({"img_dir": args.img_dir} if args.img_dir else {}))
+    path = results_path(args.quick, args.out)
+    _write(path, results)
     print(render_markdown(results))
     print(f"wrote {path} in {results['wall_seconds'] / 60:.1f} min", file=sys.stderr)
     return results

@@ -23,10 +23,10 @@ def test_profiler_tiny_adaptive_hina():
                 "bytes_per_param"):
         assert key in res, key
     assert res["tensors"] == 8 and res["params"] > 0 and res["step_ms"] > 0
-    # every use_* flag that is on by default is toggled; use_orthogonal_grad is off by default
-    assert {"use_spd", "use_cautious", "use_adopt_stability", "use_grams", "use_agr", "use_tam",
+    # every use_* flag that is on by default is toggled; use_orthogonal_grad and use_grams are off by default
+    assert {"use_spd", "use_cautious", "use_adopt_stability", "use_agr", "use_tam",
             "use_dynamic_adaptation", "use_lr_mask"} <= set(res["features"])
-    assert "use_orthogonal_grad" in res["inactive_features"]
+    assert {"use_orthogonal_grad", "use_grams"} <= set(res["inactive_features"])
     for d in res["features"].values():
         assert set(d) == {"ms_without", "attributable_ms", "attributable_pct"}
         assert math.isclose(d["attributable_ms"], res["step_ms"] - d["ms_without"])
@@ -51,35 +51,249 @@ def test_profiler_cli_json(tmp_path, capsys):
     assert "| state key |" in capsys.readouterr().out
 
 
-def test_quality_smallest_task_runs(tmp_path):
-    from benchmarks.bench_quality import run
+# ----------------------------------------------------------------------------- quality benchmark
+def _bowl(optimum, width=1.0):
+    """Synthetic final loss as a function of lr: a parabola in log(lr) with its minimum at `optimum`."""
+    return lambda lr: (math.log(lr / optimum) / width) ** 2
+
+
+def test_lr_search_extends_past_the_first_grid_until_interior():
+    from benchmarks.quality.search import SearchRule, run_search
+
+    res = run_search(_bowl(0.05), centre=1e-3)  # optimum ~4 factor-3 steps above the centre
+    lrs = list(res["points"])
+    assert lrs[:3] == sorted(lrs[:3]) and min(lrs) == pytest.approx(3.33e-4, rel=1e-3)
+    assert res["best_lr"] == pytest.approx(0.081) and not res["edge"]
+    assert max(lrs) > res["best_lr"] > min(lrs)  # interior: one point beyond the best on each side
+    assert len(lrs) == 7
+    res = run_search(_bowl(3e-6), centre=1e-3)  # below the grid: extends downwards
+    assert res["best_lr"] == 4.12e-6 and not res["edge"] and min(res["points"]) == 1.37e-6
+    assert all(float(f"{lr:.3g}") == lr for lr in res["points"])  # 3 significant digits
+    res = run_search(_bowl(1e-3), centre=1e-3)
+    assert list(res["points"]) == [3.33e-4, 1e-3, 3e-3] and res["best_lr"] == 1e-3  # no extension needed
+    capped = run_search(_bowl(1e-3), centre=1e-3, rule=SearchRule(max_points=3))
+    assert capped["best_lr"] == 1e-3
+
+
+def test_lr_search_cap_marks_the_edge():
+    from benchmarks.quality.search import SearchRule, run_search
+
+    res = run_search(lambda lr: -lr, centre=1.0)  # better and better as the lr grows
+    assert len(res["points"]) == 8 and res["edge"] and res["best_lr"] == max(res["points"]) == 729.0
+    res = run_search(lambda lr: -lr, centre=1.0, rule=SearchRule(max_points=5))
+    assert len(res["points"]) == 5 and res["edge"] and res["best_lr"] == 27.0
+
+
+def test_lr_search_diverged_points_count_as_inf():
+    from benchmarks.quality.search import best_exponent, next_exponent, SearchRule
+
+    rule = SearchRule()
+    nan = float("nan")
+    # the highest lr diverged: the best finite point is interior, nothing more to run
+    assert best_exponent({-1: 0.5, 0: 0.3, 1: float("inf")}) == 0
+    assert next_exponent({-1: 0.5, 0: 0.3, 1: nan}, rule) is None
+    # the best is the lowest point (the others diverged): extend downwards
+    assert next_exponent({-1: 0.4, 0: float("inf"), 1: nan}, rule) == -2
+    # everything diverged: go below the lowest until something trains, or the cap
+    assert next_exponent({-1: nan, 0: nan, 1: nan}, rule) == -2
+    tried = {k: float("inf") for k in range(-6, 2)}  # 8 points, all diverged: the cap ends it
+    assert next_exponent(tried, rule) is None
+
+
+def test_lr_search_ties_go_to_the_centre():
+    from benchmarks.quality.search import best_exponent, next_exponent, run_search, SearchRule
+
+    assert best_exponent({-1: 0.2, 0: 0.2, 1: 0.2}) == 0
+    assert best_exponent({-2: 0.1, 1: 0.1, 0: 0.5}) == 1  # |1| < |-2|
+    assert best_exponent({-1: 0.1, 1: 0.1, 0: 0.5}) == -1  # equal distance: the lower lr
+    assert next_exponent({-1: 0.2, 0: 0.2, 1: 0.2}, SearchRule()) is None  # a flat grid stops at the centre
+    assert run_search(lambda lr: 1.0, centre=2e-4)["best_lr"] == 2e-4
+
+
+def test_step_length_scaling_rule():
+    from benchmarks.quality.contenders import scale_lengths
+
+    assert scale_lengths({"warmup_steps": 500, "wd_transition_steps": 1000}, 300) == (
+        {"warmup_steps": 75, "wd_transition_steps": 150}, 0.15)
+    assert scale_lengths({"warmup_steps": 500, "wd_transition_steps": 1000}, 2000) == (
+        {"warmup_steps": 500, "wd_transition_steps": 1000}, 1.0)  # steps >= 2 x longest: unchanged
+    assert scale_lengths({"warmup_steps": 600, "wd_transition_steps": 300}, 1000) == (
+        {"warmup_steps": 500, "wd_transition_steps": 250}, 1000 / 1200)
+    assert scale_lengths({"warmup_steps": 1, "wd_transition_steps": 1000}, 10)[0] == {
+        "warmup_steps": 1, "wd_transition_steps": 5}  # at least 1
+    assert scale_lengths({}, 10) == ({}, 1.0)
+    assert scale_lengths({"warmup_steps": 0}, 10) == ({"warmup_steps": 0}, 1.0)
+
+
+def test_step_length_scaling_uses_the_effective_defaults():
+    from benchmarks.quality.contenders import OURS, default_lr, resolve_run, signature_defaults
+    from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
+
+    d = signature_defaults(AdaptiveHinaAdamW)
+    hina = next(o for o in OURS if o.key == "AdaptiveHinaAdamW").contender()
+    assert hina.lr == default_lr("AdaptiveHinaAdamW") == d["lr"]
+    steps = max(d["warmup_steps"], d["wd_transition_steps"])  # shorter than twice the longest
+    cfg = resolve_run(hina, "lora_teacher", steps, hina.lr, 1)
+    kw = dict(cfg.kwargs)
+    assert kw["warmup_steps"] == max(1, round(d["warmup_steps"] / 2))
+    assert kw["wd_transition_steps"] == max(1, round(d["wd_transition_steps"] / 2))
+    cfg = resolve_run(hina, "lora_teacher", 2 * steps, hina.lr, 1)
+    assert "warmup_steps" not in dict(cfg.kwargs)  # long enough: the class default, not passed
+
+
+def _preset_file(tmp_path, name, optimizer_type, lr, args, warmup='"5%"'):
+    items = ", ".join(f'"{a}"' for a in args)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'[optimizer]\noptimizer_type = "{optimizer_type}"\nlearning_rate = {lr!r}\n'
+                    f'optimizer_args = [{items}]\nlr_scheduler = "cosine"\nlr_warmup_steps = {warmup}\n'
+                    f'[training]\nmax_train_steps = 1600\n')
+    return path
+
+
+def test_run_dedupe_key(tmp_path):
+    from benchmarks.quality.contenders import OURS, load_preset, preset_contender, resolve_run, signature_defaults
+    from benchmarks.quality.protocol import RunStore
+    from library.optimizers.hina_adamw import HinaAdamWOptimizer
+
+    hina = next(o for o in OURS if o.key == "HinaAdamWOptimizer").contender()
+    d = signature_defaults(HinaAdamWOptimizer)
+    same = preset_contender(load_preset(str(_preset_file(
+        tmp_path, "same", "HinaAdamW", hina.lr, [f"weight_decay={d['weight_decay']}", f"use_tam={d['use_tam']}"]))))
+    other = preset_contender(load_preset(str(_preset_file(
+        tmp_path, "other", "HinaAdamW", hina.lr, [f"use_tam={not d['use_tam']}"]))))
+    key = lambda c, lr=hina.lr, seed=1: resolve_run(c, "lora_teacher", 300, lr, seed).key()  # noqa: E731
+    assert key(same) == key(hina)                     # alias + explicit defaults: the same run
+    assert key(other) != key(hina)                    # another argument
+    assert key(same, lr=2 * hina.lr) != key(hina)     # another lr
+    assert key(same, seed=2) != key(hina)             # another seed
+    store = RunStore(log=lambda msg: None)
+    a = store.request(resolve_run(hina, "lora_teacher", 300, hina.lr, 1), "HinaAdamWOptimizer (untuned)")
+    b = store.request(resolve_run(same, "lora_teacher", 300, hina.lr, 1), "preset same (untuned)")
+    c = store.request(resolve_run(other, "lora_teacher", 300, hina.lr, 1), "preset other (untuned)")
+    assert a == b != c and len(store.configs) == 2 and store.owner[a] == "HinaAdamWOptimizer (untuned)"
+
+
+def test_every_preset_is_an_untuned_contender(tmp_path):
+    import glob
+    import os
+
+    from benchmarks.quality.contenders import CONFIGS, contenders, load_preset, preset_contender, resolve_run
+
+    cs = {c.key: c for c in contenders()}
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(CONFIGS, "*.toml"))]
+    assert stems and all(f"preset {s}" in cs for s in stems)
+    for s in stems:
+        c = cs[f"preset {s}"]
+        assert c.untuned and not c.tune and c.reference_steps
+        resolve_run(c, "lora_teacher", 300, c.lr, 1)  # its arguments are accepted
+    p = preset_contender(load_preset(str(_preset_file(tmp_path, "w", "AdamW", 1e-3, [], warmup="50"))))
+    cfg = resolve_run(p, "lora_teacher", 300, p.lr, 1)
+    assert cfg.warmup_steps == round(50 * 300 / 1600) and p.schedule.warmup_steps(1600, 1600) == 50  # steps at 1600
+    assert resolve_run(cs["AdamW (fused)"], "lora_teacher", 300, 1e-3, 1).warmup_steps == 15  # 5%
+    sf = resolve_run(cs["AdamWScheduleFree"], "lora_teacher", 300, 1e-3, 1)
+    assert sf.scheduler == "constant" and dict(sf.kwargs)["warmup_steps"] == 15  # its own warmup: 5% of the run
+
+
+def test_no_tune_score():
+    from benchmarks.quality.summary import no_tune_score
+
+    assert no_tune_score(1.0, 0.5, 0.5) == 1.0
+    assert no_tune_score(1.0, 0.75, 0.5) == 0.5
+    assert no_tune_score(1.0, 1.0, 0.5) == 0.0
+    assert no_tune_score(1.0, 1.25, 0.5) == -0.5
+    assert no_tune_score(1.0, float("inf"), 0.5) == -math.inf
+    assert no_tune_score(1.0, 0.5, None) is None and no_tune_score(1.0, 0.5, 1.0) is None
+
+
+def test_ablation_tables_match_the_optimizers():
+    from benchmarks.quality.ablation import (ADD_ONE_IN, LEAVE_ONE_OUT, TECHNIQUES, ablation_configs,
+                                             on_by_default, plain_overrides)
+    from benchmarks.quality.contenders import OURS, effective_kwargs
+
+    for key, techniques in TECHNIQUES.items():
+        c = next(o for o in OURS if o.key == key).contender()
+        defaults = effective_kwargs(c.optimizer_class(), dict(c.kwargs))
+        for t in techniques:  # every argument exists, and off != on
+            assert set(t.off) | set(t.on) <= set(defaults), (key, t.name)
+            assert plain_overrides([t], defaults) != {**plain_overrides([t], defaults), **t.on}, (key, t.name)
+        confs = ablation_configs(techniques, defaults)
+        loo = [x.technique for x in confs if x.mode == LEAVE_ONE_OUT]
+        assert loo == [t.name for t in techniques if on_by_default(t, defaults)]
+        assert [x.technique for x in confs if x.mode == ADD_ONE_IN] == [t.name for t in techniques]
+    hina = TECHNIQUES["AdaptiveHinaAdamW"]
+    d = effective_kwargs(next(o for o in OURS if o.key == "AdaptiveHinaAdamW").contender().optimizer_class(), {})
+    plain = plain_overrides(hina, d)
+    assert plain["use_lr_mask"] is False and plain["lora_plus_ratio"] == 1.0 and plain["allora_eta"] is None
+    am = TECHNIQUES["Automagic_CameAMP"]
+    d = effective_kwargs(next(o for o in OURS if o.key == "Automagic_CameAMP").contender().optimizer_class(), {})
+    assert plain_overrides(am, d)["beta1_min"] == d["betas"][0]  # momentum decay off: beta1 never decays
+
+
+def _check_quality_results(res, names, seeds):
+    task = res["tasks"]["lora_teacher"]
+    assert task["steps"] == 12 and set(task["contenders"]) == set(names)
+    for name in names:
+        e, s = task["contenders"][name], task["summary"]["contenders"][name]
+        points = e["search"]["points"]
+        assert 3 <= len(points) <= 5 and e["search"]["best_lr"] in [p["lr"] for p in points]
+        assert [task["runs"][r]["seed"] for r in e["tuned_runs"]] == list(seeds)
+        for rid in e["tuned_runs"]:
+            r = task["runs"][rid]
+            assert len(r["curve"]) == 4 and math.isfinite(r["final"]) and r["final"] == r["curve"][-1]
+            assert r["state_bytes"] > 0 and r["n_params"] > 0 and r["step_ms_median"] > 0 and r["error"] is None
+        for key in ("final_mean", "final_std", "step_ms", "x_adamw_fused", "state_bytes_per_param", "mean_curve"):
+            assert key in s["tuned"], key
+    hina = task["summary"]["contenders"]["AdaptiveHinaAdamW"]
+    assert hina["untuned"]["n"] == len(seeds) and hina["no_tune_score"] is not None
+    assert task["summary"]["contenders"]["AdamW (fused)"]["tuned"]["x_adamw_fused"] == 1.0
+    assert task["summary"]["start_loss"] > task["summary"]["reference_final"]
+    assert task["contenders"]["AdaptiveHinaAdamW"]["lengths"]["factor"] < 1  # 12 steps: scaled
+    rows = task["summary"]["ablations"]["AdaptiveHinaAdamW"]["rows"]
+    assert rows and {r["mode"] for r in rows} == {"leave_one_out"}
+    assert all(len(task["ablations"]["AdaptiveHinaAdamW"]["rows"][i]["runs"]) == len(seeds) for i in range(len(rows)))
+
+
+def test_quality_pipeline_smallest_task(tmp_path):
+    from benchmarks.bench_quality import rerender, run
     from benchmarks.quality.report import plot_all, render_markdown
 
     names = ["AdamW (fused)", "AdaptiveHinaAdamW"]
-    res = run(quick=True, tasks=["lora_teacher"], contenders=names, seeds=[1, 2],
-              overrides={"lora_teacher": {"steps": 12, "evals": 3}})
+    res = run(quick=True, tasks=["lora_teacher"], contenders=names, seeds=[1, 2], jobs=1,
+              overrides={"lora_teacher": {"steps": 12, "evals": 3}}, log=lambda msg: None)
     assert res["mode"] == "quick" and set(res["tasks"]) == {"lora_teacher"}
-    task = res["tasks"]["lora_teacher"]
-    assert task["eval_steps"] == [0, 4, 8, 12]
-    assert list(task["contenders"]) == names
-    for name in names:
-        e = task["contenders"][name]
-        assert len(e["grid"]) == 2 and e["best_lr"] in [g["lr"] for g in e["grid"].values()]
-        assert [r["seed"] for r in e["runs"]] == [1, 2]
-        for r in e["runs"]:
-            assert len(r["curve"]) == 4 and math.isfinite(r["final"]) and r["final"] == r["curve"][-1]
-            assert r["state_bytes"] > 0 and r["n_params"] > 0 and r["step_ms_median"] > 0
-        s = e["summary"]
-        for key in ("final_mean", "final_std", "steps_to_adamw_final", "stability", "step_ms", "x_adamw_fused",
-                    "state_bytes_per_param", "peak_rss_mb", "mean_curve"):
-            assert key in s, key
-    assert task["contenders"]["AdamW (fused)"]["summary"]["x_adamw_fused"] == 1.0
-    assert task["winner"] in names
+    _check_quality_results(res, names, (1, 2))
     plots = plot_all(res, img_dir=str(tmp_path))
     assert (tmp_path / "quality_lora_teacher_quick.png").is_file() and "lora_teacher" in plots
     md = render_markdown(res)
-    assert "## Training quality" in md and "| **AdaptiveHinaAdamW** |" in md and "AdamW (fused)" in md
-    json.dumps(res)  # the results file is plain JSON (inf allowed)
+    for text in ("## Training quality", "| **AdaptiveHinaAdamW** |", "| AdamW (fused) |", "no-tune score",
+                 "leave-one-out", "without ADOPT", "lengths scaled to the 12-step run", "<details>"):
+        assert text in md, text
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(res))  # plain JSON (inf allowed)
+    again = rerender(path=str(path), plots=False)
+    assert render_markdown(again) == md
+
+
+def test_quality_pipeline_shares_runs_across_processes(tmp_path):
+    """jobs=2: the process pool runs the queue; a preset equal to a contender's defaults shares
+    its untuned runs, and the report says so."""
+    from benchmarks.bench_quality import run
+    from benchmarks.quality.contenders import OURS, PEERS, load_preset, preset_contender
+    from benchmarks.quality.report import render_markdown
+
+    hina = next(o for o in OURS if o.key == "AdaptiveHinaAdamW").contender()
+    same = preset_contender(load_preset(str(_preset_file(tmp_path, "same", "AdaptiveHinaAdamW", hina.lr, []))))
+    adamw = next(c for c in PEERS if c.key == "AdamW (fused)")
+    res = run(quick=True, tasks=["lora_teacher"], contenders=[adamw, hina, same], seeds=[1], jobs=2, max_points=3,
+              ablations=(), overrides={"lora_teacher": {"steps": 10, "evals": 2}}, log=lambda msg: None)
+    task = res["tasks"]["lora_teacher"]
+    e, p = task["contenders"]["AdaptiveHinaAdamW"], task["contenders"]["preset same"]
+    assert p["untuned_runs"] == e["untuned_runs"] and "search" not in p
+    assert task["summary"]["contenders"]["preset same"]["untuned_shared_with"] == "AdaptiveHinaAdamW (untuned)"
+    shared_tuned = e["search"]["best_lr"] == e["untuned_lr"]
+    assert len(task["runs"]) == (3 + 1) + (3 + 1 + (not shared_tuned))  # AdamW; AdaptiveHinaAdamW (+ the preset: 0)
+    assert all(r["error"] is None and math.isfinite(r["final"]) for r in task["runs"].values())
+    assert "preset same (untuned): same runs as AdaptiveHinaAdamW (untuned)" in render_markdown(res)
 
 
 def test_quant8_ema_tracking_smoke():

@@ -1,12 +1,10 @@
-"""Training-quality benchmark: four fully local LoRA fine-tuning tasks, every optimizer tuned
-by the same small lr grid and reported over several seeds.
+"""Training-quality benchmark: four fully local LoRA fine-tuning tasks; every optimizer gets the
+same lr search and is reported over several seeds, tuned and as shipped, with ablations.
 
     python -m benchmarks.bench_quality [--quick]
 
-``run(...)`` returns the results dict (written to ``benchmarks/results/quality.json`` by the
-entry point); ``render_markdown(results)`` turns it into the section of docs/benchmarks.md.
-See ``runner.py`` for the protocol and metric definitions, ``tasks.py`` for the tasks and
-``contenders.py`` for how each optimizer is configured.
+Modules: ``tasks`` (the tasks), ``contenders`` (the optimizers, run configurations, the
+step-length rule), ``search`` (the lr search), ``ablation`` (technique tables), ``runner`` (one
+training run, worker processes), ``protocol`` (what runs, dedupe, scheduling, cost estimate),
+``summary`` (metrics derived from the results), ``report`` (markdown and plots).
 """
-from .report import plot_all, render_markdown  # noqa: F401
-from .runner import run_task  # noqa: F401

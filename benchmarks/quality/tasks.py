@@ -8,24 +8,26 @@ order (and, for the LoRA-teacher task, the task itself); everything held out is 
 1. ``lora_teacher``: ``library.toy_tasks.LoRATeacher``: a frozen random MLP plus hidden rank-4
    deltas that rank-4 LoRA adapters have to learn (known optimum: loss 0). Fresh batches every
    step; held-out: 512 fixed inputs, MSE to the teacher.
-2. ``tiny_diffusion``: the embedded tiny SD model (``library.tiny_sd``). Its U-Net (random
-   initialisation) is first trained in full on generated images with plain backgrounds, then a
-   kohya LoRA (``networks.lora``, U-Net only, as ``--network_train_unet_only``) is trained on a
-   held-out style (striped backgrounds). The loss is the trainer's own
-   (``library.trainer._micro_step``: VAE latents, DDPM noise and timesteps, epsilon MSE), with
-   cached latents; held-out: other striped images, with fixed noise and timesteps.
-3. ``digits``: an MLP pretrained on a random half of scikit-learn's bundled digits data set,
+2. ``digits``: an MLP pretrained on a random half of scikit-learn's bundled digits data set,
    then LoRA-fine-tuned on the other half shown mirrored (a new "style"); held-out: a fixed 30%
    of that half (cross-entropy).
-4. ``char_lm``: a byte-level 2-layer transformer pretrained on Python standard-library source
+3. ``char_lm``: a byte-level 2-layer transformer pretrained on Python standard-library source
    files, then LoRA-fine-tuned on English prose (the help topics in ``pydoc_data.topics``);
    held-out: fixed windows of held-out topics (cross-entropy, nats per byte).
+4. ``tiny_sd_long``: the embedded tiny SD model (``library.tiny_sd``), a run as long as a real
+   LoRA training (1500 steps, batch 1, rank 8): its U-Net (random initialisation) is first
+   trained in full on generated images with plain backgrounds, then a kohya LoRA
+   (``networks.lora``, U-Net only, as ``--network_train_unet_only``) is trained on a held-out
+   style (striped backgrounds). The loss is the trainer's own (``library.trainer._micro_step``:
+   VAE latents, DDPM noise and timesteps, epsilon MSE), with cached latents; held-out: other
+   striped images, with fixed noise and timesteps.
 
-Sizes are chosen so that the full benchmark (14 optimizers, 4-point lr grid, 3 report seeds)
-fits in 30 minutes on a 2-core CPU with one thread.
+``TASK_SPECS`` is the task list: name, class, full and ``--quick`` sizes. Measured cost of one
+run at full size on one torch thread: lora_teacher and digits ~0.5 s, char_lm ~1.6 s,
+tiny_sd_long ~42 s with torch AdamW (``protocol.py`` has the cost model of the whole run).
 
-The pretrained weights of tasks 2 and 4 are cached under ``.cache/bench_quality/`` (keyed by
-everything that determines them); the first run trains them.
+The pretrained weights of the tiny SD and char-LM tasks are cached under
+``.cache/bench_quality/`` (keyed by everything that determines them); the first run trains them.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ import os
 import sysconfig
 import time
 import types
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +149,7 @@ class LoRATeacherTask:
 
 # ----------------------------------------------------------------------------- 2. tiny diffusion
 class TinyDiffusionTask:
-    name = "tiny_diffusion"
+    name = "tiny_sd_long"
     title = "Tiny SD U-Net LoRA on a held-out style (striped backgrounds)"
 
     def __init__(self, steps: int = 80, evals: int = 10, batch: int = 4, rank: int = 4, pretrain_steps: int = 400,
@@ -160,7 +164,7 @@ class TinyDiffusionTask:
                 "pretraining": f"full U-Net, AdamW lr 1e-3 cosine, {self.pretrain_steps} steps x batch {self.pretrain_batch} "
                                f"on {self.n_pretrain} generated plain-background images",
                 "fine_tuning": f"networks.lora rank {self.rank} alpha {self.rank} on the U-Net, batch {self.batch}, "
-                               f"{self.n_train} striped-background images",
+                               f"{self.steps} steps on {self.n_train} striped-background images",
                 "held_out": f"{self.n_eval} other striped images x {self.eval_repeats} fixed (noise, timestep) draws",
                 "loss": "library.trainer._micro_step (epsilon MSE on cached VAE latents, uniform timesteps)"}
 
@@ -242,7 +246,7 @@ class TinyDiffusionTask:
             sched.step()
             losses.append(float(loss.detach()))
             if (step + 1) % 100 == 0:
-                log(f"  tiny_diffusion pretraining {step + 1}/{self.pretrain_steps}: loss "
+                log(f"  {self.name} pretraining {step + 1}/{self.pretrain_steps}: loss "
                     f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
         unet.eval()
         return {"pretrain_seconds": time.perf_counter() - t0, "pretrain_eval_loss_before": before,
@@ -513,19 +517,34 @@ class CharLMTask:
         return Run(_groups(named), named, loss, lambda: self._ce(model, self.eval_x, self.eval_y))
 
 
-TASKS = {t.name: t for t in (LoRATeacherTask, TinyDiffusionTask, DigitsTask, CharLMTask)}
-REQUIRES = {"digits": "sklearn"}  # task -> module it needs beyond requirements.txt
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of the benchmark: its class and constructor arguments at full and --quick size."""
+    name: str
+    cls: type
+    full: Mapping[str, Any] = field(default_factory=dict)
+    quick: Mapping[str, Any] = field(default_factory=dict)
+    requires: str | None = None  # a module it needs beyond requirements.txt
+
+
+_LONG_SD = dict(steps=1500, evals=15, batch=1, rank=8, eval_repeats=4)
+TASK_SPECS = {s.name: s for s in (
+    TaskSpec("lora_teacher", LoRATeacherTask, quick=dict(steps=200, evals=10)),
+    TaskSpec("digits", DigitsTask, quick=dict(steps=200, evals=10), requires="sklearn"),
+    TaskSpec("char_lm", CharLMTask, quick=dict(steps=100, evals=5)),
+    TaskSpec("tiny_sd_long", TinyDiffusionTask, full=_LONG_SD, quick={**_LONG_SD, "steps": 300, "evals": 6}),
+)}
+TASK_ORDER = tuple(TASK_SPECS)
+
+
+def task_kwargs(name: str, quick: bool = False, overrides: Mapping | None = None) -> dict:
+    """Constructor arguments of a task at its full or --quick size, with `overrides` applied."""
+    spec = TASK_SPECS[name]
+    return {**spec.full, **(spec.quick if quick else {}), **(overrides or {})}
 
 
 def make_task(name: str, quick: bool = False, **overrides):
     """A task at its full or --quick size; `overrides` replace constructor arguments."""
-    cls = TASKS[name]
-    quick_sizes = {
-        "lora_teacher": dict(steps=200, evals=10),
-        "tiny_diffusion": dict(steps=50, evals=5),
-        "digits": dict(steps=200, evals=10),
-        "char_lm": dict(steps=100, evals=5),
-    }
-    kw = dict(quick_sizes[name]) if quick else {}
-    kw.update(overrides)
-    return cls(**kw)
+    task = TASK_SPECS[name].cls(**task_kwargs(name, quick, overrides))
+    task.name = name
+    return task
