@@ -68,10 +68,11 @@ def test_each_class_trains_the_lora_teacher(cls):
 
 @pytest.mark.parametrize("cls8", list(EIGHT), ids=lambda c: c.__name__)
 def test_8bit_trains_within_tolerance_of_its_32bit_twin(cls8):
-    """Documented tolerance: held-out loss within 15 % of the fp32 twin after 300 steps."""
-    _, held8, _ = _train(cls8)
+    """Documented tolerance: held-out loss within 15 % of the fp32 twin after 300 steps, or
+    both at the task's floor (within 1e-4 of the starting loss: at the defaults both reach ~1e-6)."""
+    losses, held8, _ = _train(cls8)
     _, held32, _ = _train(EIGHT[cls8])
-    assert abs(held8 - held32) <= 0.15 * held32
+    assert abs(held8 - held32) <= 0.15 * held32 + 1e-4 * losses[0]
 
 
 def test_plain_came_configuration_equals_came_pytorch():
@@ -98,10 +99,11 @@ def test_came_first_step_handled_by_bias_correction(correct, matrix_move, vector
     assert torch.allclose(-v.detach() / lr, vector_move * torch.sign(v.grad), rtol=1e-3)
 
 
-def test_default_first_step_is_small_on_every_tensor():
-    """With every default feature on, no element moves more than lr at step 1 (official CAME: 8 lr here)."""
+def test_bias_corrected_first_step_is_small_on_every_tensor():
+    """With came_bias_correction=True no element moves more than lr at step 1 (official CAME, the
+    default since the quality benchmark preferred it: up to ~11 lr at its betas)."""
     ps = _params()
-    opt = Automagic_CameAMP(ps, lr=1e-4, weight_decay=0.0)
+    opt = Automagic_CameAMP(ps, lr=1e-4, weight_decay=0.0, came_bias_correction=True)
     before = [p.detach().clone() for p in ps]
     for p in ps:
         p.grad = torch.randn_like(p)
@@ -393,7 +395,7 @@ def test_group_lr_outside_min_max_lr_is_accepted_and_the_mask_stays_relative():
     gen = torch.Generator().manual_seed(0)
     p, q = (torch.nn.Parameter(torch.randn(8, 8, generator=gen)) for _ in range(2))
     opt = Automagic_CameAMP([{"params": [p]}, {"params": [q], "lr": 1e-28}], lr=5e-3, min_lr=1e-7, max_lr=1e-3,
-                            warmup_steps=100, weight_decay=0.0)
+                            warmup_steps=100, weight_decay=0.0, use_orthograd=False)
     assert opt.param_groups[1]["base_lr"] == 1e-28
     for _ in range(40):  # a constant gradient always agrees with the momentum: masks go up
         p.grad, q.grad = torch.ones(8, 8), torch.ones(8, 8)

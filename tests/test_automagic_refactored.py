@@ -202,7 +202,7 @@ def test_config_validation_names_the_field():
 
 def test_config_defaults_are_seed_004s_and_not_shared():
     c = OptimizerConfig()
-    assert (c.lr, c.min_lr, c.max_lr, c.warmup_steps) == (1e-6, None, None, 500)
+    assert (c.lr, c.min_lr, c.max_lr, c.warmup_steps) == (1e-3, None, None, 500)
     assert (c.lr_mask_rate, c.lr_mask_floor, c.lr_mask_ceiling, c.lr_bump) == (0.02, 0.1, 10.0, None)
     assert (c.edge_suppression, c.edge_threshold, c.edge_penalty, c.background_regularization) == (True, 0.6, 0.1, True)
     assert (c.lora_rank_penalty, c.rank_penalty_strength, c.low_rank_emphasis) == (True, 0.01, 1.2)
@@ -211,8 +211,8 @@ def test_config_defaults_are_seed_004s_and_not_shared():
         assert not isinstance(f.default, (list, dict, set)), f.name
         if f.name not in ("betas", "eps"):
             assert not isinstance(getattr(c, f.name), tuple), f.name
-    d = OptimizerConfig(betas=[0.9, 0.99, 0.999])
-    assert d.betas == (0.9, 0.99, 0.999) and c.betas == (0.8, 0.99, 0.999)
+    d = OptimizerConfig(betas=[0.8, 0.99, 0.999])
+    assert d.betas == (0.8, 0.99, 0.999) and c.betas == (0.9, 0.999, 0.9999)
     overridden = RefactoredAutomagicCameAMP([nn.Parameter(torch.zeros(2))], c, edge_penalty=0.3)
     assert overridden.config.edge_penalty == 0.3 and c.edge_penalty == 0.1
 
@@ -252,7 +252,8 @@ def test_phases_change_behaviour():
 
     def run(**kw):
         p = nn.Parameter(p0.clone())
-        opt = RefactoredAutomagicCameAMP([p], lr=1e-4, lr_bump=1e-5, warmup_steps=w, **ALL_OFF, **kw)
+        opt = RefactoredAutomagicCameAMP([p], lr=1e-4, lr_bump=1e-5, warmup_steps=w, **{**ALL_OFF, "use_tam": True},
+                                         **kw)
         trace = []
         for g in grads:
             p.grad = g.clone()

@@ -37,8 +37,8 @@ from library.automagic_cameamp import (  # noqa: E402
     Automagic_CameAMP_COptim8bit,
 )
 
-LR = 1e-2  # a tiny task: a large lr; min_lr <= lr <= max_lr is required (the mask starts at lr)
-KW = dict(lr=LR, min_lr=LR / 100, max_lr=LR * 10, lr_bump=LR / 100, warmup_steps=40)
+LR = 1e-3  # the family's default lr; the lr mask moves each element's lr within [0.1, 10] x LR
+KW = dict(lr=LR, warmup_steps=40)
 
 
 def lora_model(seed: int = 0) -> nn.ModuleDict:

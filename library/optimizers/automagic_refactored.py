@@ -91,44 +91,44 @@ class OptimizationPhase:
 class OptimizerConfig:
     """Every setting of :class:`RefactoredAutomagicCameAMP`; validated on construction.
 
-    Seed 004 fields (defaults as documented there): lr=1e-6, min_lr=1e-7, max_lr=1e-3,
-    warmup_steps=500, edge_suppression=True, edge_threshold=0.6, edge_penalty=0.1,
+    Seed 004 fields (defaults as documented there, except the learning-rate fields, which are
+    Automagic_CameAMP's: lr=1e-3, min_lr/max_lr None): warmup_steps=500, edge_suppression=True, edge_threshold=0.6, edge_penalty=0.1,
     background_regularization=True, lora_rank_penalty=True, rank_penalty_strength=0.01,
     low_rank_emphasis=1.2, spatial_awareness=True, frequency_penalty=0.05,
-    detail_preservation=0.8, verbose=False. The base optimizer's settings (lr_bump, betas,
-    eps, ...) have Automagic_CameAMP's defaults. Additions (documented in the module):
+    detail_preservation=0.8, verbose=False. The base optimizer's settings (lr mask, betas,
+    eps, ...) are Automagic_CameAMP's defaults (one table, ``automagic._BASE_DEFAULTS``). Additions (documented in the module):
     background_threshold, background_penalty, rank_decay_boost, rank_interval, rank_max_dim,
     rank_target, enable_stage_optimization, {warmup,stable,mature}_regularization_scale.
     """
 
     # learning rate and the Automagic mask
-    lr: float = 1e-6
-    lr_mask_rate: float = 0.02
-    lr_mask_floor: float = 0.1
-    lr_mask_ceiling: float = 10.0
-    lr_bump: float | None = None
-    min_lr: float | None = None
-    max_lr: float | None = None
-    warmup_steps: int = 500
+    lr: float = _BASE_DEFAULTS["lr"]
+    lr_mask_rate: float = _BASE_DEFAULTS["lr_mask_rate"]
+    lr_mask_floor: float = _BASE_DEFAULTS["lr_mask_floor"]
+    lr_mask_ceiling: float = _BASE_DEFAULTS["lr_mask_ceiling"]
+    lr_bump: float | None = _BASE_DEFAULTS["lr_bump"]
+    min_lr: float | None = _BASE_DEFAULTS["min_lr"]
+    max_lr: float | None = _BASE_DEFAULTS["max_lr"]
+    warmup_steps: int = _BASE_DEFAULTS["warmup_steps"]
     # CAME and the base update
-    betas: tuple = (0.8, 0.99, 0.999)
-    eps: tuple = (1e-30, 1e-16)
-    clip_threshold: float = 1.0
-    weight_decay: float = 5e-4
-    eta: float | None = 2.0
-    beta1_decay: float = 0.9995
-    beta1_min: float = 0.4
-    full_finetune: bool = False
-    came_bias_correction: bool = True
-    use_agr: bool = True
-    use_orthograd: bool | None = None
-    use_tam: bool = True
-    tam_beta: float = 0.9
-    use_grams: bool = True
-    use_adabelief: bool = True
-    use_lr_mask: bool = True
-    adaptive_weight_decay: bool = True
-    adadecay_alpha: float = 4.0
+    betas: tuple = _BASE_DEFAULTS["betas"]
+    eps: tuple = _BASE_DEFAULTS["eps"]
+    clip_threshold: float = _BASE_DEFAULTS["clip_threshold"]
+    weight_decay: float = _BASE_DEFAULTS["weight_decay"]
+    eta: float | None = _BASE_DEFAULTS["eta"]
+    beta1_decay: float = _BASE_DEFAULTS["beta1_decay"]
+    beta1_min: float = _BASE_DEFAULTS["beta1_min"]
+    full_finetune: bool = _BASE_DEFAULTS["full_finetune"]
+    came_bias_correction: bool = _BASE_DEFAULTS["came_bias_correction"]
+    use_agr: bool = _BASE_DEFAULTS["use_agr"]
+    use_orthograd: bool | None = _BASE_DEFAULTS["use_orthograd"]
+    use_tam: bool = _BASE_DEFAULTS["use_tam"]
+    tam_beta: float = _BASE_DEFAULTS["tam_beta"]
+    use_grams: bool = _BASE_DEFAULTS["use_grams"]
+    use_adabelief: bool = _BASE_DEFAULTS["use_adabelief"]
+    use_lr_mask: bool = _BASE_DEFAULTS["use_lr_mask"]
+    adaptive_weight_decay: bool = _BASE_DEFAULTS["adaptive_weight_decay"]
+    adadecay_alpha: float = _BASE_DEFAULTS["adadecay_alpha"]
     # edge and background control
     edge_suppression: bool = True
     edge_threshold: float = 0.6
