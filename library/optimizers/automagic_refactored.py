@@ -498,9 +498,10 @@ RefactoredAutomagicCameAMP.__init__.__signature__ = _refactored_signature()
 
 
 def create_lora_optimizer(params, **overrides) -> RefactoredAutomagicCameAMP:
-    """LoRA / LyCORIS fine-tuning: lr=1e-4, ALLoRA rows, low-rank regularisers, edge and
-    spatial regularisers (where shapes allow) on; any :class:`OptimizerConfig` field overrides."""
-    base = dict(lr=1e-4, full_finetune=False, lora_rank_penalty=True, edge_suppression=True, spatial_awareness=True)
+    """LoRA / LyCORIS fine-tuning: the config's defaults (lr 1e-3, the quality benchmark's choice),
+    low-rank regularisers, edge and spatial regularisers (where shapes allow) on; any
+    :class:`OptimizerConfig` field overrides."""
+    base = dict(full_finetune=False, lora_rank_penalty=True, edge_suppression=True, spatial_awareness=True)
     return RefactoredAutomagicCameAMP(params, OptimizerConfig(**{**base, **overrides}))
 
 
