@@ -190,6 +190,13 @@ def test_every_preset_is_an_untuned_contender(tmp_path):
     cfg = resolve_run(p, "lora_teacher", 300, p.lr, 1)
     assert cfg.warmup_steps == round(50 * 300 / 1600) and p.schedule.warmup_steps(1600, 1600) == 50  # steps at 1600
     assert resolve_run(cs["AdamW (fused)"], "lora_teacher", 300, 1e-3, 1).warmup_steps == 15  # 5%
+
+
+def test_schedule_free_runs_at_a_constant_lr_with_its_own_warmup():
+    pytest.importorskip("schedulefree")  # requirements-bench.txt, not needed by make test
+    from benchmarks.quality.contenders import contenders, resolve_run
+
+    cs = {c.key: c for c in contenders()}
     sf = resolve_run(cs["AdamWScheduleFree"], "lora_teacher", 300, 1e-3, 1)
     assert sf.scheduler == "constant" and dict(sf.kwargs)["warmup_steps"] == 15  # its own warmup: 5% of the run
 
