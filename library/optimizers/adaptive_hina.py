@@ -262,7 +262,6 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         if group["use_lr_mask"] and group["base_lr"] > 0:
-            base = group["base_lr"]
             lo, hi = self._mask_range(group)
             if q8 and hi > lo:  # 8-bit codes, clamped to [lo, hi] when decoded
                 full = torch.ones(p.shape, dtype=torch.float32, device=p.device)
@@ -283,8 +282,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     def _mask_range(group) -> tuple[float, float]:
         """Bounds of the lr-mask scale (techniques/lr_mask.py): [floor, ceiling], tightened by
         the absolute min_lr / max_lr at the group's lr, always containing 1."""
-        return lr_mask.bounds(group["base_lr"], group["lr_mask_floor"], group["lr_mask_ceiling"], group["min_lr"],
-                              group["max_lr"])
+        return lr_mask.group_bounds(group)
 
     @staticmethod
     def _mask_rate(group, t: int) -> float:

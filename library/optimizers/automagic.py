@@ -264,15 +264,20 @@ class Automagic_CameAMP(HinaOptimizer):
         super()._on_layout_changed()
         self._row_scaled = self._adapters = None
 
+    def _discover_adapters(self) -> None:
+        """Adapter pairs (by name, else by shape and order): the ALLoRA rows; plus every tensor with
+        an adapter role in its name (LoRA, LoKr, LoHa factors): the adapter factors."""
+        params = self._all_params()
+        names = [self._names.get(p) for p in params]
+        group_ids = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        pairs, _ = discover_pairs(params, names, group_ids)
+        self._row_scaled = {params[i] for pr in pairs for i in (pr.a, pr.b)}
+        self._adapters = self._row_scaled | {p for p, n in zip(params, names) if is_adapter_role(classify(n)[1])}
+
     def _row_scaled_set(self) -> set:
         """LoRA factors (by name, else by shape and order) that get ALLoRA row scaling."""
         if self._row_scaled is None:
-            params = self._all_params()
-            names = [self._names.get(p) for p in params]
-            group_ids = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
-            pairs, _ = discover_pairs(params, names, group_ids)
-            self._row_scaled = {params[i] for pr in pairs for i in (pr.a, pr.b)}
-            self._adapters = self._row_scaled | {p for p, n in zip(params, names) if is_adapter_role(classify(n)[1])}
+            self._discover_adapters()
         return self._row_scaled
 
     def _orthograd_on(self, p, group) -> bool:
@@ -281,15 +286,15 @@ class Automagic_CameAMP(HinaOptimizer):
         exactly the radial component OrthoGrad removes; True: every tensor; False: none."""
         mode = group["use_orthograd"]
         if mode is None:
-            self._row_scaled_set()
+            if self._adapters is None:
+                self._discover_adapters()
             return p not in self._adapters
         return mode
 
     @staticmethod
     def _mask_bounds(group: dict) -> tuple[float, float]:
         """Range of the lr-mask scale (techniques/lr_mask.py), always containing 1."""
-        return lr_mask.bounds(group["base_lr"], group["lr_mask_floor"], group["lr_mask_ceiling"], group["min_lr"],
-                              group["max_lr"])
+        return lr_mask.group_bounds(group)
 
     def _init_state(self, p: torch.Tensor, st: dict, group: dict) -> None:
         st["step"] = 0

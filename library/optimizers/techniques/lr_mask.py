@@ -43,6 +43,12 @@ def bounds(base_lr: float, floor: float, ceiling: float, min_lr: float | None = 
     return min(lo, 1.0), max(hi, 1.0)
 
 
+def group_bounds(group: dict) -> tuple[float, float]:
+    """:func:`bounds` of a param group (its ``base_lr``, ``lr_mask_floor``, ``lr_mask_ceiling``,
+    ``min_lr``, ``max_lr``), the form both optimizer families store them in."""
+    return bounds(group["base_lr"], group["lr_mask_floor"], group["lr_mask_ceiling"], group["min_lr"], group["max_lr"])
+
+
 def rate(lr_mask_rate: float, lr_bump: float | None, base_lr: float) -> float:
     """The rate r in log units per step. ``lr_bump`` (the older absolute bump, an lr change
     per step) is read at the group's lr: r = lr_bump / base_lr; otherwise ``lr_mask_rate``."""
