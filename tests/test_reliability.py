@@ -1,4 +1,6 @@
 """Extreme shapes, bad input (property-based) and non-finite data for every registered optimizer."""
+import copy
+import io
 import math
 
 import pytest
@@ -234,3 +236,138 @@ def test_bf16_stochastic_rounding_is_deterministic_and_resumable():
             o2.load_state_dict(sd)
             p2 = p3
     assert torch.equal(p1, p2)
+
+
+# ----------------------------------------------------------- whole-optimizer copies and loads
+def _named_lora_params():
+    torch.manual_seed(0)
+    return [
+        ("lora_unet_a.lora_down.weight", torch.nn.Parameter(torch.randn(4, 8))),
+        ("lora_unet_a.lora_up.weight", torch.nn.Parameter(torch.randn(8, 4) * 0.01)),
+        ("lora_unet_a.alpha_free.weight", torch.nn.Parameter(torch.randn(16))),
+    ]
+
+
+def _copy_by(how, obj):
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", NAMES)
+def test_copied_optimizer_steps_exactly_as_the_original(name, how):
+    """Averaging and keep-the-best scripts deepcopy or torch.save the whole optimizer: the copy must
+    step bit-identically (torch's __getstate__ alone would drop the engine's attributes)."""
+    named = _named_lora_params()
+    opt = _build(name, named)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for _, p in named:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    named2, opt2 = _copy_by(how, (named, opt))
+    assert type(opt2) is type(opt)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for _, p in named]
+        for (_, p), (_, q), g in zip(named, named2, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        opt2.step()
+    for (n, p), (_, q) in zip(named, named2):
+        assert torch.equal(p, q), n
+    sd, sd2 = opt.state_dict(), opt2.state_dict()
+    for k, st in sd["state"].items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, sd2["state"][k][key]), (k, key)
+
+
+def test_registered_hooks_are_not_copied_as_torch_does():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = _build("AdaptiveHinaAdamW", [p])
+    calls = []
+    opt.register_step_post_hook(lambda *a: calls.append(1))
+    twin = copy.deepcopy(opt)
+    p.grad = torch.randn(4, 4)
+    twin.param_groups[0]["params"][0].grad = torch.randn(4, 4)
+    twin.step()
+    assert calls == []
+    opt.step()
+    assert calls == [1]
+
+
+def test_load_post_hooks_see_the_finished_load():
+    """A post-hook runs after the optimizer finished loading: here RefactoredAutomagicCameAMP's config
+    is already rebuilt from the saved groups (it used to be rebuilt after the hooks ran)."""
+    from library.optimizers.automagic_refactored import OptimizerConfig, RefactoredAutomagicCameAMP
+
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    saved = RefactoredAutomagicCameAMP([p], config=OptimizerConfig(weight_decay=0.25))
+    p.grad = torch.randn(8, 8)
+    saved.step()
+    fresh = RefactoredAutomagicCameAMP([p])
+    seen = []
+    fresh.register_load_state_dict_post_hook(lambda o: seen.append(o.config.weight_decay))
+    fresh.load_state_dict(saved.state_dict())
+    assert seen == [0.25]
+
+
+def test_legacy_8bit_lr_mask_is_upgraded_before_the_post_hooks():
+    """AdaptiveHinaAdamW 8-bit checkpoints from before the float8 codec hold a log-coded lr mask
+    ('lr_mask_lq'); the load converts it, and post-hooks see only the converted state."""
+    p = torch.nn.Parameter(torch.randn(16, 16))
+    opt = _build("AdaptiveHinaAdamW", [p], optim_bits=8)
+    p.grad = torch.randn(16, 16)
+    opt.step()
+    sd = opt.state_dict()
+    st = sd["state"][0]
+    mask = quant8.load(st, "lr_mask")
+    for k in [k for k in st if k.startswith("lr_mask")]:
+        del st[k]
+    quant8.store_log(st, "lr_mask", mask, lo=0.01, hi=100.0, seed=1)
+    assert "lr_mask_lq" in st
+    fresh = _build("AdaptiveHinaAdamW", [p], optim_bits=8)
+    seen = []
+    fresh.register_load_state_dict_post_hook(lambda o: seen.append(sorted(o.state[p])))
+    fresh.load_state_dict(sd)
+    assert seen and not any(k.startswith("lr_mask_l") for k in seen[0])
+    assert torch.allclose(quant8.load(fresh.state[p], "lr_mask"), mask, rtol=0.1)
+
+
+def test_a_state_value_that_is_not_a_dict_is_refused_in_one_line():
+    """Every optimizer here keeps a dict per parameter; anything else is not its checkpoint."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = _build("AdaptiveHinaAdamW", [p], optim_bits=8)
+    sd = {"state": {0: torch.zeros(4, 4)}, "param_groups": opt.state_dict()["param_groups"]}
+    with pytest.raises(ValueError, match=r"parameter #0 \(4, 4\) is a Tensor, not a dict") as e:
+        opt.load_state_dict(sd)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("lr", [1e-9, 3e-3])
+def test_refactored_loads_a_state_saved_mid_warmup_or_after_a_raised_lr(lr):
+    from library.optimizers.automagic_refactored import RefactoredAutomagicCameAMP
+
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = RefactoredAutomagicCameAMP([p])
+    p.grad = torch.randn(8, 8)
+    opt.step()
+    opt.param_groups[0]["lr"] = lr  # what a warmup scheduler or a raised lr leaves in the group
+    fresh = RefactoredAutomagicCameAMP([p])
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["lr"] == lr
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "8bit" in n])
+def test_min_lr_zero_trains_with_8bit_state(name):
+    """min_lr=0 once failed in the 8-bit log codec (log of 0); the lr bounds are now a scale of the lr."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = _build(name, [p], min_lr=0.0) if name.startswith("Automagic") else _build(name, [p])
+    for _ in range(3):
+        p.grad = torch.randn(8, 8)
+        opt.step()
+    assert torch.isfinite(p).all()

@@ -195,8 +195,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+    def _after_load(self) -> None:
+        super()._after_load()
         for st in self.state.values():  # 8-bit lr masks saved with the log codec (before float8)
             if "lr_mask_lq" in st:
                 x = quant8.load_log(st, "lr_mask")

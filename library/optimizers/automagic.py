@@ -509,8 +509,8 @@ class Automagic_CameAMP(HinaOptimizer):
                         stats["min_lr"], stats["max_lr"])
 
     # ------------------------------------------------------------ state dict
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+    def _after_load(self) -> None:
+        super()._after_load()
         for group in self.param_groups:
             if "context" in group:
                 group["context"] = context.to_device(group["context"], group["params"][0].device)

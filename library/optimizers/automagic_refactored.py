@@ -454,8 +454,8 @@ class RefactoredAutomagicCameAMP(Automagic_CameAMP):
         p32.sub_(tail, alpha=lr * wd * boost)
 
     # ------------------------------------------------------------ state dict
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+    def _after_load(self) -> None:
+        super()._after_load()
         g0 = self.param_groups[0]
         saved = {k: g0[k] for k in _CONFIG_FIELDS if k in g0}
         self.config = dataclasses.replace(self.config, **OptimizerConfig.from_dict(saved).to_dict())

@@ -26,6 +26,12 @@ from .buffer_pool import BufferPool
 
 __all__ = ["HinaOptimizer", "normalize_param_groups"]
 
+_HOOK_ATTRIBUTES = frozenset(
+    f"_optimizer_{kind}_hooks"
+    for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
+                 "load_state_dict_pre", "load_state_dict_post")
+)
+
 
 def _dtensor_type():
     try:
@@ -233,16 +239,20 @@ class HinaOptimizer(torch.optim.Optimizer):
             if key not in id_map:
                 raise ValueError(f"{name}: the saved state names parameter id {key!r}, which no group holds")
             p = id_map[key]
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"{name}: the saved state of parameter {self._label(p)} is a {type(value).__name__}, "
+                    "not a dict of tensors: this is not a state saved by this optimizer"
+                )
             for k in self._shaped_state_keys:
-                t = value.get(k) if isinstance(value, dict) else None
+                t = value.get(k)
                 if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(p.shape):
                     raise ValueError(
                         f"{name}: saved state '{k}' of parameter {self._label(p)} has shape "
                         f"{tuple(t.shape)}, the parameter has {tuple(p.shape)}"
                     )
             new_state[p] = _copy_to_device(value, p.device)
-            if isinstance(new_state[p], dict):
-                quant8.upgrade_dynamic(new_state[p])  # 8-bit state saved before the float8 map
+            quant8.upgrade_dynamic(new_state[p])  # 8-bit state saved before the float8 map
         new_groups = []
         for g, sg in zip(groups, saved_groups):
             ng = {k: v for k, v in sg.items() if k != "params"}
@@ -256,8 +266,28 @@ class HinaOptimizer(torch.optim.Optimizer):
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._collect_group_names()
         self._on_layout_changed()
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
+        self._after_load()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():  # they see the finished load
             hook(self)
+
+    def _after_load(self) -> None:
+        """Hook: finish a load (upgrade old state formats, re-check groups) before the post-hooks run."""
+
+    # ------------------------------------------------------------ copies
+    def __getstate__(self) -> dict:
+        """Everything but the hooks and the scratch, so ``copy.deepcopy(opt)`` and ``torch.save(opt)``
+        give an optimizer that steps exactly as this one does (torch's own ``__getstate__`` keeps only
+        ``defaults``, ``state`` and ``param_groups``; the rest of this engine would be lost).
+        Registered hooks are left out, as torch does: they may not be copyable."""
+        kept = {k: v for k, v in self.__dict__.items() if k not in _HOOK_ATTRIBUTES}
+        kept["_buffer_pool"] = BufferPool()
+        kept["_index_cache"] = None
+        return kept
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_names" in state:  # a whole copy (not a load): caches keyed by object ids are stale
+            self._on_layout_changed()
 
     # ------------------------------------------------------------ diagnostics
     def _lr_mask_statistics(self, mask_of, enabled: bool) -> dict:
