@@ -6,7 +6,8 @@
         --pretrained_model_name_or_path /path/to/sd15 --train_data_dir /path/to/data ...
 
 With no model and no data it trains on the embedded tiny SD model and a generated dataset.
-A mistake in the arguments, the config file or the data ends with one line and exit code 2.
+A mistake in the arguments, the config file or the data ends with one line and exit code 2;
+a run stopped by a signal saves first and exits 130 (SIGINT) or 143 (SIGTERM); docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from library.config_util import output_config, parse_with_config  # noqa: E402
-from library.errors import UserError  # noqa: E402
+from library.errors import TrainingStopped, UserError  # noqa: E402
 from library.train_args import setup_parser  # noqa: E402
 
 
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"train_network.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # saved first; 130 / 143 after SIGINT / SIGTERM, as shells expect
+        print(f"train_network.py: {e}", file=sys.stderr)
+        return e.exit_code
     finally:
         _leave_process_group()
     return 0

@@ -64,6 +64,21 @@ def scan(train_data_dir: str, caption_extension: str = ".caption") -> tuple[list
     return items, info
 
 
+def verify_images(items) -> int:
+    """Decode every distinct image once, before any model is loaded, so an unreadable file ends the
+    run at the start (one line naming it) rather than mid-training. Returns how many were read."""
+    paths = list(dict.fromkeys(it.path for it in items))
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.verify()  # structure and checksums
+            with Image.open(path) as im:
+                im.load()  # the pixels themselves: a truncated file fails here
+        except Exception as e:
+            raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return len(paths)
+
+
 def load_image(path: str, resolution: int) -> torch.Tensor:
     """RGB image resized (shorter side) and centre-cropped to a square, in [-1, 1], CHW."""
     with Image.open(path) as im:

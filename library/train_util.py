@@ -17,6 +17,7 @@ import torch
 
 from .optimizers.registry import (
     check_optimizer_kwargs,
+    closest_name,
     list_optimizers,
     lookup,
     parse_optimizer_args,
@@ -101,14 +102,14 @@ def resolve_optimizer(optimizer_type: str | None, optimizer_args=None):
     if cls is None and hasattr(torch.optim, optimizer_type):
         cls = getattr(torch.optim, optimizer_type)
     if cls is None:
+        hint = closest_name(optimizer_type, known_optimizer_names())
         raise ValueError(
-            f"unknown optimizer type {optimizer_type!r}; known: {', '.join(known_optimizer_names())}, "
-            "or a dotted module.Class path"
+            f"unknown optimizer type {optimizer_type!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+            + f"; known: {', '.join(known_optimizer_names())}, or a dotted module.Class path"
         )
     if info is not None:
         kwargs = {**info.defaults, **kwargs}
-    if info is not None or getattr(cls, "__module__", "").startswith("library."):
-        check_optimizer_kwargs(cls, kwargs, label=info.name if info else cls.__name__)
+    check_optimizer_kwargs(cls, kwargs, label=info.name if info else cls.__name__)
     return cls, kwargs, info
 
 

@@ -18,13 +18,14 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 from .losses import compute_loss, is_latent_space
 from .train_args import EMBEDDED_MODEL
 
@@ -116,6 +117,8 @@ def prepare(args) -> Plan:
         raise UserError(f"--network_module {args.network_module!r} cannot be imported: {e}") from None
     if not hasattr(module, "create_network"):
         raise UserError(f"--network_module {args.network_module!r} has no create_network()")
+    if args.network_dim is not None and args.network_dim < 1 and not args.dim_from_weights:
+        raise UserError(f"--network_dim must be >= 1 (the rank of each LoRA / LoKr factor), got {args.network_dim}")
     net_kwargs = _parse_kv(args.network_args, "--network_args")
     if args.network_weights and not os.path.isfile(args.network_weights):
         raise UserError(f"--network_weights {args.network_weights!r} does not exist")
@@ -127,7 +130,7 @@ def prepare(args) -> Plan:
         cls, kwargs, info = resolve_optimizer(args.optimizer_type, args.optimizer_args)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if info is not None or getattr(cls, "__module__", "").startswith("library."):
+    if info is not None or getattr(cls, "__module__", "").startswith(("library.", "torch.optim")):
         try:
             cls([torch.nn.Parameter(torch.zeros(2))], lr=args.learning_rate, **kwargs)
         except (ValueError, TypeError) as e:
@@ -146,25 +149,24 @@ def prepare(args) -> Plan:
             "(expected model_index.json with unet/, vae/, text_encoder/, tokenizer/)"
         )
     data_dir = args.train_data_dir
+    if data_dir is None and not embedded:
+        raise UserError(f"--train_data_dir is required with --pretrained_model_name_or_path {model_path!r} "
+                        "(the generated demo data goes only with the embedded tiny model)")
     if data_dir is None:
         data_dir = os.path.join(CACHE_DIR, "demo-data")
         notes.append(f"no --train_data_dir: using a generated captioned dataset ({data_dir})")
     else:
-        from .dataset import scan
+        from .dataset import scan, verify_images
 
-        scan(data_dir, args.caption_extension)  # raises UserError when missing or empty
+        items, _ = scan(data_dir, args.caption_extension)  # raises UserError when missing or empty
+        notes.append(f"--train_data_dir: {verify_images(items)} images read and verified")
 
-    resume_state = None
-    if args.resume:
-        state_json = os.path.join(args.resume, STATE_FILE)
-        if not os.path.isfile(state_json):
-            raise UserError(f"--resume {args.resume!r} is not a training state folder (no {STATE_FILE})")
-        try:
-            with open(state_json, encoding="utf-8") as f:
-                resume_state = json.load(f)
-            int(resume_state["global_step"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--resume {args.resume!r}: {STATE_FILE} is damaged ({e})") from None
+    _check_writable("--output_dir", args.output_dir)
+    logging_dir = _logging_dir(args)
+    if logging_dir:
+        _check_writable("--logging_dir" if args.logging_dir else "the log folder (--output_dir/logs)", logging_dir)
+
+    resume_state = _read_resume_state(args.resume, cls, kwargs) if args.resume else None
 
     seed = args.seed
     if seed is None and resume_state is not None and resume_state.get("seed") is not None:
@@ -173,6 +175,59 @@ def prepare(args) -> Plan:
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % (2**31)
     return Plan(model_path, data_dir, resolution, module, net_kwargs, cls, kwargs, seed, resume_state, embedded, notes)
+
+
+def _check_writable(what: str, folder: str) -> None:
+    """Create ``folder`` and write a probe file in it now, so a folder that cannot hold the results
+    ends the run before any model is loaded instead of at the first save."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{what} {folder!r} cannot be written: {e.strerror or e}") from None
+
+
+def _logging_dir(args) -> str | None:
+    """As sd-scripts: --logging_dir alone turns TensorBoard on; --log_with alone logs under output_dir/logs."""
+    if args.logging_dir:
+        return args.logging_dir
+    return os.path.join(args.output_dir, "logs") if args.log_with else None
+
+
+def _optimizer_identity(cls, kwargs: dict) -> dict:
+    """What a saved optimizer state depends on: the class and the width of its state (8 or 32 bit)."""
+    return {"optimizer": f"{cls.__module__}.{cls.__name__}", "optim_bits": int(kwargs.get("optim_bits", 32) or 32)}
+
+
+def _read_resume_state(folder: str, cls, kwargs: dict) -> dict:
+    """Read ``train_state.json`` of a state folder written by this trainer; one line for anything else."""
+    state_json = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(state_json):
+        raise UserError(f"--resume {folder!r} is not a training state folder (no {STATE_FILE})")
+    try:
+        with open(state_json, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume {folder!r}: {STATE_FILE} cannot be read ({e})") from None
+    if isinstance(state, dict) and "global_step" not in state and "current_step" in state:
+        raise UserError(
+            f"--resume {folder!r} is a kohya sd-scripts state folder (step {state.get('current_step')}); this trainer "
+            "resumes only its own states: continue from the LoRA saved with it (--network_weights FILE)")
+    try:
+        int(state["global_step"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"--resume {folder!r}: {STATE_FILE} is damaged (global_step: {e!r})") from None
+    now = _optimizer_identity(cls, kwargs)
+    saved = {k: state.get(k, now[k]) for k in now}  # states written before optim_bits was recorded
+    if saved["optimizer"] != now["optimizer"] and saved["optimizer"].rsplit(".", 1)[-1] != cls.__name__:
+        raise UserError(f"--resume {folder!r} was saved by {saved['optimizer']}, not {now['optimizer']}: "
+                        "resume with the same --optimizer_type (its state cannot be carried over)")
+    if saved["optim_bits"] != now["optim_bits"]:
+        raise UserError(f"--resume {folder!r} holds {saved['optim_bits']}-bit optimizer state, this run asks for "
+                        f"{now['optim_bits']}-bit: resume with the same optim_bits / --optimizer_type")
+    return state
 
 
 # ---------------------------------------------------------------- helpers
@@ -289,11 +344,8 @@ def train(args, plan: Plan) -> dict:
     from .train_util import get_optimizer
 
     started = time.time()
-    logging_dir = args.logging_dir
-    # as sd-scripts: --logging_dir alone turns TensorBoard on
+    logging_dir = _logging_dir(args)
     log_with = args.log_with or ("tensorboard" if logging_dir else None)
-    if log_with and not logging_dir:
-        logging_dir = os.path.join(args.output_dir, "logs")
     try:  # accelerate keeps gradient-accumulation settings in a process-wide singleton: start fresh
         from accelerate.state import GradientState
 
@@ -484,7 +536,8 @@ def train(args, plan: Plan) -> dict:
             torch.save({"noise": gen.get_state(), "flip": flip_gen.get_state()}, os.path.join(tmp, "generators.pt"))
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump({"global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                           "losses": losses, "seed": plan.seed, "optimizer": opt_name}, f)
+                           "losses": losses, "seed": plan.seed,
+                           **_optimizer_identity(plan.optimizer_cls, plan.optimizer_kwargs)}, f)
             _atomic_dir_swap(tmp, final)
         accelerator.wait_for_everyone()
         return final
@@ -493,11 +546,11 @@ def train(args, plan: Plan) -> dict:
         accelerator.init_trackers(args.log_prefix or "network_train",
                                   config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
-    stop_reason = None
+    stop_reason = stop_signal = None
 
     def on_signal(signum, frame):
-        nonlocal stop_reason
-        stop_reason = signal.Signals(signum).name
+        nonlocal stop_reason, stop_signal
+        stop_reason = stop_signal = signal.Signals(signum).name
 
     old_handlers = {}
     if threading_main():
@@ -509,7 +562,7 @@ def train(args, plan: Plan) -> dict:
     bad_steps = 0
     last_good = None
     epoch = start_epoch
-    batch_in_epoch = skip_batches
+    batch_in_epoch = done_batches = skip_batches
     try:
         for epoch in range(start_epoch, num_epochs):
             if global_step >= max_steps:
@@ -517,6 +570,7 @@ def train(args, plan: Plan) -> dict:
             net.on_epoch_start(text_encoder, unet) if hasattr(net, "on_epoch_start") else None
             order = dataset.epoch_order(plan.seed, epoch)
             start_b = skip_batches if epoch == start_epoch else 0
+            done_batches = start_b
             for b in range(start_b, batches_per_epoch):
                 if global_step >= max_steps:
                     break
@@ -558,6 +612,7 @@ def train(args, plan: Plan) -> dict:
                     continue
                 lr_scheduler.step()
                 global_step += 1
+                done_batches = batch_in_epoch
                 ctx["global_step"], ctx["epoch"] = global_step, epoch + 1
                 lv = float(loss.detach())
                 losses.append(lv)
@@ -587,12 +642,19 @@ def train(args, plan: Plan) -> dict:
                     last_good = save_state(f"{args.output_name}-{epoch + 1:06d}-state", epoch + 1, 0)
     except _Stop:
         progress.close()
-        file = save_model(f"{args.output_name}-interrupted")
-        state_dir = save_state(f"{args.output_name}-interrupted-state", epoch, batch_in_epoch)
+        saved = _save_interrupted(save_model, save_state, args.output_name, epoch, batch_in_epoch)
         accelerator.end_training()
         _restore(old_handlers)
-        raise UserError(f"training stopped ({stop_reason}) at step {global_step}: saved {file} and {state_dir}"
-                        + (f"; last periodic state {last_good}" if last_good else "")) from None
+        raise TrainingStopped(f"training stopped ({stop_reason}) at step {global_step}: {saved}"
+                              + (f"; last periodic state {last_good}" if last_good else ""), stop_signal) from None
+    except Exception as e:  # a late failure (unreadable image, out of memory, ...): save first
+        progress.close()
+        saved = _save_interrupted(save_model, save_state, args.output_name, epoch, done_batches)
+        _restore(old_handlers)
+        if isinstance(e, UserError):
+            raise UserError(f"{e} (at step {global_step}: {saved})") from None
+        logger.error("training failed at step %d (%s: %s): %s", global_step, type(e).__name__, e, saved)
+        raise
     progress.close()
     _restore(old_handlers)
 
@@ -603,6 +665,8 @@ def train(args, plan: Plan) -> dict:
     if args.save_state or args.save_state_on_train_end:
         state_dir = save_state(f"{args.output_name}-state", epoch + (1 if batch_in_epoch >= batches_per_epoch else 0),
                                0 if batch_in_epoch >= batches_per_epoch else batch_in_epoch)
+    if accelerator.is_main_process:
+        _remove_stale_interrupted(args.output_dir, args.output_name, ext)
     plot = _plot_losses(losses, os.path.join(args.output_dir, f"{args.output_name}_loss.png")) if accelerator.is_main_process and losses else None
     accelerator.end_training()
     elapsed = time.time() - started
@@ -617,6 +681,31 @@ def train(args, plan: Plan) -> dict:
               f"{sum(tail) / len(tail):.4f} (mean of last {len(tail)}) | {type(base_opt).__name__} | saved {final}"
               + (f" | curve {plot}" if plot else ""))
     return summary
+
+
+def _save_interrupted(save_model, save_state, output_name: str, epoch: int, batch_in_epoch: int) -> str:
+    """Save the LoRA and the training state as ``<name>-interrupted``; never raises (it runs while
+    another error is on its way out), and says what it saved or why it could not."""
+    try:
+        file = save_model(f"{output_name}-interrupted")
+        state_dir = save_state(f"{output_name}-interrupted-state", epoch, batch_in_epoch)
+    except Exception as e:  # pragma: no cover - disk full or gone while saving
+        logger.error("the emergency save failed too: %s", e)
+        return f"the emergency save failed ({type(e).__name__}: {e})"
+    return f"saved {file} and {state_dir} (resume with --resume {state_dir})"
+
+
+def _remove_stale_interrupted(output_dir: str, output_name: str, ext: str) -> None:
+    """A run that finished supersedes the ``-interrupted`` LoRA and state an earlier stop left."""
+    for path in (os.path.join(output_dir, f"{output_name}-interrupted{ext}"),
+                 os.path.join(output_dir, f"{output_name}-interrupted-state")):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.isfile(path):
+            os.remove(path)
+        else:
+            continue
+        logger.info("removed %s: this run finished after it", path)
 
 
 def _average_gradients(net) -> None:

@@ -221,7 +221,7 @@ def test_non_finite_losses_are_skipped_then_stop_with_a_saved_state(cache, tmp_p
     rc = train_network.main(["--max_train_steps", "20", "--train_batch_size", "1", "--seed", "1", "--no_progress",
                              "--output_dir", str(tmp_path), "--output_name", "n", "--caption_extension", ".txt",
                              "--max_bad_steps", "3", "--optimizer_type", "AdaptiveHinaAdamW"])
-    assert rc == 2
+    assert rc == 1  # not an argument mistake (2): a stop after saving
     err = capsys.readouterr().err
     assert "3 consecutive non-finite losses" in err and "at step 2" in err
     assert (tmp_path / "n-interrupted.safetensors").is_file()
@@ -272,7 +272,7 @@ def test_sigterm_saves_lora_and_state_then_exits(cache, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err[-2000:]
+    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM, as a shell reports it
     assert "SIGTERM" in err
     assert (tmp_path / "s-interrupted.safetensors").is_file()
     state = json.loads((tmp_path / "s-interrupted-state" / "train_state.json").read_text())
@@ -317,3 +317,132 @@ def test_optimizer_phases_longer_than_half_the_run_are_reported(caplog):
     msg = caplog.records[0].getMessage()
     assert "warmup_steps=500 is more than half the run" in msg and "wd_transition_steps" not in msg
     _warn_if_optimizer_phases_cover_the_run(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), 10)
+
+
+# ------------------------------------------------- reliability: nothing a user does loses training
+def _corrupt_dataset(root, truncated=True):
+    """A kohya dataset of two images whose second one is cut short (or is not an image at all)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "2_thing"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((64, 64, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a thing")
+    bad = folder / "1.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if truncated else b"not an image at all")
+    return root, bad
+
+
+@pytest.mark.parametrize("case", ["output_dir_unwritable", "logging_dir_unwritable", "real_model_without_data",
+                                  "network_dim_0", "network_dim_negative", "unknown_torch_optimizer_arg",
+                                  "misspelled_optimizer_type", "truncated_image", "not_an_image"])
+def test_more_mistakes_end_in_one_line_before_any_model_loads(tmp_path, case):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file, not a folder")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    args = {
+        "output_dir_unwritable": ["--output_dir", str(blocker / "out")],
+        "logging_dir_unwritable": ["--logging_dir", str(blocker / "logs")],
+        "real_model_without_data": ["--pretrained_model_name_or_path", str(model)],
+        "network_dim_0": ["--network_dim", "0"],
+        "network_dim_negative": ["--network_dim", "-4"],
+        "unknown_torch_optimizer_arg": ["--optimizer_type", "AdamW", "--optimizer_args", "weight_decya=0.1"],
+        "misspelled_optimizer_type": ["--optimizer_type", "AdaptiveHinaAdamV"],
+        "truncated_image": ["--train_data_dir", str(_corrupt_dataset(tmp_path / "d1")[0])],
+        "not_an_image": ["--train_data_dir", str(_corrupt_dataset(tmp_path / "d2", truncated=False)[0])],
+    }[case]
+    if "--output_dir" not in args:
+        args += ["--output_dir", str(tmp_path / "out")]
+    cache_dir = tmp_path / "cache"
+    res = _cli(args, cache_dir)
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and "Traceback" not in res.stderr, res.stderr
+    assert not (cache_dir / "tiny-sd").exists()  # nothing was loaded or built
+    expect = {
+        "output_dir_unwritable": "--output_dir", "logging_dir_unwritable": "--logging_dir",
+        "real_model_without_data": "--train_data_dir is required", "network_dim_0": "--network_dim must be >= 1",
+        "network_dim_negative": "got -4", "unknown_torch_optimizer_arg": "did you mean 'weight_decay'",
+        "misspelled_optimizer_type": "did you mean 'AdaptiveHinaAdamW'", "truncated_image": "1.png",
+        "not_an_image": "1.png",
+    }[case]
+    assert expect in err[0], err[0]
+
+
+def test_an_image_that_breaks_mid_run_saves_lora_and_state_first(cache, tmp_path, capsys, monkeypatch):
+    """The images are verified up front; one that breaks afterwards (replaced while training) still
+    ends in one line, after the LoRA and the state were saved."""
+    import library.dataset as dataset_mod
+    from PIL import Image
+
+    data, bad = _corrupt_dataset(tmp_path / "d")
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(bad)  # readable when the run starts ...
+    original = dataset_mod.load_image
+
+    def cut_short_later(path, resolution):
+        if path == str(bad):  # ... cut short by the time training reaches it
+            bad.write_bytes(b"cut")
+        return original(path, resolution)
+
+    monkeypatch.setattr(dataset_mod, "load_image", cut_short_later)
+    rc = train_network.main(["--max_train_steps", "6", "--train_batch_size", "1", "--seed", "1", "--no_progress",
+                             "--output_dir", str(tmp_path / "out"), "--output_name", "m", "--caption_extension",
+                             ".txt", "--network_dim", "4", "--train_data_dir", str(data),
+                             "--optimizer_type", "AdaptiveHinaAdamW"])
+    assert rc == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "1.png" in err[0] and "m-interrupted-state" in err[0], err
+    assert (tmp_path / "out" / "m-interrupted.safetensors").is_file()
+    assert (tmp_path / "out" / "m-interrupted-state" / "train_state.json").is_file()
+
+
+def test_resume_refuses_another_optimizer_and_a_kohya_state_folder(cache, tmp_path):
+    common = ["--max_train_steps", "2", "--train_batch_size", "2", "--seed", "1", "--no_progress",
+              "--caption_extension", ".txt", "--network_dim", "4"]
+    assert train_network.main([*common, "--optimizer_type", "AdaptiveHinaAdamW", "--save_state",
+                               "--output_dir", str(tmp_path / "a"), "--output_name", "a"]) == 0
+    state = tmp_path / "a" / "a-state"
+    cases = {
+        "another optimizer": (["--optimizer_type", "Automagic_CameAMP", "--resume", str(state)],
+                              "saved by library.optimizers.adaptive_hina.AdaptiveHinaAdamW"),
+        "8-bit state": (["--optimizer_type", "HinaAdaptiveAdamW8bit", "--resume", str(state)], "32-bit"),
+    }
+    kohya = tmp_path / "kohya-state"
+    kohya.mkdir()
+    (kohya / "train_state.json").write_text(json.dumps({"current_epoch": 3, "current_step": 120}))
+    cases["kohya"] = (["--optimizer_type", "AdaptiveHinaAdamW", "--resume", str(kohya)], "kohya sd-scripts state")
+    for what, (extra, expect) in cases.items():
+        res = _cli([*common, *extra, "--output_dir", str(tmp_path / "b")], cache)
+        assert res.returncode == 2, (what, res.stderr[-2000:])
+        err = res.stderr.strip().splitlines()
+        assert len(err) == 1 and expect in err[0], (what, err)
+
+
+def test_sigint_exits_130_and_a_finished_resume_removes_the_interrupted_files(cache, tmp_path):
+    import signal
+    import time
+
+    common = ["--train_batch_size", "1", "--seed", "1", "--no_progress", "--output_dir", str(tmp_path),
+              "--output_name", "s", "--caption_extension", ".txt", "--network_dim", "4",
+              "--optimizer_type", "AdaptiveHinaAdamW"]
+    env = dict(os.environ, HINA_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_network.py"), *common,
+                             "--max_train_steps", "100000", "--save_every_n_steps", "2"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "s-step00000002.safetensors").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]  # 128 + SIGINT
+    state = tmp_path / "s-interrupted-state"
+    step = json.loads((state / "train_state.json").read_text())["global_step"]
+    assert (tmp_path / "s-interrupted.safetensors").is_file()
+    assert train_network.main([*common, "--max_train_steps", str(step + 2), "--resume", str(state)]) == 0
+    assert (tmp_path / "s.safetensors").is_file()
+    assert not (tmp_path / "s-interrupted.safetensors").exists() and not state.exists()

@@ -21,6 +21,7 @@ __all__ = [
     "resolve_class",
     "parse_optimizer_args",
     "check_optimizer_kwargs",
+    "closest_name",
 ]
 
 
@@ -59,7 +60,8 @@ def list_optimizers() -> list[OptimInfo]:
     return list(_ORDER)
 
 
-def _closest(name: str, choices) -> str | None:
+def closest_name(name: str, choices) -> str | None:
+    """The closest of ``choices`` to ``name`` (exact case first, then ignoring case), or None."""
     found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     if not found:
         low = {c.lower(): c for c in choices}
@@ -136,14 +138,18 @@ def accepted_kwargs(cls) -> tuple[set[str], bool]:
 
 
 def check_optimizer_kwargs(cls, kwargs: Mapping[str, Any], label: str | None = None) -> None:
-    """Reject unknown keys with the closest match and the accepted list."""
-    names, var_kw = accepted_kwargs(cls)
+    """Reject unknown keys with the closest match and the accepted list (any class whose
+    constructor names its arguments: ours, torch.optim's, third-party ones without **kwargs)."""
+    try:
+        names, var_kw = accepted_kwargs(cls)
+    except (TypeError, ValueError):  # a constructor without a Python signature: let it check
+        return
     if var_kw:
         return
     label = label or cls.__name__
     for key in kwargs:
         if key not in names:
-            hint = _closest(key, names)
+            hint = closest_name(key, names)
             hint = f" (did you mean {hint!r}?)" if hint else ""
             raise ValueError(
                 f"unknown optimizer argument {key!r} for {label}{hint}; accepted: {', '.join(sorted(names))}"
