@@ -19,6 +19,17 @@ Edits (each a block between ``# >>> hina-optimizers <id> >>>`` and ``# <<< hina-
 - ``train_network.py``, block ``param-names``, just before ``optimizer_name, optimizer_args,
   optimizer = train_util.get_optimizer(args, trainable_params)``: adds ``named`` lists built
   from ``network.named_parameters()`` to the groups (for our optimizers only).
+- ``train_network.py``, block ``report-loss``, right after the training step's ``optimizer.step()``
+  (the first one after ``accelerator.backward(loss)``, in the same block): when the optimizer
+  inside accelerate's wrapper has ``report_loss`` (Automagic_CameAMP_COptim and its 8-bit form),
+  hands it ``loss.detach()`` once per real update (``accelerator.sync_gradients``, step not
+  skipped); no host sync.
+- LyCORIS ``lycoris/kohya.py``, block ``lycoris-dedup``, in ``LycorisNetworkKohya.__init__`` just
+  before the ``self.loras = self.text_encoder_loras + self.unet_loras`` that precedes its
+  "duplicated lora name" assertion (no block where there is no such assertion): a module built
+  twice for the same layer (lycoris-lora 4.x's default preset targets the class
+  ``TimestepEmbedding`` and the names ``time_embedding.linear_1/2``) is kept once, with a warning;
+  two layers sharing a name still fail the assertion.
 - LyCORIS ``lycoris/kohya.py``, block ``lycoris-named``, at the end of the file (the class
   ``LycorisNetworkKohya`` and its ``def prepare_optimizer_params(self, ...)`` must exist):
   wraps the method so every group it returns carries ``named``.
@@ -275,8 +286,40 @@ def _plan_train_network(view: list[str], root: Path) -> list[Edit]:
                     "    trainable_params = train_util.hina_attach_param_names(trainable_params, network, args)",
                 ],
             ),
-        )
+        ),
+        _report_loss_edit(view, g),
     ]
+
+
+_REPORT_LOSS_BLOCK = [
+    '_hina_optimizer = getattr(optimizer, "optimizer", optimizer)  # the one inside accelerate\'s wrapper',
+    "if (",
+    "    accelerator.sync_gradients",
+    '    and hasattr(_hina_optimizer, "report_loss")',
+    '    and not getattr(optimizer, "step_was_skipped", False)',
+    "):  # loss-aware optimizers (C-Optim): once per real update; the tensor stays on its device",
+    "    _hina_optimizer.report_loss(loss.detach())",
+]
+
+
+def _report_loss_edit(view: list[str], after: int) -> Edit:
+    """Block ``report-loss``: right after the training step's ``optimizer.step()`` (the first one
+    following ``accelerator.backward(loss)``, in the same block), hand the loss to the optimizer."""
+    b = _find(view, r"^\s+accelerator\.backward\(loss\)\s*(#.*)?$", after + 1)
+    if b is None:
+        raise _Missing("accelerator.backward(loss)  (the training step, after the train_util.get_optimizer call)")
+    level = _indent(view[b])
+    for i in range(b + 1, len(view)):
+        if _is_code(view[i]) and len(_indent(view[i])) < len(level):
+            break
+        if _indent(view[i]) == level and re.match(r"^\s+optimizer\.step\(\)\s*(#.*)?$", view[i]):
+            return Edit(
+                "report-loss",
+                "optimizer.step() after accelerator.backward(loss)",
+                i + 1,
+                _marked("report-loss", level, _REPORT_LOSS_BLOCK),
+            )
+    raise _Missing("optimizer.step() after accelerator.backward(loss), in the same block")
 
 
 _LYCORIS_BLOCK = [
@@ -320,6 +363,59 @@ _LYCORIS_BLOCK = [
 ]
 
 
+_LYCORIS_DEDUP_BLOCK = [
+    "# a preset may target one layer twice (lycoris-lora 4.x's default: the class TimestepEmbedding and",
+    "# the names time_embedding.linear_1/2): keep one module per layer instead of failing the check below",
+    "_hina_first = {}",
+    "_hina_dropped = []",
+    'for _hina_attr in ("text_encoder_loras", "unet_loras"):',
+    "    _hina_kept = []",
+    "    for _hina_lora in getattr(self, _hina_attr):",
+    "        _hina_seen = _hina_first.setdefault(_hina_lora.lora_name, _hina_lora)",
+    '        _hina_layers = [(getattr(m, "org_module", None) or [m])[0] for m in (_hina_seen, _hina_lora)]',
+    "        if _hina_seen is not _hina_lora and _hina_layers[0] is _hina_layers[1]:",
+    "            _hina_dropped.append(_hina_lora.lora_name)  # the same layer again: drop the copy",
+    "        else:",
+    "            _hina_kept.append(_hina_lora)  # (a name shared by two layers still fails the check)",
+    "    if len(_hina_kept) != len(getattr(self, _hina_attr)):",
+    "        setattr(self, _hina_attr, _hina_kept)",
+    "if _hina_dropped:",
+    "    import logging as _hina_logging",
+    "",
+    "    _hina_logging.getLogger(__name__).warning(",
+    '        "hina-optimizers patch: %d layer(s) targeted twice by the LyCORIS preset, kept once: %s",',
+    '        len(_hina_dropped),',
+    '        ", ".join(_hina_dropped),',
+    "    )",
+]
+
+
+def _dedup_edits(view: list[str], c: int, end: int) -> list[Edit]:
+    """Block ``lycoris-dedup`` in ``LycorisNetworkKohya.__init__``, just before the
+    ``self.loras = self.text_encoder_loras + self.unet_loras`` that precedes its "duplicated lora
+    name" assertion. None when __init__ has no such assertion (nothing would fail)."""
+    init = _find(view, r"^\s+def __init__\(", c + 1, end)
+    init_end = None if init is None else _block_end(view, init)
+    check = None if init is None else _find(view, r"duplicated lora name", init, init_end)
+    if check is None:
+        return []
+    rx = re.compile(r"^\s+self\.loras = self\.text_encoder_loras \+ self\.unet_loras\s*(#.*)?$")
+    at = next((i for i in range(check - 1, init, -1) if rx.match(view[i])), None)
+    if at is None:
+        raise _Missing(
+            "self.loras = self.text_encoder_loras + self.unet_loras before the 'duplicated lora name' "
+            "check in LycorisNetworkKohya.__init__"
+        )
+    return [
+        Edit(
+            "lycoris-dedup",
+            "self.loras = self.text_encoder_loras + self.unet_loras before the 'duplicated lora name' check",
+            _above(view, at),
+            _marked("lycoris-dedup", _indent(view[at]), _LYCORIS_DEDUP_BLOCK),
+        )
+    ]
+
+
 def _plan_lycoris(view: list[str], root: Path) -> list[Edit]:
     c = _find(view, r"^class LycorisNetworkKohya\b")
     if c is None:
@@ -332,7 +428,7 @@ def _plan_lycoris(view: list[str], root: Path) -> list[Edit]:
     if not re.search(r"def prepare_optimizer_params\(\s*self\b", header):
         raise _Missing("def prepare_optimizer_params(self, ...) in class LycorisNetworkKohya")
     eof = len(view) - 1 if view[-1] == "" else len(view)
-    return [
+    return _dedup_edits(view, c, end) + [
         Edit(
             "lycoris-named",
             "class LycorisNetworkKohya with def prepare_optimizer_params(self, ...)",

@@ -3,6 +3,8 @@
 Works on copies of tests/fixtures/patches (small stand-ins carrying the anchors of sd-scripts'
 library/train_util.py and train_network.py, and of LyCORIS' lycoris/kohya.py).
 """
+import ast
+import contextlib
 import importlib.util
 import json
 import os
@@ -96,8 +98,8 @@ def test_check_is_a_dry_run_and_names_every_edit(tree, capsys):
     assert report.ok and report.supported
     assert [f.status for f in report.files] == ["would patch"] * 3
     blocks = {f.path.name: [e.block for e in f.edits] for f in report.files}
-    assert blocks == {"train_util.py": ["runtime", "get-optimizer"], "train_network.py": ["param-names"],
-                      "kohya.py": ["lycoris-named"]}
+    assert blocks == {"train_util.py": ["runtime", "get-optimizer"], "train_network.py": ["param-names", "report-loss"],
+                      "kohya.py": ["lycoris-dedup", "lycoris-named"]}
     text = report.format(diff=True)
     assert "def get_optimizer(args, trainable_params)" in text and "+    _hina_result = " in text
     assert main(["--sd-scripts", str(sd), "--lycoris", str(ly), "--check", "--diff"]) == 0
@@ -161,6 +163,12 @@ BREAKS = [
     ("train_network.py", "train_util.get_optimizer(args, trainable_params)", "train_util.make_optimizer(args, trainable_params)",
      "train_util.get_optimizer(args, trainable_params)"),
     ("kohya.py", "    def prepare_optimizer_params(\n", "    def prepare_params(\n", "def prepare_optimizer_params(self, ...)"),
+    ("train_network.py", "            accelerator.backward(loss)\n", "            loss.backward()\n", "accelerator.backward(loss)"),
+    ("train_network.py", "            optimizer.step()\n", "            optimizer.step(closure=None)\n",
+     "optimizer.step() after accelerator.backward(loss)"),
+    ("kohya.py", "        self.loras = self.text_encoder_loras + self.unet_loras\n",
+     "        self.loras = [*self.text_encoder_loras, *self.unet_loras]\n",
+     "self.loras = self.text_encoder_loras + self.unet_loras before the 'duplicated lora name' check"),
 ]
 
 
@@ -377,6 +385,107 @@ def test_patched_lycoris_groups_carry_names(tree):
     # wrapping is done once even if the module body runs again
     assert kohya.LycorisNetworkKohya.prepare_optimizer_params._hina_named
 
+
+
+def test_patched_lycoris_keeps_one_module_per_layer(tree, caplog):
+    """A preset naming one layer twice (lycoris-lora 4.x's default on an SD U-Net) no longer fails
+    the constructor's duplicate check; two layers sharing a name still do."""
+    sd, ly = tree
+    twice = [("lora_unet_attn1_to_v", True)]
+    plain = load(ly / "kohya.py", "_fixture_lycoris_dup_plain")
+    with pytest.raises(AssertionError, match="duplicated lora name: lora_unet_attn1_to_v"):
+        plain.LycorisNetworkKohya(extra=twice)
+    apply(sd, lycoris=ly)
+    kohya = load(ly / "kohya.py", "_fixture_lycoris_dup_patched")
+    caplog.set_level("WARNING")
+    net = kohya.LycorisNetworkKohya(extra=twice)
+    assert [m.lora_name for m in net.unet_loras] == ["lora_unet_attn0_to_v", "lora_unet_attn1_to_v"]
+    assert net.loras == net.text_encoder_loras + net.unet_loras
+    assert "kept once: lora_unet_attn1_to_v" in caplog.text
+    caplog.clear()
+    kohya.LycorisNetworkKohya()  # nothing twice: no message
+    assert "kept once" not in caplog.text
+    with pytest.raises(AssertionError, match="duplicated lora name: lora_unet_attn1_to_v"):
+        kohya.LycorisNetworkKohya(extra=[("lora_unet_attn1_to_v", False)])  # another layer, same name
+
+
+def test_lycoris_without_a_duplicate_check_gets_no_dedup_block(tree):
+    sd, ly = tree
+    path = ly / "kohya.py"
+    text = path.read_text()
+    check_lines = text[text.index("        # assertion\n"):text.index("    def apply_to(self):")]
+    path.write_text(text.replace(check_lines, "\n"))
+    report = check(sd, lycoris=ly)
+    assert report.ok and [e.block for e in report.files[2].edits] == ["lycoris-named"]
+
+
+class _Accelerator:
+    """Just enough of accelerate.Accelerator for the fixture's train_step: gradient accumulation."""
+
+    def __init__(self, steps):
+        self.steps, self.calls, self.sync_gradients = steps, 0, False
+
+    @contextlib.contextmanager
+    def accumulate(self, model):
+        self.calls += 1
+        self.sync_gradients = self.calls % self.steps == 0
+        yield
+
+    def backward(self, loss):
+        loss.backward()
+
+
+class _Wrapped:
+    """Like accelerate's AcceleratedOptimizer: steps only on sync, the real one is `.optimizer`."""
+
+    def __init__(self, optimizer, accelerator, skipped=False):
+        self.optimizer, self.accelerator, self.step_was_skipped = optimizer, accelerator, skipped
+
+    def step(self):
+        if self.accelerator.sync_gradients and not self.step_was_skipped:
+            self.optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        if self.accelerator.sync_gradients:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def fixture_trainer(sd: Path):
+    """NetworkTrainer of the (patched) fixture train_network.py, without its `library` import."""
+    path = sd / "train_network.py"
+    tree = ast.parse(path.read_text())
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.Import) and n.names[0].name.startswith("library"))]
+    ns = {"__name__": "_fixture_train_network"}
+    exec(compile(tree, str(path), "exec"), ns)
+    return ns["NetworkTrainer"]()
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "unpatched"])
+def test_patched_train_step_reports_the_loss_once_per_update(tree, patched):
+    from library.optimizers.automagic import Automagic_CameAMP_COptim
+
+    sd, ly = tree
+    if patched:
+        apply(sd, lycoris=ly)
+    trainer = fixture_trainer(sd)
+    w = torch.nn.Parameter(torch.ones(4))
+    accelerator = _Accelerator(steps=2)
+    optimizer = _Wrapped(Automagic_CameAMP_COptim([w], lr=1e-2), accelerator)
+    scheduler = types.SimpleNamespace(step=lambda: None)
+    losses = [trainer.train_step(accelerator, None, optimizer, scheduler, lambda i=i: (w * (i + 1)).square().sum())
+              for i in range(6)]
+    ctx = optimizer.optimizer.param_groups[0]["context"]
+    if not patched:  # upstream: nothing reports the loss
+        assert ctx["n_loss"] == 0
+        return
+    assert ctx["n_loss"] == 3  # once per real update (every 2nd micro-step), not per micro-step
+    assert torch.equal(ctx["loss_hist"][:3], torch.stack([losses[1], losses[3], losses[5]]).detach())
+    optimizer.step_was_skipped = True  # e.g. fp16 overflow: no update, no loss
+    for _ in range(2):
+        trainer.train_step(accelerator, None, optimizer, scheduler, lambda: w.square().sum())
+    assert ctx["n_loss"] == 3
+    plain = _Wrapped(torch.optim.SGD([w], lr=1e-2), accelerator)  # optimizers without report_loss: untouched
+    trainer.train_step(accelerator, None, plain, scheduler, lambda: w.square().sum())
 
 _FLOW = textwrap.dedent(
     """
