@@ -11,6 +11,8 @@ Measured in one process, next to ``torch.optim.AdamW(foreach=True)``:
   shared machine;
 - the refactored optimizer's mean ms over a whole ``rank_interval`` (so the periodic
   eigendecompositions are amortised into the number);
+- the cost of the non-finite guard (``skip_nonfinite``, on by default) against the same class
+  with it off;
 - optimizer-state bytes per parameter (``benchmarks/common.py::state_bytes``);
 - the same for a LoCon-style set with 3x3 conv factors, the only shapes on which the
   image-space regularisers (edge, FFT, spatial, background) do anything.
@@ -50,7 +52,9 @@ def builders():
     return {
         "AdamW(foreach)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-4, foreach=True),
         "Automagic_CameAMP": lambda ps: Automagic_CameAMP(ps, **kw),
+        "Automagic_CameAMP (skip_nonfinite off)": lambda ps: Automagic_CameAMP(ps, **kw, skip_nonfinite=False),
         "Automagic_CameAMP8bit": lambda ps: Automagic_CameAMP8bit(ps, **kw),
+        "Automagic_CameAMP8bit (skip_nonfinite off)": lambda ps: Automagic_CameAMP8bit(ps, **kw, skip_nonfinite=False),
         "Automagic_CameAMP_COptim": lambda ps: Automagic_CameAMP_COptim(ps, **kw),
         "Automagic_CameAMP_COptim8bit": lambda ps: Automagic_CameAMP_COptim8bit(ps, **kw),
         "Refactored (regularisers off)": lambda ps: RefactoredAutomagicCameAMP(ps, **kw, **REG_OFF),
@@ -115,6 +119,8 @@ def main(argv=None):
         "regularisers_on_over_base": ms["Refactored (all on, warmup)"] / ms["Automagic_CameAMP"],
         "stable_phase_on_over_base": ms["Refactored (all on, stable phase)"] / ms["Automagic_CameAMP"],
         "eight_bit_state_ratio": bpp["Automagic_CameAMP8bit"] / bpp["Automagic_CameAMP"],
+        "nonfinite_guard_cost": {k: ms[k] / ms[f"{k} (skip_nonfinite off)"]
+                                 for k in ("Automagic_CameAMP", "Automagic_CameAMP8bit")},
         "coptim_eight_bit_state_ratio": bpp["Automagic_CameAMP_COptim8bit"] / bpp["Automagic_CameAMP_COptim"],
     }
     del opts
@@ -135,6 +141,8 @@ def main(argv=None):
     print("|---|---|---|---|")
     for k, v in r["step_ms"].items():
         print(f"| {k} | {v:.1f} | {r['ratio_vs_adamw'][k]:.2f} | {r['bytes_per_param'][k]:.3f} |")
+    print("non-finite guard (skip_nonfinite on / off): " + ", ".join(
+        f"{k} {v:.2f}x" for k, v in r["nonfinite_guard_cost"].items()))
     a = r["refactored_amortised_ms"]
     print(f"refactored, mean over a {a['interval']}-step rank interval: all on {a['all_on']:.1f} ms, off {a['off']:.1f} ms")
     print(f"regularisers on / off: {r['regularisers_on_over_off']:.2f}x; on / Automagic_CameAMP: "

@@ -172,7 +172,6 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             stochastic_rounding=check_bool("stochastic_rounding", stochastic_rounding),
         )
         self._pairs = None
-        self._nonfinite_skips = {}  # device -> count of (tensor, step) pairs skipped, on device
         self._packed: set = set()  # ids of the groups whose 8-bit state sits in flat arenas
         self._slices: dict = {}  # (id of a chunk's first stored tensor, count) -> (tensors, arena slice)
         super().__init__(params, defaults, param_names=param_names)
@@ -394,8 +393,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             k1.copy_(okf).mul_(beta1 - 1.0).add_(1.0)  # beta where finite, 1 where not
             k2, keep2 = pool.scalars(n, dev, "keep2")
             k2.copy_(okf).mul_(beta2 - 1.0).add_(1.0)
-            dev = ok.device
-            self._nonfinite_skips[dev] = self._nonfinite_skips.get(dev, 0) + (~ok).sum()
+            self._count_nonfinite(ok)
             xs = pool.views(ps, 0)
             for g, out in zip(grads, xs):  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
                 torch.nan_to_num(g, 0.0, 0.0, 0.0, out=out)
@@ -855,11 +853,6 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             },
             "buffer_pool": self.get_buffer_pool_stats(),
         }
-
-    def nonfinite_skipped(self) -> int:
-        """How many (tensor, step) updates were skipped for a non-finite gradient since this
-        optimizer was built (reads device counters: call it outside the training step)."""
-        return int(sum(int(v) for v in self._nonfinite_skips.values()))
 
     def diagnostics_scalars(self) -> dict:
         """Flat scalars for loggers (TensorBoard): computed on request, never in step()."""

@@ -10,6 +10,8 @@ Four presets share one update, written once (:class:`Automagic_CameAMP`):
 
 One step, per tensor (spec/algorithms.md section 17 order; t = this tensor's step, W = warmup_steps):
 
+ 0. a tensor whose gradient holds NaN or inf is skipped, it and its state left bit-identical
+    (``skip_nonfinite=True``, techniques/nonfinite.py; no host sync).
  1. gradient (fp32 copy, ``p.grad`` is never modified): AGR per tensor (section 7; skipped
     for single elements); OrthoGrad while ``2t <= W`` (section 8, parallel-guarded).
  2. CAME second moment (techniques/came.py): factored row/column EMAs on the matrix view
@@ -74,7 +76,7 @@ import torch
 from . import __version__, quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
-from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, tam
+from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, nonfinite, tam
 from .techniques.agr import agr
 from .techniques.cautious import cautious_
 from .techniques.grams import grams_
@@ -117,6 +119,7 @@ _BASE_DEFAULTS = dict(
     use_lr_mask=True,
     adaptive_weight_decay=True,
     adadecay_alpha=4.0,
+    skip_nonfinite=True,
     verbose=False,
     verbose_interval=50,
 )
@@ -152,7 +155,7 @@ def _validate(cfg: dict, keys) -> dict:
     ints = {"warmup_steps": 0, "verbose_interval": 1, "seed": 0, "min_8bit_size": 0, "context_window": 4,
             "stagnation_steps": 1}
     bools = ("full_finetune", "came_bias_correction", "use_agr", "use_tam", "use_grams",
-             "use_adabelief", "use_lr_mask", "adaptive_weight_decay", "verbose", "use_cautious")
+             "use_adabelief", "use_lr_mask", "adaptive_weight_decay", "verbose", "use_cautious", "skip_nonfinite")
     for k in keys:
         if k not in out:
             continue
@@ -355,9 +358,17 @@ class Automagic_CameAMP(HinaOptimizer):
         sums = None
         # per-tensor gradient norms for the whole group, one multi-tensor call each
         grads = [p.grad for p in params]
+        guard = group["skip_nonfinite"]
         adadecay = group["adaptive_weight_decay"] and group["weight_decay"] > 0.0 and group["lr"] > 0.0
         l1s = torch._foreach_norm(grads, 1) if adadecay else None
-        l2s = torch._foreach_norm(grads, 2) if adadecay or self._coptim else None
+        l2s = torch._foreach_norm(grads, 2) if adadecay or self._coptim or guard else None
+        ok = None
+        if guard:  # techniques/nonfinite.py: a bad tensor is skipped, the others see finite sums
+            ok = nonfinite.flags(l2s)
+            self._count_nonfinite(ok)
+            l2s = nonfinite.finite_norms(l2s, ok)
+            l1s = nonfinite.finite_norms(l1s, ok) if l1s is not None else None
+            oks = ok.unbind(0)
         if self._coptim:
             ctx = group["context"]
             gnorm = torch.linalg.vector_norm(torch.stack([n.float() for n in l2s]))
@@ -377,12 +388,19 @@ class Automagic_CameAMP(HinaOptimizer):
             st = self.state[p]
             if "step" not in st:
                 self._init_state(p, st, group)
-            self._update(p, st, group, mult, sums, None if kbs is None else kbs[i])
+            kb = None if kbs is None else kbs[i]
+            if not guard:
+                self._update(p, p.grad, st, group, mult, sums, kb)
+                continue
+            saved = nonfinite.snapshot(p, st, self._buffer_pool)
+            grad = nonfinite.sanitize(p.grad, oks[i], self._buffer_pool.get(p, 13))
+            self._update(p, grad, st, group, mult, sums, kb)
+            nonfinite.restore_(p, st, saved, oks[i])
         if sums:
             total = sum(p.numel() for p in params)
             context.observe_consistency(group["context"], torch.stack(sums).sum() / max(total, 1))
 
-    def _update(self, p, st, group, mult, agree_sums, adadecay_kb=None) -> None:
+    def _update(self, p, grad, st, group, mult, agree_sums, adadecay_kb=None) -> None:
         pool = self._buffer_pool
         t = st["step"] + 1
         st["step"] = t
@@ -392,7 +410,6 @@ class Automagic_CameAMP(HinaOptimizer):
         early = 2 * t <= warm
         eight = "exp_avg_f8" in st
         seed = quant8.mix_seed(group["seed"], t, self.param_index(p)) if eight else None
-        grad = p.grad
         p32 = p if p.dtype == torch.float32 else pool.get(p, 5).copy_(p)
         tmp = pool.get(p, 2)
 
@@ -580,6 +597,7 @@ class Automagic_CameAMP(HinaOptimizer):
                 "global_step": self._global_step(),
                 "lr_mask_stats": self.get_lr_mask_analysis()["global_statistics"],
                 "learning_rates": self.get_learning_rates(),
+                "nonfinite_skipped": self.nonfinite_skipped(),
             },
             "memory": {"state_bytes": nbytes, "bytes_per_param": nbytes / max(n_params, 1)},
             "buffer_pool": self.get_buffer_pool_stats(),
@@ -596,6 +614,7 @@ class Automagic_CameAMP(HinaOptimizer):
             "optimizer/lr_min": stats["min_lr"],
             "optimizer/lr_max": stats["max_lr"],
             "optimizer/lr_mask_scale": stats["avg_lr_scale"],
+            "optimizer/nonfinite_skipped": float(self.nonfinite_skipped()),
         }
         for i, c in enumerate(self.get_context_info()):
             out[f"optimizer/lr_multiplier_{i}"] = c["lr_multiplier"]

@@ -129,6 +129,7 @@ class OptimizerConfig:
     use_lr_mask: bool = _BASE_DEFAULTS["use_lr_mask"]
     adaptive_weight_decay: bool = _BASE_DEFAULTS["adaptive_weight_decay"]
     adadecay_alpha: float = _BASE_DEFAULTS["adadecay_alpha"]
+    skip_nonfinite: bool = _BASE_DEFAULTS["skip_nonfinite"]
     # edge and background control
     edge_suppression: bool = True
     edge_threshold: float = 0.6

@@ -100,6 +100,7 @@ class HinaOptimizer(torch.optim.Optimizer):
     _shaped_state_keys: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, param_names=None):
+        self._nonfinite_skips: dict = {}  # device -> count of (tensor, step) updates skipped, on device
         super().__init__(normalize_param_groups(params), defaults)
         self._names: dict[torch.Tensor, str] = {}
         self._index_cache: dict[torch.Tensor, int] | None = None
@@ -330,6 +331,15 @@ class HinaOptimizer(torch.optim.Optimizer):
                 "masked_elements": numel,
             },
         }
+
+    def _count_nonfinite(self, ok: torch.Tensor) -> None:
+        """Add the tensors ``ok`` marks as skipped to the device-side counter (no host sync)."""
+        self._nonfinite_skips[ok.device] = self._nonfinite_skips.get(ok.device, 0) + (~ok).sum()
+
+    def nonfinite_skipped(self) -> int:
+        """How many (tensor, step) updates were skipped for a non-finite gradient since this
+        optimizer was built (reads device counters: call it outside the training step)."""
+        return int(sum(int(v) for v in getattr(self, "_nonfinite_skips", {}).values()))
 
     def get_buffer_pool_stats(self) -> dict:
         return self._buffer_pool.stats()
