@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo test bench bench-quick bench-quality clean
+.PHONY: setup demo test bench bench-quick bench-quality gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,16 @@ bench-quality: setup
 	$(BIN)/python -m pip install -q -r requirements-bench.txt
 	$(BIN)/python -m benchmarks.bench_quality --jobs 2
 	$(BIN)/python -m benchmarks.run_all --render-only
+
+# GPU readiness (under 5 minutes on one GPU): AdamW parity, bit-exact resume, 8-bit tracking,
+# non-finite gradient skip, bf16 stochastic rounding and no host sync in step(), for every
+# registered optimizer on CUDA tensors, then bench_step --quick --device cuda (against fused AdamW
+# and bitsandbytes AdamW8bit; results/step_cuda_quick.json). One PASS/FAIL line per check, exit 1
+# on a failure. Without a CUDA GPU it says so and exits 0; `--device cpu` runs the checks on CPU.
+# Needs a CUDA build of torch in $(VENV) (see TORCH_INDEX above).
+gpu-check: setup
+	$(BIN)/python -m pip install -q -r requirements-bench.txt
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_output

@@ -1,11 +1,13 @@
 """Step time and optimizer-state memory at real adapter shapes, side by side in one process.
 
-    python -m benchmarks.bench_step [--quick] [--optimizers AdaptiveHinaAdamW ...]
+    python -m benchmarks.bench_step [--quick] [--optimizers AdaptiveHinaAdamW ...] [--device cpu|cuda]
 
 Measures, for each optimizer: median ms per ``step()`` at SD1.5 rank-16 LoRA shapes
 (528 tensors, 9.4M params), its ratio to ``torch.optim.AdamW(foreach=True)`` and to fused
 AdamW measured in the same process, optimizer-state bytes per parameter on the rank-16,
 rank-4 and small-LoKr sets, and the per-tensor cost from 200 to 3,200 tensors.
+``--device cuda`` times the same on the GPU (synchronised clock reads, results in
+``step_cuda[_quick].json``); the CPU default writes ``step[_quick].json`` as before.
 """
 from __future__ import annotations
 
@@ -59,14 +61,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--optimizers", nargs="*")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     repeats = 5 if args.quick else 11
     table = builders()
     if args.optimizers:
         table = {k: v for k, v in table.items() if k in args.optimizers or k.startswith(("AdamW(",))}
-    results = {"step_ms": {}, "bytes_per_param": {}, "scaling": {}}
+    results = {"device": str(device), "step_ms": {}, "bytes_per_param": {}, "scaling": {}}
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
 
-    params = make_params(lora_shapes(16))
+    params = make_params(lora_shapes(16), device=device)
     n_params = sum(p.numel() for _, p in params)
     # One optimizer at a time, timed in rounds that alternate with the two AdamW references built
     # next to it (so all three have warm state; a VM that pages out cold memory punishes optimizers
@@ -98,7 +104,7 @@ def main(argv=None):
 
     sets = {"lora_r16": lora_shapes(16), "lora_r4": lora_shapes(4), "lokr_f-1_d16": lokr_shapes(16)}
     for set_name, shapes in sets.items():
-        ps = make_params(shapes)
+        ps = make_params(shapes, device=device)
         n = sum(p.numel() for _, p in ps)
         for name, build in table.items():
             opt = build(ps)
@@ -112,40 +118,44 @@ def main(argv=None):
         row = {}
         for n in counts:
             shapes = lora_shapes(4, repeat=-(-n // 528))[:n]  # rank-4 SD1.5 shapes, tiled
-            ps = make_params(shapes)
+            ps = make_params(shapes, device=device)
             opt = build(ps)
             row[n] = time_steps(opt, repeats=repeats) / n * 1e3  # us per tensor
         results["scaling"][name] = row
 
-    # the CPU chunk size of the multi-tensor step (elements per chunk): general config, same process
+    # the chunk size of the multi-tensor step on this device (elements per chunk): general config, same process
     from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
 
     default_chunk = dict(AdaptiveHinaAdamW.chunk_elements)
+    default_size = default_chunk.get(device.type, AdaptiveHinaAdamW.default_chunk_elements)
     sizes = [1 << 16, 1 << 18, 1 << 20, 1 << 30] if args.quick else [1 << 15, 1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 22, 1 << 30]
+    sizes = sorted({*sizes, default_size})  # the device's default chunk is always measured
     sweep = {}
     adamw = torch.optim.AdamW([p for _, p in params], lr=1e-3, foreach=True)
     try:
         for size in sizes:
-            AdaptiveHinaAdamW.chunk_elements = {"cpu": size}
+            AdaptiveHinaAdamW.chunk_elements = {**default_chunk, device.type: size}
             ms = time_steps(AdaptiveHinaAdamW(params, **GENERAL), repeats=repeats)
             sweep[str(size)] = {"ms": ms, "ratio_vs_foreach": ms / time_steps(adamw, repeats=repeats)}
     finally:
         AdaptiveHinaAdamW.chunk_elements = default_chunk
-    results["chunk_sweep"] = {"default": default_chunk["cpu"], "general_ms": sweep}
+    results["chunk_sweep"] = {"default": default_size, "general_ms": sweep}
 
-    print(f"SD1.5 rank-16 LoRA shapes: {len(params)} tensors, {n_params / 1e6:.2f}M params")
+    on = f", on {results['gpu']}" if "gpu" in results else ""
+    print(f"SD1.5 rank-16 LoRA shapes: {len(params)} tensors, {n_params / 1e6:.2f}M params{on}")
     print("| optimizer | ms/step | x AdamW(foreach) | x AdamW(fused) | B/param r16 | r4 | LoKr |")
     print("|---|---|---|---|---|---|---|")
     for name, ms in results["step_ms"].items():
         b = results["bytes_per_param"][name]
         print(f"| {name} | {ms:.1f} | {results['ratio_vs_foreach'][name]:.2f} | {results['ratio_vs_fused'][name]:.2f} "
               f"| {b['lora_r16']:.3f} | {b['lora_r4']:.3f} | {b['lokr_f-1_d16']:.3f} |")
-    print("AdaptiveHinaAdamW(general) by CPU chunk size (elements): " + ", ".join(
+    print(f"AdaptiveHinaAdamW(general) by {device.type.upper()} chunk size (elements): " + ", ".join(
         f"{k}: {v['ms']:.1f} ms ({v['ratio_vs_foreach']:.2f}x)" for k, v in sweep.items()))
     print("per-tensor cost (us/tensor) by tensor count:")
     for name, row in results["scaling"].items():
         print(f"  {name}: " + ", ".join(f"{k}: {v:.1f}" for k, v in row.items()))
-    write_json("step.json" if not args.quick else "step_quick.json", results)
+    stem = "step" if device.type == "cpu" else f"step_{device.type}"
+    write_json(f"{stem}_quick.json" if args.quick else f"{stem}.json", results)
     return results
 
 

@@ -12,13 +12,14 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def make_params(shapes, seed=0, grad_scale=1e-3, dtype=torch.float32):
-    """[(name, Parameter)] with random values and gradients attached."""
+def make_params(shapes, seed=0, grad_scale=1e-3, dtype=torch.float32, device=None):
+    """[(name, Parameter)] with random values and gradients attached (drawn on the CPU, so the
+    values are the same on every ``device``)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for name, shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
-        p.grad = torch.randn(shape, generator=gen).mul_(grad_scale).to(dtype)
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32).mul_(0.02).to(device=device, dtype=dtype))
+        p.grad = torch.randn(shape, generator=gen).mul_(grad_scale).to(device=device, dtype=dtype)
         out.append((name, p))
     return out
 
@@ -27,16 +28,26 @@ def time_steps(opt, warmup=3, repeats=11, stat="min"):
     """Wall time of ``opt.step()`` in milliseconds (gradients stay attached).
 
     ``stat="min"`` (default): the minimum over ``repeats`` steps, because on a shared machine
-    other processes only ever add time; ``"median"`` is available too.
+    other processes only ever add time; ``"median"`` is available too. With CUDA parameters the
+    device is synchronised before each clock read, so a step's time includes its kernels.
     """
+    sync = _synchronizer(opt)
     for _ in range(warmup):
         opt.step()
     ts = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         opt.step()
+        sync()
         ts.append(time.perf_counter() - t0)
     return 1e3 * (min(ts) if stat == "min" else statistics.median(ts))
+
+
+def _synchronizer(opt):
+    """Waits for the optimizer's CUDA devices (a no-op for CPU parameters)."""
+    devices = {p.device for g in opt.param_groups for p in g["params"] if p.device.type == "cuda"}
+    return (lambda: [torch.cuda.synchronize(d) for d in devices]) if devices else (lambda: None)
 
 
 def tensor_bytes(value) -> int:
