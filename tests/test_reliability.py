@@ -192,6 +192,43 @@ def test_nonfinite_gradient_skips_that_tensor_and_keeps_its_state(name, bad):
     assert not torch.equal(a, before["a"]) and torch.isfinite(a).all() and torch.isfinite(v).all()
 
 
+AUTOMAGIC_VARIANTS = {
+    "early techniques on": dict(use_tam=True, use_grams=True, use_orthograd=True, warmup_steps=40),
+    "plain decay with the mask": dict(adaptive_weight_decay=False, warmup_steps=40),
+    "after warmup": dict(warmup_steps=2),
+}
+
+
+@pytest.mark.parametrize("variant", list(AUTOMAGIC_VARIANTS))
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("Automagic")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_automagic_skip_is_exact_on_every_path(name, variant, dtype):
+    """The Automagic family gates its element-sized fp32 state and the step instead of copying them:
+    each path (TAM, Grams, OrthoGrad, plain decay with the mask, momentum decay after warmup,
+    bf16 parameters) must still leave a skipped tensor bit-identical."""
+    torch.manual_seed(1)
+    ps = [torch.nn.Parameter((torch.randn(*s) * 0.1).to(dtype)) for s in ((8, 16), (16, 8), (16,))]
+    opt = _build(name, ps, **AUTOMAGIC_VARIANTS[variant])
+    for _ in range(5):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    before = [p.detach().clone() for p in ps]
+    states = [_snapshot(opt, p) for p in ps]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    ps[0].grad[1, 2] = float("nan")
+    ps[2].grad[0] = float("inf")
+    opt.step()
+    for i in (0, 2):
+        assert torch.equal(ps[i], before[i]), i
+        after = _snapshot(opt, ps[i])
+        for k, v in states[i].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(after[k], v), (i, k)
+    assert not torch.equal(ps[1], before[1])
+
+
 def test_nonfinite_skip_can_be_switched_off():
     a = torch.nn.Parameter(torch.randn(4, 4))
     opt = _build("AdaptiveHinaAdamW", [a], skip_nonfinite=False, use_adopt_stability=False)

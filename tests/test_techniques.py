@@ -278,3 +278,43 @@ def test_allora_row_scale():
     assert float(s[1]) == pytest.approx(1 / math.sqrt(1 + 4 * 4))
 
 
+
+
+# ------------------------------------------------------------------ non-finite gate and guard
+def test_nonfinite_gate_keeps_finite_updates_bit_exact_and_skipped_ones_unchanged():
+    from library.optimizers.techniques import ademamix, momentum_decay, nonfinite
+
+    torch.manual_seed(3)
+    ok = torch.tensor([True, False])
+    gate = nonfinite.Gate(ok)
+    m = torch.randn(2, 64)
+    x = torch.randn(2, 64)
+    for beta in (0.9, 0.123456789, 0.9995 ** 17):
+        for update in (momentum_decay.momentum_, ademamix.update_slow_):
+            plain = update(m[0].clone(), x[0], beta)  # a finite tensor: same bits as without the gate
+            assert torch.equal(update(m[0].clone(), x[0], beta, keep=gate.keep(beta, 0)), plain)
+            skipped = update(m[1].clone(), torch.zeros(64), beta, keep=gate.keep(beta, 1))
+            assert torch.equal(skipped, m[1])  # a skipped tensor (sanitised x = 0) keeps its momentum
+    assert float(gate.factor(0)) == 1.0 and float(gate.factor(1)) == 0.0
+    assert float(gate.keep(0.25, 1)) == 1.0 and float(gate.keep(0.25, 0)) == 0.25
+
+
+def test_nonfinite_guard_restores_every_dtype_bit_for_bit():
+    from library.optimizers.buffer_pool import BufferPool
+    from library.optimizers.techniques import nonfinite
+
+    params = [torch.randn(5), torch.randn(3).to(torch.bfloat16)]
+    states = [{"codes": torch.randint(-128, 127, (5,), dtype=torch.int8), "row": torch.randn(2), "step": 3},
+              {"codes": torch.randint(0, 255, (3,), dtype=torch.uint8), "mask": torch.rand(3).half()}]
+    before = [{k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)} for st in states]
+    guard = nonfinite.Guard(params, states, BufferPool(), gated=("mask",))
+    for st in states:  # the update scrambles everything, and replaces one tensor object
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                v.copy_(v.flip(0) + 1 if v.is_floating_point() else v.flip(0))
+    states[0]["row"] = torch.full((2,), 7.0)
+    changed_mask = states[1]["mask"].clone()
+    guard.restore(params, states, torch.tensor([False, True]))
+    assert torch.equal(states[0]["codes"], before[0]["codes"]) and torch.equal(states[0]["row"], before[0]["row"])
+    assert not torch.equal(states[1]["codes"], before[1]["codes"])  # finite: the update stays
+    assert torch.equal(states[1]["mask"], changed_mask)  # gated keys are never copied back

@@ -257,22 +257,31 @@ def test_bf16_epochs_checkpointing_and_lr_warmup(cache, tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in tensors.values())
 
 
-def test_sigterm_saves_lora_and_state_then_exits(cache, tmp_path):
-    import signal
+SIGNAL_RUN = ["--train_batch_size", "1", "--seed", "1", "--no_progress", "--output_name", "s",
+              "--caption_extension", ".txt", "--network_dim", "4", "--optimizer_type", "AdaptiveHinaAdamW"]
+
+
+def _stop_with_signal(cache, out_dir, signum):
+    """Start a long run, send ``signum`` once its first periodic save exists; (exit code, stderr)."""
     import time
 
     env = dict(os.environ, HINA_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_network.py"), "--max_train_steps", "100000",
-                             "--train_batch_size", "1", "--seed", "1", "--no_progress", "--output_dir", str(tmp_path),
-                             "--output_name", "s", "--caption_extension", ".txt", "--network_dim", "4",
-                             "--save_every_n_steps", "2", "--optimizer_type", "AdaptiveHinaAdamW"],
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_network.py"), *SIGNAL_RUN,
+                             "--output_dir", str(out_dir), "--max_train_steps", "100000", "--save_every_n_steps", "2"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "s-step00000002.safetensors").exists():
+    while time.time() < deadline and not (out_dir / "s-step00000002.safetensors").exists():
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM, as a shell reports it
+    return proc.returncode, err
+
+
+def test_sigterm_saves_lora_and_state_then_exits(cache, tmp_path):
+    import signal
+
+    code, err = _stop_with_signal(cache, tmp_path, signal.SIGTERM)
+    assert code == 143, err[-2000:]  # 128 + SIGTERM, as a shell reports it
     assert "SIGTERM" in err
     assert (tmp_path / "s-interrupted.safetensors").is_file()
     state = json.loads((tmp_path / "s-interrupted-state" / "train_state.json").read_text())
@@ -425,24 +434,13 @@ def test_resume_refuses_another_optimizer_and_a_kohya_state_folder(cache, tmp_pa
 
 def test_sigint_exits_130_and_a_finished_resume_removes_the_interrupted_files(cache, tmp_path):
     import signal
-    import time
 
-    common = ["--train_batch_size", "1", "--seed", "1", "--no_progress", "--output_dir", str(tmp_path),
-              "--output_name", "s", "--caption_extension", ".txt", "--network_dim", "4",
-              "--optimizer_type", "AdaptiveHinaAdamW"]
-    env = dict(os.environ, HINA_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_network.py"), *common,
-                             "--max_train_steps", "100000", "--save_every_n_steps", "2"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "s-step00000002.safetensors").exists():
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]  # 128 + SIGINT
+    code, err = _stop_with_signal(cache, tmp_path, signal.SIGINT)
+    assert code == 130, err[-2000:]  # 128 + SIGINT
     state = tmp_path / "s-interrupted-state"
     step = json.loads((state / "train_state.json").read_text())["global_step"]
     assert (tmp_path / "s-interrupted.safetensors").is_file()
-    assert train_network.main([*common, "--max_train_steps", str(step + 2), "--resume", str(state)]) == 0
+    assert train_network.main([*SIGNAL_RUN, "--output_dir", str(tmp_path), "--max_train_steps", str(step + 2),
+                               "--resume", str(state)]) == 0
     assert (tmp_path / "s.safetensors").is_file()
     assert not (tmp_path / "s-interrupted.safetensors").exists() and not state.exists()

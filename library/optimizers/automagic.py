@@ -204,6 +204,10 @@ def _mask_codec_range(lo: float, hi: float, start: float, bits: int = 8) -> tupl
     return lo, math.exp(math.log(lo) + levels * step)
 
 
+# element-sized fp32 state whose update the non-finite gate keeps exact (techniques/nonfinite.py)
+_GATED = ("exp_avg", "exp_avg_slow", "lr_mask")
+
+
 class Automagic_CameAMP(HinaOptimizer):
     """CAME + Automagic lr mask + AGR, TAM / momentum decay, Grams, OrthoGrad, ALLoRA, AdaDecay.
 
@@ -349,8 +353,9 @@ class Automagic_CameAMP(HinaOptimizer):
             return 0.0
         return lr_mask.rate(group["lr_mask_rate"], group["lr_bump"], group["base_lr"])
 
-    def _extra_decay(self, p, p32, st, group, t, lr):
-        """Additional decoupled decay (the refactored preset's rank-aware decay)."""
+    def _extra_decay(self, p, p32, st, group, t, lr, factor=None):
+        """Additional decoupled decay (the refactored preset's rank-aware decay); ``factor`` (a
+        0-dim tensor, 0 for a skipped tensor) multiplies it."""
 
     # ------------------------------------------------------------------- step
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
@@ -384,23 +389,25 @@ class Automagic_CameAMP(HinaOptimizer):
                 k, b = adaptive_wd.standardizers(torch.stack(l1s).float(), torch.stack(l2s).float(), numel,
                                                  group["adadecay_alpha"])
                 kbs = list(zip(k.unbind(0), b.unbind(0)))
-        for i, p in enumerate(params):
-            st = self.state[p]
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
             if "step" not in st:
                 self._init_state(p, st, group)
-            kb = None if kbs is None else kbs[i]
-            if not guard:
-                self._update(p, p.grad, st, group, mult, sums, kb)
-                continue
-            saved = nonfinite.snapshot(p, st, self._buffer_pool)
-            grad = nonfinite.sanitize(p.grad, oks[i], self._buffer_pool.get(p, 13))
-            self._update(p, grad, st, group, mult, sums, kb)
-            nonfinite.restore_(p, st, saved, oks[i])
+        saved = nonfinite.Guard(params, states, self._buffer_pool, gated=_GATED) if guard else None
+        gate = nonfinite.Gate(ok) if guard else None
+        for i, (p, st) in enumerate(zip(params, states)):
+            grad = nonfinite.sanitize(p.grad, oks[i], self._buffer_pool.get(p, 13)) if guard else p.grad
+            self._update(p, grad, st, group, mult, sums, None if kbs is None else kbs[i], gate and (gate, i))
+        if saved is not None:
+            saved.restore(params, states, ok)
         if sums:
             total = sum(p.numel() for p in params)
             context.observe_consistency(group["context"], torch.stack(sums).sum() / max(total, 1))
 
-    def _update(self, p, grad, st, group, mult, agree_sums, adadecay_kb=None) -> None:
+    def _update(self, p, grad, st, group, mult, agree_sums, adadecay_kb=None, gated=None) -> None:
+        """One tensor's step; ``gated = (Gate, index)`` when non-finite gradients are skipped
+        (``grad`` is then sanitised, and the gated writes below leave a skipped tensor as it was)."""
+        gate, gi = gated or (None, 0)
         pool = self._buffer_pool
         t = st["step"] + 1
         st["step"] = t
@@ -442,14 +449,14 @@ class Automagic_CameAMP(HinaOptimizer):
                 agree_sums.append(agree.sum())
         if group["use_tam"] and early and t > 1:
             d = tam.damping(st["tam_s"], tam.cosine(m, u), t - 1, group["tam_beta"])
-            tam.momentum_(m, u, d, b1)
+            tam.momentum_(m, u, d, b1, keep=gate and gate.keep(b1, gi))
         else:
             beta = b1 if early else momentum_decay.beta_at(b1, group["beta1_decay"], group["beta1_min"], t - 1 - warm // 2)
-            momentum_decay.momentum_(m, u, beta)
+            momentum_decay.momentum_(m, u, beta, keep=gate and gate.keep(beta, gi))
         mm = m
         if self._coptim:
             ms = quant8.load(st, "exp_avg_slow", out=pool.get(p, 7)) if eight else st["exp_avg_slow"]
-            ademamix.update_slow_(ms, u, group["slow_beta"])
+            ademamix.update_slow_(ms, u, group["slow_beta"], keep=gate and gate.keep(group["slow_beta"], gi))
             mm = ademamix.mix(m, ms, ademamix.alpha_at(group["slow_alpha"], t, warm), out=pool.get(p, 11))
             if eight:
                 quant8.store(st, "exp_avg_slow", ms, signed=True, seed=seed)
@@ -502,13 +509,20 @@ class Automagic_CameAMP(HinaOptimizer):
                 dec = mask if dec is None else dec.mul_(mask)
             if mult is not None:
                 dec = mult if dec is None else (dec.mul_(mult) if dec is not mask else torch.mul(mask, mult, out=pool.get(p, 4)))
+            if gate is not None and dec is not None:  # a skipped tensor does not decay
+                if dec.dim() == 0:
+                    dec = dec * gate.factor(gi)
+                else:  # the mask is state: multiply a copy (slot 4 is free here)
+                    dec = torch.mul(dec, gate.factor(gi), out=pool.get(p, 4)) if dec is mask else dec.mul_(gate.factor(gi))
             if dec is None:
-                p32.mul_(1.0 - coef)
+                p32.mul_(1.0 - coef if gate is None else gate.keep(1.0 - coef, gi))
             else:
                 p32.addcmul_(p32, dec, value=-coef)
-        self._extra_decay(p, p32, st, group, t, lr)
+        self._extra_decay(p, p32, st, group, t, lr, gate and gate.factor(gi))
 
-        # 8. the step
+        # 8. the step (a skipped tensor's direction is zeroed: s * 1 is exact for the others)
+        if gate is not None:
+            s.mul_(gate.factor(gi))
         if mult is not None:
             p32.addcmul_(s, mult, value=-lr)
         else:

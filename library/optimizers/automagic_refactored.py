@@ -444,7 +444,7 @@ class RefactoredAutomagicCameAMP(Automagic_CameAMP):
         tail = R.apply_tail(self._tail_op(p, st, t), u)
         return u.mul_(e).sub_(tail, alpha=e - 1.0)
 
-    def _extra_decay(self, p, p32, st, group, t, lr):
+    def _extra_decay(self, p, p32, st, group, t, lr, factor=None):
         tail = self._tail_now.pop(p, None)
         boost = self.config.rank_decay_boost * self.regularization_scale(t)
         wd = group["weight_decay"]
@@ -452,7 +452,7 @@ class RefactoredAutomagicCameAMP(Automagic_CameAMP):
             return
         if tail is None:
             tail = R.apply_tail(self._tail_op(p, st, t), p.detach().float())
-        p32.sub_(tail, alpha=lr * wd * boost)
+        p32.sub_(tail if factor is None else tail * factor, alpha=lr * wd * boost)
 
     # ------------------------------------------------------------ state dict
     def _after_load(self) -> None:

@@ -24,8 +24,9 @@ def alpha_at(alpha: float, t: int, warmup: int) -> float:
     return alpha * min(1.0, t / warmup)
 
 
-def update_slow_(m2: torch.Tensor, x: torch.Tensor, beta: float) -> torch.Tensor:
-    return m2.mul_(beta).add_(x, alpha=1.0 - beta)
+def update_slow_(m2: torch.Tensor, x: torch.Tensor, beta: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``m2 <- beta m2 + (1 - beta) x`` (``keep``: as in momentum_decay.momentum_)."""
+    return m2.mul_(beta if keep is None else keep).add_(x, alpha=1.0 - beta)
 
 
 def mix(m1: torch.Tensor, m2: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:

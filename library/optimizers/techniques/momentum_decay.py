@@ -24,5 +24,7 @@ def beta_at(beta0: float, decay: float, floor: float, k: int) -> float:
     return max(beta0 * decay ** max(k, 0), min(floor, beta0))
 
 
-def momentum_(m: torch.Tensor, x: torch.Tensor, beta: float) -> torch.Tensor:
-    return m.mul_(beta).add_(x, alpha=1.0 - beta)
+def momentum_(m: torch.Tensor, x: torch.Tensor, beta: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``m <- beta m + (1 - beta) x``; ``keep`` (a 0-dim tensor: beta, or 1 for a skipped tensor
+    whose x is 0, see techniques/nonfinite.py) replaces the first beta."""
+    return m.mul_(beta if keep is None else keep).add_(x, alpha=1.0 - beta)

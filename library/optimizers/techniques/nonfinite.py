@@ -2,17 +2,33 @@
 
     ok_i = isfinite(||g_i||)                       (one flag per tensor, on the device)
     g_i' = ok_i * nan_to_num(g_i)                  (what the update reads: finite everywhere)
-    x_i  <- where(ok_i, x_i(after the update), x_i(before))   for the parameter and every state tensor
 
 The sanitised gradient keeps group-wide quantities (norm sums, standardisers, agreement counts)
-finite, so one bad tensor cannot change the others' step; the guard puts the bad tensor and its
-state back bit for bit. For an update written one tensor at a time (the Automagic family); the
-multi-tensor AdaptiveHinaAdamW folds the same flags into its betas and step sizes instead.
-A tensor's step counter (a Python int) still advances, as it does in AdaptiveHinaAdamW.
+finite, so one bad tensor cannot change the others' step. A skipped tensor must then come out
+bit-identical, in two ways chosen by cost:
+
+- element-sized fp32 state and the parameter are *gated* (:class:`Gate`): momenta decay by
+  ``keep = ok ? beta : 1``, the step and the decay are multiplied by ``ok`` (x * 1.0 is exact,
+  so a finite tensor's update keeps its bits); an lr mask does not move since the sign
+  agreement of a zero gradient is 0;
+- everything else (factored statistics, 0-dim scalars, 8-bit codes re-stored with stochastic
+  rounding, a preset's own state) is copied before the update and put back after it
+  (:class:`Guard`).
+
+Used by the per-tensor Automagic family; the multi-tensor AdaptiveHinaAdamW folds the same flags
+into its betas and step sizes. A tensor's step counter (a Python int) still advances, as it
+does in AdaptiveHinaAdamW.
+
+The restore works on bit patterns (each tensor viewed as the integer type of its width):
+``x += (old - x) * (1 - ok)`` in wrap-around integer arithmetic gives back exactly the old bits
+where ``ok`` is 0 and leaves ``x`` untouched where it is 1, for every dtype (fp32, bf16, the
+8-bit codes), with a few multi-tensor calls for the whole group.
 """
 from __future__ import annotations
 
 import torch
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def flags(norms) -> torch.Tensor:
@@ -29,24 +45,77 @@ def finite_norms(norms, ok: torch.Tensor) -> list[torch.Tensor]:
 def sanitize(grad: torch.Tensor, ok: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``ok * nan_to_num(grad)`` into the fp32 buffer ``out`` (equal to ``grad`` where finite)."""
     if grad.dtype == out.dtype:
-        torch.nan_to_num(grad, 0.0, 0.0, 0.0, out=out)
-    else:  # a bf16 / fp16 gradient: widen first
-        torch.nan_to_num_(out.copy_(grad), 0.0, 0.0, 0.0)
+        return torch.where(ok, grad, torch.zeros((), dtype=out.dtype, device=out.device), out=out)
+    torch.nan_to_num_(out.copy_(grad), 0.0, 0.0, 0.0)  # a bf16 / fp16 gradient: widen first
     return out.mul_(ok)
 
 
-def snapshot(p: torch.Tensor, st: dict, pool) -> list[tuple[str | None, torch.Tensor]]:
-    """Copies of the parameter (key None) and of every tensor in its state, in pooled buffers."""
-    saved = [(None, pool.get(p, ("nonfinite", None), p.dtype).copy_(p))]
-    for key, value in st.items():
-        if isinstance(value, torch.Tensor):
-            saved.append((key, pool.get(value, ("nonfinite", key), value.dtype).copy_(value)))
-    return saved
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_BITS[t.element_size()])
 
 
-def restore_(p: torch.Tensor, st: dict, saved, ok: torch.Tensor) -> None:
-    """Where ``ok`` is False, put back what :func:`snapshot` copied (bit for bit)."""
-    for key, old in saved:
-        now = p if key is None else st.get(key)
-        if isinstance(now, torch.Tensor) and now.shape == old.shape:
-            torch.where(ok, now, old, out=now)
+class Gate:
+    """Per-tensor 0-dim factors, on the device, that make a skipped tensor's in-place updates identities."""
+
+    def __init__(self, ok: torch.Tensor):
+        self.ok = ok
+        self._ones = ok.float().unbind(0)  # 1 where finite, 0 where not
+        self._keeps: dict = {}
+
+    def factor(self, i: int) -> torch.Tensor:
+        """1 for a finite tensor, 0 for a skipped one: multiplies its step and its decay."""
+        return self._ones[i]
+
+    def keep(self, value: float, i: int) -> torch.Tensor:
+        """``value`` (as fp32, exactly what a Python scalar becomes) for a finite tensor, 1 for a
+        skipped one: the factor of an EMA's old value, or of ``p`` in ``p <- p * (1 - lr wd)``."""
+        vec = self._keeps.get(value)
+        if vec is None:
+            one = torch.ones((), dtype=torch.float32, device=self.ok.device)
+            vec = self._keeps[value] = torch.where(self.ok, torch.full_like(one, value), one).unbind(0)
+        return vec[i]
+
+
+class Guard:
+    """Copies of a group's state tensors (all but the ``gated`` keys; the parameters only with
+    ``params_too``), taken before the update, and the restore of those whose gradient was not
+    finite (:meth:`restore`)."""
+
+    def __init__(self, params, states, pool, gated=(), params_too: bool = False):
+        self.entries = [(i, None) for i in range(len(params))] if params_too else []
+        self.entries += [(i, k) for i, st in enumerate(states) for k, v in st.items()
+                         if isinstance(v, torch.Tensor) and k not in gated]
+        self._copies = {}
+        for (dtype, _), idx in self._by_width(params, states).items():
+            now = [_bits(self._tensor(params, states, self.entries[j])) for j in idx]
+            copies = pool.views(now, ("nonfinite", dtype), dtype)
+            torch._foreach_copy_(copies, now)
+            self._copies[idx[0]] = (dtype, idx, copies)
+
+    @staticmethod
+    def _tensor(params, states, entry):
+        i, key = entry
+        return params[i] if key is None else states[i].get(key)
+
+    def _by_width(self, params, states) -> dict:
+        """Entry indices by (integer type of the same width, device): one arena each."""
+        groups: dict = {}
+        for j, entry in enumerate(self.entries):
+            t = self._tensor(params, states, entry)
+            groups.setdefault((_BITS[t.element_size()], t.device), []).append(j)
+        return groups
+
+    def restore(self, params, states, ok: torch.Tensor) -> None:
+        """Where ``ok[i]`` is False, put back parameter i and its state exactly as they were."""
+        for dtype, idx, copies in self._copies.values():
+            pairs = [(j, self._tensor(params, states, self.entries[j])) for j in idx]
+            keep = [(j, c, now) for (j, now), c in zip(pairs, copies)
+                    if isinstance(now, torch.Tensor) and now.shape == c.shape and now.element_size() == c.element_size()]
+            if not keep:
+                continue
+            bad = (~ok).to(dtype).unbind(0)
+            nows = [_bits(now) for _, _, now in keep]
+            diffs = [c for _, c, _ in keep]
+            torch._foreach_sub_(diffs, nows)  # the copies become old - now (wrapping)
+            torch._foreach_mul_(diffs, [bad[self.entries[j][0]] for j, _, _ in keep])
+            torch._foreach_add_(nows, diffs)

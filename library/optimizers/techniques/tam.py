@@ -53,6 +53,7 @@ def damping(s: torch.Tensor, cos: torch.Tensor, count: int, gamma: float) -> tor
     return damping_list([s], cos.reshape(1), count, gamma)[0]
 
 
-def momentum_(m: torch.Tensor, x: torch.Tensor, d: torch.Tensor, beta1: float) -> None:
-    """m <- b1 m + (1 - b1) d x, with ``d`` a 0-dim tensor."""
-    momentum_list_([m], [x], d.reshape(1), beta1)
+def momentum_(m: torch.Tensor, x: torch.Tensor, d: torch.Tensor, beta1: float, keep: torch.Tensor | None = None) -> None:
+    """m <- b1 m + (1 - b1) d x, with ``d`` a 0-dim tensor (``keep``: a 0-dim tensor replacing the
+    first b1, as in momentum_decay.momentum_)."""
+    momentum_list_([m], [x], d.reshape(1), beta1, None if keep is None else [keep])
