@@ -1,0 +1,91 @@
+"""Probe one optimizer configuration on the quality benchmark's tasks, without the full protocol.
+
+    python -m benchmarks.probe_quality AdaptiveHinaAdamW --lr 1e-3 --set lr_mask_ceiling=100 \
+        [--tasks lora_teacher digits] [--seeds 1 2 3] [--jobs 2] [--quick]
+
+Runs the configuration exactly as ``bench_quality`` runs an untuned contender (same tasks, seeds,
+cosine schedule with 5% warmup, warmup/transition lengths scaled to the run) and prints, per
+task, the final held-out loss (mean ± sample std over the seeds) and the no-tune score against
+the start loss and tuned AdamW of ``benchmarks/results/quality.json`` (``quality_quick.json``
+with ``--quick``). A development tool for choosing defaults: a default changes only after the
+full ``make bench-quality`` run confirms it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+
+from benchmarks.quality.contenders import Contender, resolve_run
+from benchmarks.quality.protocol import TaskFactory
+from benchmarks.quality.runner import init_process, run_in_process
+from benchmarks.quality.tasks import TASK_ORDER
+from library.optimizers.registry import parse_optimizer_args
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def reference(quick: bool) -> dict:
+    """{task: (start loss, tuned AdamW loss, steps)} from the last full (or quick) run."""
+    path = os.path.join(RESULTS, "quality_quick.json" if quick else "quality.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    out = {}
+    for name, task in data.get("tasks", {}).items():
+        summary = task.get("summary", {})
+        if summary.get("start_loss") is not None and summary.get("reference_final") is not None:
+            out[name] = (summary["start_loss"], summary["reference_final"], task.get("steps"))
+    return out
+
+
+def score(start: float, loss: float, best: float) -> float:
+    return (start - loss) / (start - best)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("optimizer_type")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an optimizer argument, as --optimizer_args reads it (repeatable)")
+    ap.add_argument("--tasks", nargs="*", choices=TASK_ORDER, default=list(TASK_ORDER))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="the --quick task sizes")
+    args = ap.parse_args(argv)
+
+    kwargs = parse_optimizer_args(args.set) if args.set else {}
+    contender = Contender("probe", args.optimizer_type, args.lr, kwargs, "probe")
+    factory = TaskFactory(args.quick, {})
+    ref = reference(args.quick)
+    items = []
+    for task in args.tasks:
+        steps = factory(task).steps
+        items += [(f"{task}/{seed}", resolve_run(contender, task, steps, args.lr, seed)) for seed in args.seeds]
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=init_process,
+                             initargs=(factory, 1)) as pool:
+        results = dict(pool.map(run_in_process, items))
+    print(f"{args.optimizer_type} lr={args.lr} {kwargs}")
+    for task in args.tasks:
+        finals = [results[f"{task}/{s}"]["final"] for s in args.seeds]
+        if not all(math.isfinite(f) for f in finals):
+            print(f"  {task:14s} diverged on {sum(not math.isfinite(f) for f in finals)} of {len(finals)} seeds", flush=True)
+            continue
+        mean = statistics.fmean(finals)
+        std = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        line = f"  {task:14s} {mean:.6g} ± {std:.2g}"
+        if task in ref and math.isfinite(mean):
+            start, best, _ = ref[task]
+            line += f"   no-tune {score(start, mean, best):.3f}  (start {start:.4g}, tuned AdamW {best:.4g})"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
