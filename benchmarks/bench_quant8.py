@@ -276,7 +276,7 @@ def adamw_tracking(steps: int = 150, seeds=(1, 2, 3, 4, 5)) -> dict:
     from tests.helpers import quadratic_params, run_quadratic
 
     off = dict(use_spd=False, use_cautious=False, use_orthogonal_grad=False, use_adopt_stability=False,
-               use_grams=False, use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False,
+               use_grams=False, use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False,
                dynamic_weight_decay=False)
     shipped = q.quantize_float8, q.dequantize_float8
     out = {}

@@ -38,12 +38,12 @@ def builders():
         "AdaptiveHinaAdamW(general)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL),
         "AdaptiveHinaAdamW(all off)": lambda ps: AdaptiveHinaAdamW(
             ps, lr=1e-3, use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False,
-            use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False,
+            use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False,
             dynamic_weight_decay=False),
         "AdaptiveHinaAdamW(general, 8bit)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL, optim_bits=8),
         "AdaptiveHinaAdamW(all off, 8bit)": lambda ps: AdaptiveHinaAdamW(
             ps, lr=1e-3, use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False,
-            use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False,
+            use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False,
             dynamic_weight_decay=False, optim_bits=8),
         "HinaAdamWOptimizer": lambda ps: HinaAdamWOptimizer(ps, lr=1e-3),
         "HinaAdamWOptimizer(8bit)": lambda ps: HinaAdamWOptimizer(ps, lr=1e-3, optim_bits=8),

@@ -37,7 +37,7 @@ import torch
 NO_GPU = "no CUDA GPU here (torch.cuda.is_available() is False): nothing checked"
 HINA = ["AdaptiveHinaAdamW", "HinaAdamWOptimizer"]
 ALL_OFF = dict(use_spd=False, use_cautious=False, use_orthogonal_grad=False, use_adopt_stability=False,
-               use_grams=False, use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False,
+               use_grams=False, use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False,
                dynamic_weight_decay=False)
 # small LoRA-like tensors: linear and conv pairs, a bias; several 8-bit blocks each
 SHAPES = [("lora_unet_a.lora_down.weight", (16, 320)), ("lora_unet_a.lora_up.weight", (320, 16)),
@@ -242,6 +242,7 @@ def sub_ulp_run(device, name, dtype, sr):
     """20 steps of Adam direction 1 at lr 1e-3 from 1.0: below half a bf16 ulp (2^-8) per step."""
     p = torch.nn.Parameter(torch.ones(4096, dtype=dtype, device=device))
     extra = dict(use_lr_mask=False, use_dynamic_adaptation=False) if name == "AdaptiveHinaAdamW" else {}
+    extra["use_hypergrad"] = False
     opt = build(name, [p], stochastic_rounding=sr, weight_decay=0.0, use_adopt_stability=False, use_spd=False,
                 use_grams=False, use_cautious=False, use_agr=False, use_tam=False, **extra)
     for _ in range(20):

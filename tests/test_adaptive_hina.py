@@ -1,5 +1,6 @@
 """AdaptiveHinaAdamW: equivalences, each feature's effect, pairing, seed configs, diagnostics."""
 import copy
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from tests.helpers import quadratic_params, run_quadratic
 
 ALL_OFF = dict(
     use_spd=False, use_cautious=False, use_orthogonal_grad=False, use_adopt_stability=False, use_grams=False,
-    use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, dynamic_weight_decay=False,
+    use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False, dynamic_weight_decay=False,
 )
 
 
@@ -28,6 +29,67 @@ def test_all_features_off_is_adamw():
     run_quadratic(ref, b, 200)
     for x, y in zip(a, b):
         assert torch.allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_hypergrad_scale_follows_the_cosine_of_gradient_and_previous_momentum():
+    """Adam with only the hypergradient scale: h_t = clamp(h_{t-1} exp(rate cos(m_{t-1}, g_t))),
+    and each step is Adam's step times h_t (checked against a hand-written Adam)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 4))
+    ref = p.detach().clone()
+    rate, lr, b1, b2, eps = 0.5, 1e-2, 0.9, 0.999, 1e-8
+    opt = AdaptiveHinaAdamW([p], lr=lr, weight_decay=0.0, **{**ALL_OFF, "use_hypergrad": True, "hypergrad_rate": rate})
+    m, v, h = torch.zeros(5, 4), torch.zeros(5, 4), 1.0
+    drift = torch.randn(5, 4)
+    for t in range(1, 31):
+        g = drift + (0.3 if t < 15 else 3.0) * torch.randn(5, 4) * (-1) ** t  # agreement, then noise
+        p.grad = g.clone()
+        opt.step()
+        if t > 1:
+            c = float(torch.dot(m.flatten(), g.flatten()) / (m.norm() * g.norm()))
+            h = min(max(h * math.exp(rate * c), 0.1), 100.0)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        ref -= lr * h * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        assert float(opt.state[p]["lr_scale"]) == pytest.approx(h, rel=1e-4), t
+    assert torch.allclose(p.detach(), ref, rtol=1e-4, atol=1e-5)
+    assert h > 1.5  # it did grow while the gradients agreed
+
+
+def test_hypergrad_scale_and_mask_stay_within_max_lr():
+    """max_lr bounds the product scale x mask (not each factor alone)."""
+    p = torch.nn.Parameter(torch.zeros(16))
+    plain = torch.nn.Parameter(torch.zeros(16))
+    off = {**ALL_OFF, "use_lr_mask": True, "use_hypergrad": True}
+    opt = AdaptiveHinaAdamW([p], lr=1e-3, max_lr=4e-3, weight_decay=0.0, warmup_steps=1000, lr_mask_rate=0.2, **off)
+    ref = AdaptiveHinaAdamW([plain], lr=1.0, weight_decay=0.0, **ALL_OFF)
+    for _ in range(60):  # a constant gradient: every cosine is 1, every element agrees
+        before, ref_before = p.detach().clone(), plain.detach().clone()
+        p.grad, plain.grad = torch.ones(16), torch.ones(16)
+        opt.step()
+        ref.step()
+        moved, unit = (p.detach() - before).abs(), (plain.detach() - ref_before).abs()
+        assert torch.all(moved <= 4e-3 * unit * 1.001)
+    assert float(moved.max() / unit.max()) > 3.9e-3  # it did reach max_lr
+
+
+def test_a_state_saved_before_the_hypergrad_scale_resumes_without_it():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = AdaptiveHinaAdamW([p], lr=1e-3)
+    p.grad = torch.ones(4)
+    opt.step()
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["use_hypergrad"]  # as written before the option existed
+    for st in sd["state"].values():
+        del st["lr_scale"]
+    again = AdaptiveHinaAdamW([p], lr=1e-3)
+    again.load_state_dict(sd)
+    assert again.param_groups[0]["use_hypergrad"] is False
+    again.step()
+    assert "lr_scale" not in again.state[p]
+    fresh = AdaptiveHinaAdamW([torch.nn.Parameter(torch.ones(4))], lr=1e-3)
+    assert fresh.param_groups[0]["use_hypergrad"] is True  # new optimizers get the default
 
 
 def test_adopt_matches_official_implementation():

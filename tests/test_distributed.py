@@ -40,7 +40,7 @@ DIFFER_REL = 5e-4  # a reduction over half a tensor moves the result by more (me
 #: AdaptiveHinaAdamW with every extra feature off (tests/test_adaptive_hina.py: == torch AdamW)
 ADAMW_EQUIVALENT = dict(
     use_spd=False, use_cautious=False, use_orthogonal_grad=False, use_adopt_stability=False, use_grams=False,
-    use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, dynamic_weight_decay=False,
+    use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False, dynamic_weight_decay=False,
     skip_nonfinite=False,
 )
 #: Automagic_CameAMP with every optional feature off: what is left is CAME (factored statistics)

@@ -162,7 +162,8 @@ def test_a_schedulers_lr_reaches_every_optimizer(info):
 @pytest.mark.parametrize("name", ["AdaptiveHinaAdamW", "Automagic_CameAMP", "Automagic_CameAMP8bit"])
 def test_a_group_with_a_lower_lr_never_steps_above_its_lr_times_the_mask_ceiling(name):
     """A text-encoder-style group at a much lower lr: however long its gradients agree, its
-    per-element lr stays within lr_mask_ceiling x its scheduled lr (it used to climb to max_lr)."""
+    per-element lr stays within lr_mask_ceiling (x hypergrad_ceiling where the hypergradient scale
+    is on) x its scheduled lr (it used to climb to max_lr)."""
     info = lookup(name)
     unet, te = torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8, 8))
     off = ({"use_agr": False, "use_tam": False, "use_grams": False, "use_cautious": False, "use_spd": False,
@@ -172,10 +173,11 @@ def test_a_group_with_a_lower_lr_never_steps_above_its_lr_times_the_mask_ceiling
             "eta": None})
     opt = info.load()([{"params": [unet], "lr": 1e-3}, {"params": [te], "lr": 1e-28}], lr=1e-3, min_lr=1e-7,
                       max_lr=1e-2, warmup_steps=1000, **off)
-    ceiling = opt.defaults["lr_mask_ceiling"]
+    ceiling = opt.defaults["lr_mask_ceiling"] * opt.defaults.get("hypergrad_ceiling", 1.0)  # the documented bound
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s / 10))
     plain = torch.nn.Parameter(torch.zeros(8, 8))  # the same update without a mask, lr 1
-    ref = info.load()([plain], lr=1.0, use_lr_mask=False, warmup_steps=1000, **off)
+    no_scale = {"use_hypergrad": False} if "hypergrad_ceiling" in opt.defaults else {}
+    ref = info.load()([plain], lr=1.0, use_lr_mask=False, warmup_steps=1000, **off, **no_scale)
     for step in range(60):  # a constant gradient: every element agrees at every step
         lr_now = opt.param_groups[1]["lr"]
         before, ref_before = te.detach().clone(), plain.detach().clone()

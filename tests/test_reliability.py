@@ -250,6 +250,7 @@ def test_bf16_parameters_stochastic_rounding_tracks_fp32(name):
     def run(sr):
         p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
         extra = dict(use_lr_mask=False, use_dynamic_adaptation=False) if name == "AdaptiveHinaAdamW" else {}
+        extra["use_hypergrad"] = False
         opt = _build(name, [p], stochastic_rounding=sr, weight_decay=0.0, use_adopt_stability=False,
                      use_spd=False, use_grams=False, use_cautious=False, use_agr=False, use_tam=False, **extra)
         for _ in range(20):

@@ -9,7 +9,7 @@ from library.optimizers.hina_adamw import HinaAdamWOptimizer
 from tests.helpers import forbid_host_sync, quadratic_params, run_quadratic, save_load
 
 ALL_OFF = dict(use_spd=False, use_cautious=False, use_orthogonal_grad=False, use_adopt_stability=False, use_grams=False,
-               use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, dynamic_weight_decay=False)
+               use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False, dynamic_weight_decay=False)
 
 
 @pytest.mark.parametrize("shapes", [lora_shapes(16), lora_shapes(4), lokr_shapes(16)], ids=["lora_r16", "lora_r4", "lokr_small"])

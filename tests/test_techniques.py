@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from library.optimizers.techniques import adopt, allora, lr_mask, tam
+from library.optimizers.techniques import adopt, allora, hypergrad, lr_mask, tam
 from library.optimizers.techniques import spd as spd_t
 from library.optimizers.techniques.agr import agr
 from library.optimizers.techniques.cautious import cautious_
@@ -208,6 +208,29 @@ def test_dynamic_weight_decay_floor_is_reachable():
 
 
 # ---------------------------------------------------------------- lr mask
+def test_hypergrad_scale_is_the_multiplicative_rule_with_clamp_and_skip():
+    """h <- clamp(h * exp(rate * c), lo, hi), per tensor, left alone where ok is False."""
+    torch.manual_seed(0)
+    cos_seq = torch.rand(40, 3) * 2 - 1
+    cos_seq[:15] = 0.9  # long agreement: reaches the ceiling
+    cos_seq[15:25] = -0.8  # overshoot: falls
+    ok = torch.tensor([True, True, False])
+    scales = [torch.ones(()) for _ in range(3)]
+    rate, lo, hi = 0.5, 0.1, 100.0
+    for c in cos_seq:
+        hypergrad.scale_list_(scales, c, rate, lo, hi, ok)
+    for i in range(2):
+        h = 1.0
+        for c in cos_seq[:, i].tolist():
+            h = min(max(h * math.exp(rate * c), lo), hi)
+        assert float(scales[i]) == pytest.approx(h, rel=1e-5)
+    assert float(scales[2]) == 1.0  # a skipped tensor keeps its scale
+    hit = [torch.ones(())]
+    for _ in range(30):
+        hypergrad.scale_list_(hit, torch.ones(1), rate, lo, hi)
+    assert float(hit[0]) == pytest.approx(hi)
+
+
 def test_lr_mask_agreement_is_the_sign_of_gradient_times_previous_momentum():
     g = torch.tensor([1.0, -2.0, 3.0, 0.5])
     m = torch.tensor([0.5, 1.0, 0.0, 0.25])

@@ -48,6 +48,7 @@ TECHNIQUES: dict[str, tuple[Technique, ...]] = {
         _flag("Grams", "use_grams"),
         _flag("Cautious", "use_cautious"),
         _flag("lr mask", "use_lr_mask"),
+        _flag("hypergradient lr scale", "use_hypergrad"),
         _flag("SPD", "use_spd"),
         _flag("dynamic weight decay", "dynamic_weight_decay"),
         _flag("importance adaptation", "use_dynamic_adaptation"),

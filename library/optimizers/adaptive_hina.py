@@ -21,7 +21,7 @@ from . import quant8
 from .buffer_pool import _aligned_offsets
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
-from .techniques import adam, adopt, allora, tam
+from .techniques import adam, adopt, allora, hypergrad, tam
 from .techniques import agr as agr_t
 from .techniques import spd as spd_t
 from .techniques.cautious import cautious_list_
@@ -77,6 +77,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     See docs/optimizers.md for every argument; defaults follow seed 000's example.
     """
 
+    _options_absent_from_older_states = {"use_hypergrad": False}  # added after the first release
     _shaped_state_keys = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor", "exp_avg_f8", "exp_avg_sq_root_f8",
                           "lr_mask_f8", "exp_avg_q8", "exp_avg_sq_root_q8", "lr_mask_lq")
 
@@ -110,6 +111,10 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         max_lr: float | None = None,
         warmup_steps: int = 500,
         lr_mask_post_warmup_ratio: float = 0.1,
+        use_hypergrad: bool = True,
+        hypergrad_rate: float = 0.5,
+        hypergrad_floor: float = 0.1,
+        hypergrad_ceiling: float = 100.0,
         dynamic_weight_decay: bool = True,
         wd_transition_steps: int = 1000,
         wd_decay_factor: float = 0.7,
@@ -160,6 +165,10 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             max_lr=max_lr,
             warmup_steps=check_int("warmup_steps", warmup_steps, lo=0),
             lr_mask_post_warmup_ratio=check_real("lr_mask_post_warmup_ratio", lr_mask_post_warmup_ratio, lo=0.0, hi=1.0),
+            use_hypergrad=check_bool("use_hypergrad", use_hypergrad),
+            hypergrad_rate=check_real("hypergrad_rate", hypergrad_rate, lo=0.0, hi=2.0),
+            hypergrad_floor=check_real("hypergrad_floor", hypergrad_floor, lo=0.0, lo_open=True, hi=1.0),
+            hypergrad_ceiling=check_real("hypergrad_ceiling", hypergrad_ceiling, lo=1.0, hi=1e4),
             dynamic_weight_decay=check_bool("dynamic_weight_decay", dynamic_weight_decay),
             wd_transition_steps=check_int("wd_transition_steps", wd_transition_steps, lo=1),
             wd_decay_factor=check_real("wd_decay_factor", wd_decay_factor, lo=0.0, hi=1.0),
@@ -270,6 +279,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 st["lr_mask"] = torch.ones_like(p, dtype=dt, memory_format=torch.preserve_format)
         if group["use_tam"]:
             st["tam_s"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if group["use_hypergrad"]:
+            st["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
         if group["use_dynamic_adaptation"]:
             st["importance"] = torch.ones((), dtype=torch.float32, device=p.device)
             st["lr_factor"] = torch.ones((), dtype=torch.float32, device=p.device)
@@ -282,6 +293,21 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         """Bounds of the lr-mask scale (techniques/lr_mask.py): [floor, ceiling], tightened by
         the absolute min_lr / max_lr at the group's lr, always containing 1."""
         return lr_mask.group_bounds(group)
+
+    @classmethod
+    def _hypergrad_range(cls, group) -> tuple[float, float]:
+        """Bounds of the hypergradient lr scale (techniques/hypergrad.py): [floor, ceiling],
+        tightened so that scale x lr-mask bound stays within the absolute min_lr / max_lr where
+        they are set (the product, not each factor, is what they bound); always containing 1."""
+        lo, hi = group["hypergrad_floor"], group["hypergrad_ceiling"]
+        base = group["base_lr"]
+        if base > 0:
+            m_lo, m_hi = cls._mask_range(group) if group["use_lr_mask"] else (1.0, 1.0)
+            if group["min_lr"] is not None:
+                lo = max(lo, group["min_lr"] / (base * m_lo))
+            if group["max_lr"] is not None:
+                hi = min(hi, group["max_lr"] / (base * m_hi))
+        return min(lo, 1.0), max(hi, 1.0)
 
     @staticmethod
     def _mask_rate(group, t: int) -> float:
@@ -311,7 +337,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         for p in params:
             st = self.state[p]
             sig = (st["step"], p.dtype, p.device, "exp_avg_f8" in st, "lr_mask" in st, "lr_mask_f8" in st,
-                   "anchor" in st)
+                   "anchor" in st, "lr_scale" in st)
             n = p.numel()
             if cur and (sig != sig0 or size + n > budget):
                 out.append(cur)
@@ -331,6 +357,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             if "step" not in st:
                 self._init_state(p, st, group)
                 new = True
+            elif group["use_hypergrad"] and "lr_scale" not in st:  # switched on after a load
+                st["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
         if group["optim_bits"] == 8 and (new or id(group) not in self._packed):
             self._pack_q8(group["params"])
             self._packed.add(id(group))
@@ -435,8 +463,13 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         else:
             inputs = xs
             n_cos = k
+        use_hg = group["use_hypergrad"] and group["hypergrad_rate"] > 0 and n_cos >= 1
+        cos = tam.cosines(ms, inputs) if n_cos >= 1 and (group["use_tam"] or use_hg) else None
+        if use_hg:  # cos(m_{t-1}, x_t): the tensor's lr grows while its gradient keeps the last direction
+            hypergrad.scale_list_([st["lr_scale"] for st in sts], cos, group["hypergrad_rate"],
+                                  *self._hypergrad_range(group), ok)
         if group["use_tam"] and n_cos >= 1:
-            d = tam.damping_list([st["tam_s"] for st in sts], tam.cosines(ms, inputs), n_cos, group["tam_beta"], ok)
+            d = tam.damping_list([st["tam_s"] for st in sts], cos, n_cos, group["tam_beta"], ok)
             tam.momentum_list_(ms, inputs, d, beta1, keep1)
         elif ok is None:
             torch._foreach_lerp_(ms, inputs, 1.0 - beta1)
@@ -548,8 +581,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             self._collect_features(ps, ms, (us, step_coef), feats)
 
     def _factors(self, ps, sts):
-        """Per-tensor lr factors (importance x subclass scale) as 0-dim tensors, or None."""
+        """Per-tensor lr factors (importance x hypergradient scale x subclass scale) as 0-dim
+        tensors, or None."""
         out = [st.get("lr_factor") for st in sts]
+        if "lr_scale" in sts[0]:
+            out = [h if f is None else f * h for f, h in zip(out, (st["lr_scale"] for st in sts))]
         if self._has_extra_scale:
             for i, p in enumerate(ps):
                 e = self._extra_scale(p)
@@ -764,6 +800,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             "tam": d["use_tam"],
             "dynamic_adaptation": d["use_dynamic_adaptation"],
             "lr_mask": d["use_lr_mask"],
+            "hypergrad": d["use_hypergrad"],
             "dynamic_weight_decay": d["dynamic_weight_decay"],
             "allora": d["allora_eta"] is not None,
             "lora_plus_ratio": d["lora_plus_ratio"],

@@ -98,6 +98,10 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     #: state keys whose tensors must have the parameter's shape (checked on load)
     _shaped_state_keys: tuple[str, ...] = ()
+    #: techniques added after states were saved, with the value that reproduces the older code:
+    #: a saved group without the option resumes with it (a run continues as it was trained),
+    #: while new optimizers get the current default
+    _options_absent_from_older_states: dict = {}
 
     def __init__(self, params, defaults: dict, *, param_names=None):
         self._nonfinite_skips: dict = {}  # device -> count of (tensor, step) updates skipped, on device
@@ -261,7 +265,9 @@ class HinaOptimizer(torch.optim.Optimizer):
             for k in ("param_names", "named"):
                 if k in g and k not in ng:
                     ng[k] = g[k]
-            for k, v in self.defaults.items():  # options added after the state was saved
+            for k, v in self._options_absent_from_older_states.items():  # keep resuming as it was trained
+                ng.setdefault(k, v)
+            for k, v in self.defaults.items():  # other options added after the state was saved
                 ng.setdefault(k, v)
             new_groups.append(ng)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
