@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo test bench bench-quick bench-quality gpu-check clean
+.PHONY: setup demo test bench bench-quick bench-quality bench-lr gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ bench-quick: setup
 bench-quality: setup
 	$(BIN)/python -m pip install -q -r requirements-bench.txt
 	$(BIN)/python -m benchmarks.bench_quality --jobs 2
+	$(BIN)/python -m benchmarks.run_all --render-only
+
+# each optimizer over a fixed lr grid (about 11 minutes; needs the results of bench-quality)
+bench-lr: setup
+	$(BIN)/python -m pip install -q -r requirements-bench.txt
+	$(BIN)/python -m benchmarks.bench_lr_sensitivity --jobs 2
 	$(BIN)/python -m benchmarks.run_all --render-only
 
 # GPU readiness (under 5 minutes on one GPU): AdamW parity, bit-exact resume, 8-bit tracking,

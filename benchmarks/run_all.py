@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 
-SUITES = ["bench_step", "bench_quant8", "bench_automagic", "bench_quality"]
+SUITES = ["bench_step", "bench_quant8", "bench_automagic", "bench_quality", "bench_lr_sensitivity"]
 
 
 def _load(name):
@@ -96,6 +96,11 @@ def render(quick: bool) -> str:
         except KeyError:  # written by the benchmark before its rework
             lines += ["## Training quality", "", "`benchmarks/results/quality*.json` predates the current quality "
                       "benchmark: run `make bench-quality` to regenerate it.", ""]
+    sensitivity = (_load("lr_sensitivity_quick.json") if quick else None) or _load("lr_sensitivity.json")
+    if sensitivity:
+        from benchmarks.bench_lr_sensitivity import render as render_sensitivity
+
+        lines += [render_sensitivity(sensitivity), ""]
     return "\n".join(lines) + "\n"
 
 

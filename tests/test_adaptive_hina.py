@@ -54,6 +54,8 @@ def test_hypergrad_scale_follows_the_cosine_of_gradient_and_previous_momentum():
         assert float(opt.state[p]["lr_scale"]) == pytest.approx(h, rel=1e-4), t
     assert torch.allclose(p.detach(), ref, rtol=1e-4, atol=1e-5)
     assert h > 1.5  # it did grow while the gradients agreed
+    assert opt.get_hypergrad_analysis()["geometric_mean"] == pytest.approx(h, rel=1e-4)
+    assert opt.diagnostics_scalars()["optimizer/lr_scale_geomean"] == pytest.approx(h, rel=1e-4)
 
 
 def test_hypergrad_scale_and_mask_stay_within_max_lr():

@@ -212,6 +212,20 @@ def test_no_tune_score():
     assert no_tune_score(1.0, 0.5, None) is None and no_tune_score(1.0, 0.5, 1.0) is None
 
 
+def test_lr_sensitivity_span_is_the_run_of_good_points_around_the_best():
+    import math
+
+    from benchmarks.bench_lr_sensitivity import render, span
+
+    scores = {1e-4: 0.3, 3e-4: 0.92, 1e-3: 0.95, 3e-3: 0.97, 1e-2: 0.5, 3e-2: 0.93}
+    assert span(scores) == pytest.approx(10.0)  # 3e-4 .. 3e-3; 3e-2 is not contiguous with the best
+    assert span({1e-3: 0.5, 1e-2: -math.inf}) is None
+    results = {"wall_seconds": 60.0, "machine": {"torch": "x", "cpu_count": 2}, "seeds": [1],
+               "table": {"digits": {"A": {"scores": sorted(scores.items()), "span": span(scores)}}}}
+    text = render(results)
+    assert "| A | 0.30 | **0.92** |" in text and "| 10× |" in text
+
+
 def test_ablation_tables_match_the_optimizers():
     from benchmarks.quality.ablation import (ADD_ONE_IN, LEAVE_ONE_OUT, TECHNIQUES, ablation_configs,
                                              on_by_default, plain_overrides)

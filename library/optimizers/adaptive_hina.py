@@ -857,6 +857,15 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
         return self._lr_mask_statistics(mask_of, any(g["use_lr_mask"] for g in self.param_groups))
 
+    def get_hypergrad_analysis(self) -> dict:
+        """Statistics of the per-tensor hypergradient lr scales (computed now, never in step())."""
+        scales = [st["lr_scale"] for st in self.state.values() if "lr_scale" in st]
+        if not scales:
+            return {"tensors": 0, "geometric_mean": 1.0, "min": 1.0, "max": 1.0}
+        h = torch.stack([x.float().cpu() for x in scales])
+        return {"tensors": len(scales), "geometric_mean": float(h.log().mean().exp()), "min": float(h.min()),
+                "max": float(h.max())}
+
     def get_optimization_info(self) -> dict:
         imp = self.get_importance_analysis()
         lr_mask = self.get_lr_mask_analysis()
@@ -880,12 +889,19 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 "max_lr": d["max_lr"],
                 "warmup_steps": d["warmup_steps"],
             },
+            "hypergrad_config": {
+                "use_hypergrad": d["use_hypergrad"],
+                "hypergrad_rate": d["hypergrad_rate"],
+                "hypergrad_floor": d["hypergrad_floor"],
+                "hypergrad_ceiling": d["hypergrad_ceiling"],
+            },
             "pairing_method": self._pair_method,
             "training_stats": {
                 "global_step": self._global_step(),
                 "total_relationships": len(self._pairs),
                 "avg_importance_score": imp["importance_statistics"]["mean"],
                 "lr_mask_stats": lr_mask["global_statistics"],
+                "hypergrad_stats": self.get_hypergrad_analysis(),
                 "nonfinite_skipped": self.nonfinite_skipped(),
             },
             "buffer_pool": self.get_buffer_pool_stats(),
@@ -897,6 +913,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         ts = info["training_stats"]
         return {
             "optimizer/lr_mask_mean": ts["lr_mask_stats"]["avg_lr_scale"],
+            "optimizer/lr_scale_geomean": ts["hypergrad_stats"]["geometric_mean"],
             "optimizer/importance_mean": ts["avg_importance_score"],
             "optimizer/relationships": float(ts["total_relationships"]),
             "optimizer/nonfinite_skipped": float(ts["nonfinite_skipped"]),
