@@ -1,4 +1,4 @@
-"""Tests for library/optimizers/quant8.py (blockwise 8-bit state store and lr-mask codec)."""
+"""Tests for library/optimizers/quant8/ (blockwise 8-bit state store and the legacy codecs)."""
 from __future__ import annotations
 
 import io
@@ -293,11 +293,11 @@ def test_codes_do_not_depend_on_chunking_or_pair_gathers(monkeypatch, n):
     x = torch.randn(n, generator=g) * torch.randn(n, generator=g).exp()
     lr = torch.rand(n, generator=g).mul(math.log(1e4)).exp().mul(1e-7)
     ref = _all_codes(x, lr)
-    monkeypatch.setattr(q, "_CHUNK", 1024)  # blocks of 4096 now span several chunks
+    monkeypatch.setattr(q._engine, "_CHUNK", 1024)  # blocks of 4096 now span several chunks
     small = _all_codes(x, lr)
-    monkeypatch.setattr(q, "_U16", {"cpu": False})  # pair index without uint16 support
+    monkeypatch.setattr(q._engine, "_U16", {"cpu": False})  # pair index without uint16 support
     signed16 = _all_codes(x, lr)
-    monkeypatch.setattr(q, "_PAIRS", False)  # one code per gather, as on a big-endian machine
+    monkeypatch.setattr(q._engine, "_PAIRS", False)  # one code per gather, as on a big-endian machine
     single = _all_codes(x, lr)
     for a, b, c, d in zip(ref, small, signed16, single):
         assert a.dtype == b.dtype == c.dtype == d.dtype
@@ -841,7 +841,7 @@ def test_float8_stochastic_unbiased_deterministic_and_chunk_independent(signed, 
     assert torch.equal(q.dequantize_float8(c1, a1, signed)[exact], x[exact]), "0 and absmax never move"
     big = torch.randn(300_001, generator=g)
     ref = q.quantize_float8(big, signed, rounding="stochastic", seed=9)
-    monkeypatch.setattr(q, "_CHUNK", 1024)
+    monkeypatch.setattr(q._engine, "_CHUNK", 1024)
     small = q.quantize_float8(big, signed, rounding="stochastic", seed=9)
     assert torch.equal(ref[0], small[0]) and torch.equal(ref[1], small[1])
 
