@@ -36,6 +36,7 @@ def builders():
         "AdamW(foreach)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
         "AdamW(fused)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
         "AdaptiveHinaAdamW(general)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL),
+        "AdaptiveHinaAdamW(general, no hypergrad)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL, use_hypergrad=False),
         "AdaptiveHinaAdamW(all off)": lambda ps: AdaptiveHinaAdamW(
             ps, lr=1e-3, use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False,
             use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False,
