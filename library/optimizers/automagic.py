@@ -393,13 +393,13 @@ class Automagic_CameAMP(HinaOptimizer):
         for p, st in zip(params, states):
             if "step" not in st:
                 self._init_state(p, st, group)
-        saved = nonfinite.Guard(params, states, self._buffer_pool, gated=_GATED) if guard else None
+        saved = nonfinite.Guard(states, self._buffer_pool, gated=_GATED) if guard else None
         gate = nonfinite.Gate(ok) if guard else None
         for i, (p, st) in enumerate(zip(params, states)):
             grad = nonfinite.sanitize(p.grad, oks[i], self._buffer_pool.get(p, 13)) if guard else p.grad
             self._update(p, grad, st, group, mult, sums, None if kbs is None else kbs[i], gate and (gate, i))
         if saved is not None:
-            saved.restore(params, states, ok)
+            saved.restore(states, ok)
         if sums:
             total = sum(p.numel() for p in params)
             context.observe_consistency(group["context"], torch.stack(sums).sum() / max(total, 1))

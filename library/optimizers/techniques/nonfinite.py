@@ -77,38 +77,37 @@ class Gate:
 
 
 class Guard:
-    """Copies of a group's state tensors (all but the ``gated`` keys; the parameters only with
-    ``params_too``), taken before the update, and the restore of those whose gradient was not
-    finite (:meth:`restore`)."""
+    """Copies of a group's state tensors (all but the ``gated`` keys), taken before the update,
+    and the restore of those whose gradient was not finite (:meth:`restore`). The parameters
+    themselves are gated in the math (:class:`Gate`), never copied."""
 
-    def __init__(self, params, states, pool, gated=(), params_too: bool = False):
-        self.entries = [(i, None) for i in range(len(params))] if params_too else []
-        self.entries += [(i, k) for i, st in enumerate(states) for k, v in st.items()
-                         if isinstance(v, torch.Tensor) and k not in gated]
+    def __init__(self, states, pool, gated=()):
+        self.entries = [(i, k) for i, st in enumerate(states) for k, v in st.items()
+                        if isinstance(v, torch.Tensor) and k not in gated]
         self._copies = {}
-        for (dtype, _), idx in self._by_width(params, states).items():
-            now = [_bits(self._tensor(params, states, self.entries[j])) for j in idx]
+        for (dtype, _), idx in self._by_width(states).items():
+            now = [_bits(self._tensor(states, self.entries[j])) for j in idx]
             copies = pool.views(now, ("nonfinite", dtype), dtype)
             torch._foreach_copy_(copies, now)
             self._copies[idx[0]] = (dtype, idx, copies)
 
     @staticmethod
-    def _tensor(params, states, entry):
+    def _tensor(states, entry):
         i, key = entry
-        return params[i] if key is None else states[i].get(key)
+        return states[i].get(key)
 
-    def _by_width(self, params, states) -> dict:
+    def _by_width(self, states) -> dict:
         """Entry indices by (integer type of the same width, device): one arena each."""
         groups: dict = {}
         for j, entry in enumerate(self.entries):
-            t = self._tensor(params, states, entry)
+            t = self._tensor(states, entry)
             groups.setdefault((_BITS[t.element_size()], t.device), []).append(j)
         return groups
 
-    def restore(self, params, states, ok: torch.Tensor) -> None:
-        """Where ``ok[i]`` is False, put back parameter i and its state exactly as they were."""
+    def restore(self, states, ok: torch.Tensor) -> None:
+        """Where ``ok[i]`` is False, put back the copied state of tensor i exactly as it was."""
         for dtype, idx, copies in self._copies.values():
-            pairs = [(j, self._tensor(params, states, self.entries[j])) for j in idx]
+            pairs = [(j, self._tensor(states, self.entries[j])) for j in idx]
             keep = [(j, c, now) for (j, now), c in zip(pairs, copies)
                     if isinstance(now, torch.Tensor) and now.shape == c.shape and now.element_size() == c.element_size()]
             if not keep:
