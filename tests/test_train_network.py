@@ -24,10 +24,13 @@ def cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("cache")
     build_tiny_sd(str(d / "tiny-sd"), seed=0)
     make_dataset(str(d / "demo-data"), n_images=16, resolution=64, seed=0)  # what the trainer generates
-    old = trainer_mod.CACHE_DIR
-    trainer_mod.CACHE_DIR = str(d)
+    old = os.environ.get("HINA_CACHE_DIR")
+    os.environ["HINA_CACHE_DIR"] = str(d)
     yield d
-    trainer_mod.CACHE_DIR = old
+    if old is None:
+        os.environ.pop("HINA_CACHE_DIR", None)
+    else:
+        os.environ["HINA_CACHE_DIR"] = old
 
 
 def run(tmp_path, *extra, steps=3, name="t", expect=0):
@@ -209,7 +212,7 @@ def test_user_mistakes_exit_2_with_one_line_before_loading(tmp_path, case):
 
 
 def test_non_finite_losses_are_skipped_then_stop_with_a_saved_state(cache, tmp_path, monkeypatch, capsys):
-    real = trainer_mod._micro_step
+    real = trainer_mod.DiffusionLoss.__call__
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -217,7 +220,7 @@ def test_non_finite_losses_are_skipped_then_stop_with_a_saved_state(cache, tmp_p
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] >= 3 else loss
 
-    monkeypatch.setattr(trainer_mod, "_micro_step", flaky)
+    monkeypatch.setattr(trainer_mod.DiffusionLoss, "__call__", flaky)
     rc = train_network.main(["--max_train_steps", "20", "--train_batch_size", "1", "--seed", "1", "--no_progress",
                              "--output_dir", str(tmp_path), "--output_name", "n", "--caption_extension", ".txt",
                              "--max_bad_steps", "3", "--optimizer_type", "AdaptiveHinaAdamW"])
@@ -315,17 +318,17 @@ def test_optimizer_phases_longer_than_half_the_run_are_reported(caplog):
     import torch
 
     from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
-    from library.trainer import _warn_if_optimizer_phases_cover_the_run
+    from library.trainer import warn_if_optimizer_phases_cover_the_run
 
     opt = AdaptiveHinaAdamW([torch.nn.Parameter(torch.zeros(2))], warmup_steps=500, wd_transition_steps=300)
     with caplog.at_level(logging.WARNING, logger="train_network"):
-        _warn_if_optimizer_phases_cover_the_run(opt, 2000)
+        warn_if_optimizer_phases_cover_the_run(opt, 2000)
         assert not caplog.records
-        _warn_if_optimizer_phases_cover_the_run(opt, 800)
+        warn_if_optimizer_phases_cover_the_run(opt, 800)
     assert len(caplog.records) == 1
     msg = caplog.records[0].getMessage()
     assert "warmup_steps=500 is more than half the run" in msg and "wd_transition_steps" not in msg
-    _warn_if_optimizer_phases_cover_the_run(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), 10)
+    warn_if_optimizer_phases_cover_the_run(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), 10)
 
 
 # ------------------------------------------------- reliability: nothing a user does loses training

@@ -18,7 +18,7 @@ order (and, for the LoRA-teacher task, the task itself); everything held out is 
    LoRA training (1500 steps, batch 1, rank 8): its U-Net (random initialisation) is first
    trained in full on generated images with plain backgrounds, then a kohya LoRA
    (``networks.lora``, U-Net only, as ``--network_train_unet_only``) is trained on a held-out
-   style (striped backgrounds). The loss is the trainer's own (``library.trainer._micro_step``:
+   style (striped backgrounds). The loss is the trainer's own (``library.trainer.DiffusionLoss``:
    VAE latents, DDPM noise and timesteps, epsilon MSE), with cached latents; held-out: other
    striped images, with fixed noise and timesteps.
 
@@ -31,7 +31,6 @@ The pretrained weights of the tiny SD and char-LM tasks are cached under
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -166,19 +165,19 @@ class TinyDiffusionTask:
                 "fine_tuning": f"networks.lora rank {self.rank} alpha {self.rank} on the U-Net, batch {self.batch}, "
                                f"{self.steps} steps on {self.n_train} striped-background images",
                 "held_out": f"{self.n_eval} other striped images x {self.eval_repeats} fixed (noise, timestep) draws",
-                "loss": "library.trainer._micro_step (epsilon MSE on cached VAE latents, uniform timesteps)"}
+                "loss": "library.trainer.DiffusionLoss (epsilon MSE on cached VAE latents, uniform timesteps)"}
 
     # the trainer's loss function, driven with a minimal args namespace and no accelerator
     _ARGS = types.SimpleNamespace(noise_offset=0.0, clip_skip=None, v_parameterization=False, min_snr_gamma=None,
                                   loss_type="l2", huber_c=0.1, fourier_weight=0.0, fourier_warmup_steps=0)
-    _ACC = types.SimpleNamespace(autocast=contextlib.nullcontext)
 
     def _loss(self, ds, cached, idx, gen, step):
-        from library.trainer import _micro_step
+        from library.trainer import DiffusionLoss, Draws
+        from library.trainer.models import Models
 
         m = self.sd
-        return _micro_step(self._ARGS, ds, idx, cached, m.vae, m.text_encoder, m.unet, m.tokenizer, m.scheduler, gen,
-                           None, "cpu", torch.float32, self.scale, step, False, self._ACC, False)
+        models = Models(m.tokenizer, m.text_encoder, m.vae, m.unet, m.scheduler)
+        return DiffusionLoss(self._ARGS, models, cached_latents=cached)(ds, idx, Draws(gen), None, step)
 
     def _latents(self, ds):
         with torch.no_grad():

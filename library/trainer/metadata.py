@@ -1,0 +1,91 @@
+"""The ``ss_*`` / ``modelspec.*`` metadata written into every LoRA file, as sd-scripts writes it."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+# what --no_metadata keeps: the keys a loader needs to rebuild the network
+_ESSENTIAL = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+              "ss_network_args")
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What is known about a run once it is set up, and does not change while it trains."""
+    session_id: str
+    started_at: float
+    num_train_images: int
+    batches_per_epoch: int
+    num_epochs: int
+    max_train_steps: int
+    warmup_steps: int
+    optimizer: str
+    resolution: int
+    dataset_dirs: dict
+    tag_frequency: dict
+
+
+def build_metadata(args, plan, facts: RunFacts, global_step: int, epoch: int) -> dict:
+    md = {**_training_keys(args, plan, facts, global_step, epoch), **_modelspec_keys(args, facts)}
+    if args.no_metadata:
+        md = {k: md[k] for k in _ESSENTIAL}
+    return {k: str(v) for k, v in md.items()}
+
+
+def _training_keys(args, plan, facts: RunFacts, global_step: int, epoch: int) -> dict:
+    return {
+        "ss_session_id": facts.session_id,
+        "ss_training_started_at": facts.started_at,
+        "ss_output_name": args.output_name,
+        "ss_learning_rate": args.learning_rate,
+        "ss_text_encoder_lr": args.text_encoder_lr,
+        "ss_unet_lr": args.unet_lr,
+        "ss_num_train_images": facts.num_train_images,
+        "ss_num_reg_images": 0,
+        "ss_num_batches_per_epoch": facts.batches_per_epoch,
+        "ss_num_epochs": facts.num_epochs,
+        "ss_gradient_checkpointing": args.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "ss_max_train_steps": facts.max_train_steps,
+        "ss_lr_warmup_steps": facts.warmup_steps,
+        "ss_lr_scheduler": args.lr_scheduler,
+        "ss_network_module": args.network_module,
+        "ss_network_dim": args.network_dim if args.network_dim is not None else 4,
+        "ss_network_alpha": args.network_alpha,
+        "ss_network_dropout": args.network_dropout,
+        "ss_network_args": json.dumps(plan.net_kwargs),
+        "ss_mixed_precision": args.mixed_precision,
+        "ss_full_fp16": bool(args.full_fp16),
+        "ss_full_bf16": bool(args.full_bf16),
+        "ss_v2": bool(args.v2),
+        "ss_base_model_version": "sd_v2" if args.v2 else "sd_v1",
+        "ss_clip_skip": args.clip_skip,
+        "ss_seed": plan.seed,
+        "ss_noise_offset": args.noise_offset,
+        "ss_min_snr_gamma": args.min_snr_gamma,
+        "ss_optimizer": facts.optimizer,
+        "ss_max_grad_norm": args.max_grad_norm,
+        "ss_loss_type": args.loss_type,
+        "ss_resolution": f"({facts.resolution}, {facts.resolution})",
+        "ss_sd_model_name": os.path.basename(os.path.normpath(plan.model_path)),
+        "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
+        "ss_tag_frequency": json.dumps(facts.tag_frequency),
+        "ss_training_comment": args.training_comment,
+        "ss_caption_extension": args.caption_extension,
+        "ss_steps": global_step,
+        "ss_epoch": epoch,
+        "ss_training_finished_at": time.time(),
+    }
+
+
+def _modelspec_keys(args, facts: RunFacts) -> dict:
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ("stable-diffusion-v2-512" if args.v2 else "stable-diffusion-v1") + "/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": args.output_name,
+        "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

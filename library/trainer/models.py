@@ -1,0 +1,88 @@
+"""The frozen model a LoRA trains against: loading, placing on the device, and its facts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Models:
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object
+    noise_scheduler: object
+    device: torch.device | str = "cpu"
+    weight_dtype: torch.dtype = torch.float32  # of the frozen U-Net and text encoder; the VAE stays fp32
+
+    @property
+    def latent_scale(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def native_resolution(self) -> int:
+        """The image size the U-Net was built for: its latent sample size times the VAE factor."""
+        return int(self.unet.config.sample_size) * self.vae_factor
+
+
+def ensure_embedded(plan, args, accelerator) -> None:
+    """Build the embedded tiny model and the generated dataset when the plan uses them (idempotent)."""
+    if plan.embedded:
+        from ..tiny_sd import build_tiny_sd
+
+        with accelerator.main_process_first():
+            build_tiny_sd(plan.model_path, seed=0)
+    if args.train_data_dir is None:
+        from ..dataset_gen import make_dataset
+
+        with accelerator.main_process_first():
+            make_dataset(plan.data_dir, n_images=16, resolution=plan.resolution or 64, seed=0)
+
+
+def load_models(path: str) -> Models:
+    """The five parts of a diffusers SD 1.x / 2.x folder; one line naming the folder when one fails."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        return Models(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model at {path}: {str(e).splitlines()[0]}") from None
+
+
+def place(models: Models, device, mixed_precision: str, gradient_checkpointing: bool) -> None:
+    """Freeze the model, move it to ``device``, cast the U-Net and text encoder for mixed precision."""
+    models.device = device
+    models.weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)
+    for m in (models.text_encoder, models.vae, models.unet):
+        m.requires_grad_(False)
+        m.eval()
+    for m in (models.vae, models.unet, models.text_encoder):
+        m.to(device)
+    if models.weight_dtype != torch.float32:
+        models.unet.to(dtype=models.weight_dtype)
+        models.text_encoder.to(dtype=models.weight_dtype)
+    if gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.text_encoder.gradient_checkpointing_enable()
+        models.unet.train()
+        models.text_encoder.train()

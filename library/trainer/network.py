@@ -1,0 +1,107 @@
+"""The trained part: the LoRA / LoKr network, its optimizer with named parameter groups, and the schedule."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .models import Models
+from .options import parse_warmup
+
+logger = logging.getLogger("train_network")
+
+# optimizer arguments measured in steps whose phase should not span most of a run
+_PHASE_LENGTHS = ("warmup_steps", "wd_transition_steps")
+
+
+def build_network(args, plan, models: Models):
+    """Create the network (or rebuild it from ``--network_weights`` with ``--dim_from_weights``),
+    hook it into the U-Net / text encoder, load starting weights, and move it to the device."""
+    from networks.names import kohya_text_encoder_view
+
+    module = plan.network_module
+    te_view = kohya_text_encoder_view(models.text_encoder)  # classic kohya module names under transformers 5
+    if args.dim_from_weights:
+        network, _ = module.create_network_from_weights(1.0, args.network_weights, models.vae, te_view, models.unet,
+                                                        **plan.net_kwargs)
+    else:
+        network = module.create_network(1.0, args.network_dim, args.network_alpha, models.vae, te_view, models.unet,
+                                        neuron_dropout=args.network_dropout, **plan.net_kwargs)
+    if network is None:
+        raise UserError(f"--network_module {args.network_module} created no network")
+    network.apply_to(te_view, models.unet, not args.network_train_unet_only, not args.network_train_text_encoder_only)
+    if args.network_weights:
+        network.load_weights(args.network_weights)
+    if args.gradient_checkpointing and hasattr(network, "enable_gradient_checkpointing"):
+        network.enable_gradient_checkpointing()
+    network.to(models.device)
+    return network
+
+
+def build_optimizer(args, network):
+    """``(name, args string, optimizer, group descriptions)``: the network's groups (with the
+    per-group lrs sd-scripts gives them and a name for every parameter) into ``get_optimizer``."""
+    from networks.names import attach_param_names
+
+    from ..train_util import get_optimizer
+
+    te_lr = args.text_encoder_lr
+    te_lr_first = te_lr[0] if isinstance(te_lr, list) and te_lr else te_lr
+    try:
+        res = network.prepare_optimizer_params(te_lr_first, args.unet_lr, args.learning_rate)
+    except TypeError:
+        res = network.prepare_optimizer_params(te_lr_first, args.unet_lr)
+    groups, descriptions = res if isinstance(res, tuple) else (res, None)
+    groups, descriptions = attach_param_names((groups, descriptions), network.named_parameters())
+    if not groups or not any(len(list(g["params"])) for g in groups):
+        raise UserError("the network has no trainable parameters (check --network_train_* and the lrs)")
+    name, args_str, optimizer = get_optimizer(args, groups)
+    if hasattr(optimizer, "set_param_names"):
+        optimizer.set_param_names(network.named_parameters())
+    return name, args_str, optimizer, descriptions
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many batches, updates and epochs the run has."""
+    world: int
+    global_batch: int  # batches are drawn for all processes at once; each takes its slice
+    batches_per_epoch: int
+    max_steps: int
+    num_epochs: int
+    warmup_steps: int
+
+
+def plan_schedule(args, dataset, world: int) -> Schedule:
+    global_batch = args.train_batch_size * world
+    batches_per_epoch = dataset.batches_per_epoch(global_batch)
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps
+    if args.max_train_epochs is not None:
+        max_steps = args.max_train_epochs * updates_per_epoch
+    return Schedule(world, global_batch, batches_per_epoch, max_steps, math.ceil(max_steps / updates_per_epoch),
+                    parse_warmup(args.lr_warmup_steps, max_steps))
+
+
+def build_lr_scheduler(args, optimizer, schedule: Schedule):
+    from diffusers.optimization import get_scheduler
+
+    kwargs = {}
+    if args.lr_scheduler == "cosine_with_restarts":
+        kwargs["num_cycles"] = args.lr_scheduler_num_cycles
+    if args.lr_scheduler == "polynomial":
+        kwargs["power"] = args.lr_scheduler_power
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=schedule.warmup_steps,
+                         num_training_steps=schedule.max_steps, **kwargs)
+
+
+def warn_if_optimizer_phases_cover_the_run(optimizer, max_steps: int) -> None:
+    """One line when an optimizer's warmup / transition length is more than half the run: its
+    lr-mask adaptation, early-phase techniques or decay schedule would then span most of it."""
+    defaults = getattr(optimizer, "defaults", {})
+    long = {k: defaults[k] for k in _PHASE_LENGTHS if isinstance(defaults.get(k), int) and 2 * defaults[k] > max_steps}
+    if long:
+        logger.warning("%s over %d training steps: %s more than half the run; scale them to the run "
+                       "(--optimizer_args) if that is not intended", type(optimizer).__name__, max_steps,
+                       ", ".join(f"{k}={v}" for k, v in long.items()) + (" is" if len(long) == 1 else " are"))

@@ -1,0 +1,208 @@
+"""Every user-facing check, run before any model is loaded: the arguments become a :class:`Plan`.
+
+A mistake ends with one line naming the culprit (:class:`~library.errors.UserError`, exit code 2
+at the command line) before anything heavy happens.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UserError
+from ..train_args import EMBEDDED_MODEL
+from .checkpoint import read_resume_state
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cache_dir() -> str:
+    """Where the embedded tiny model and the generated dataset live (``HINA_CACHE_DIR`` or ``.cache``)."""
+    return os.environ.get("HINA_CACHE_DIR", os.path.join(_ROOT, ".cache"))
+
+
+@dataclass
+class Plan:
+    """What prepare() resolved: everything the loop needs that is not a model."""
+    model_path: str
+    data_dir: str
+    resolution: int | None
+    network_module: object
+    net_kwargs: dict
+    optimizer_cls: object
+    optimizer_kwargs: dict
+    seed: int
+    resume_state: dict | None = None
+    embedded: bool = False
+    notes: list = field(default_factory=list)
+
+
+def prepare(args) -> Plan:
+    """Validate every user input before anything heavy happens. Raises UserError."""
+    notes: list[str] = []
+    _check_numbers(args)
+    resolution = parse_resolution(args.resolution)
+    module, net_kwargs = _network_module(args)
+    cls, kwargs = _optimizer(args)
+    model_path, data_dir, embedded = _model_and_data(args, notes)
+    _check_outputs(args)
+    resume_state = read_resume_state(args.resume, cls, kwargs) if args.resume else None
+    seed = _seed(args, resume_state, notes)
+    return Plan(model_path, data_dir, resolution, module, net_kwargs, cls, kwargs, seed, resume_state, embedded, notes)
+
+
+def parse_kv(items, what: str) -> dict:
+    """``["k=v", ...]`` -> ``{"k": "v"}``; an item without ``=`` is a one-line error naming it."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"{what} item {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def parse_warmup(value, max_steps: int) -> int:
+    """``--lr_warmup_steps`` as sd-scripts reads it: steps, a ratio of the run (0 < r < 1) or a percentage."""
+    s = str(value).strip()
+    try:
+        if s.endswith("%"):
+            return int(round(float(s[:-1]) / 100.0 * max_steps))
+        f = float(s)
+    except ValueError:
+        raise UserError(f"--lr_warmup_steps {value!r} must be a number of steps, a ratio or a percentage") from None
+    if f < 0:
+        raise UserError(f"--lr_warmup_steps must be >= 0, got {value!r}")
+    return int(round(f * max_steps)) if 0 < f < 1 else int(f)
+
+
+def parse_resolution(value) -> int | None:
+    if value is None:
+        return None
+    parts = [p for p in str(value).replace("x", ",").split(",") if p.strip()]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--resolution {value!r} must be 'N' or 'N,N'") from None
+    if not nums or len(nums) > 2 or (len(nums) == 2 and nums[0] != nums[1]):
+        raise UserError(f"--resolution {value!r}: only square resolutions are supported ('512' or '512,512')")
+    if nums[0] < 8 or nums[0] % 8:
+        raise UserError(f"--resolution must be a multiple of 8, got {nums[0]}")
+    return nums[0]
+
+
+def _check_numbers(args) -> None:
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    for name in ("train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_epochs is None and (args.max_train_steps is None or args.max_train_steps < 1):
+        raise UserError("--max_train_steps must be >= 1 (or give --max_train_epochs)")
+    if args.max_train_epochs is not None and args.max_train_epochs < 1:
+        raise UserError(f"--max_train_epochs must be >= 1, got {args.max_train_epochs}")
+    if args.learning_rate is None or not math.isfinite(args.learning_rate) or args.learning_rate < 0:
+        raise UserError(f"--learning_rate must be a finite number >= 0, got {args.learning_rate}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    if args.network_dim is not None and args.network_dim < 1 and not args.dim_from_weights:
+        raise UserError(f"--network_dim must be >= 1 (the rank of each LoRA / LoKr factor), got {args.network_dim}")
+
+
+def _network_module(args):
+    """The ``--network_module`` (imported, with ``create_network``) and its ``--network_args``."""
+    try:
+        module = importlib.import_module(args.network_module)
+    except ImportError as e:
+        raise UserError(f"--network_module {args.network_module!r} cannot be imported: {e}") from None
+    if not hasattr(module, "create_network"):
+        raise UserError(f"--network_module {args.network_module!r} has no create_network()")
+    net_kwargs = parse_kv(args.network_args, "--network_args")
+    if args.network_weights and not os.path.isfile(args.network_weights):
+        raise UserError(f"--network_weights {args.network_weights!r} does not exist")
+    if args.dim_from_weights and not args.network_weights:
+        raise UserError("--dim_from_weights needs --network_weights")
+    return module, net_kwargs
+
+
+def _optimizer(args):
+    """Resolve the optimizer class and check its arguments on a dummy parameter."""
+    from ..train_util import resolve_optimizer
+
+    try:
+        cls, kwargs, info = resolve_optimizer(args.optimizer_type, args.optimizer_args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if info is not None or getattr(cls, "__module__", "").startswith(("library.", "torch.optim")):
+        try:
+            cls([torch.nn.Parameter(torch.zeros(2))], lr=args.learning_rate, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"--optimizer_args for {args.optimizer_type}: {e}") from None
+    return cls, kwargs
+
+
+def _model_and_data(args, notes: list) -> tuple[str, str, bool]:
+    """The model folder and the data folder: explicit, or the embedded default (generated locally)."""
+    model_path = args.pretrained_model_name_or_path
+    embedded = model_path in (None, "", EMBEDDED_MODEL)
+    if embedded:
+        model_path = os.path.join(cache_dir(), "tiny-sd")
+        notes.append(f"no --pretrained_model_name_or_path: using the embedded tiny SD model ({model_path})")
+    elif not os.path.isdir(model_path) or not os.path.isfile(os.path.join(model_path, "model_index.json")):
+        raise UserError(
+            f"--pretrained_model_name_or_path {model_path!r} is not a diffusers model folder "
+            "(expected model_index.json with unet/, vae/, text_encoder/, tokenizer/)"
+        )
+    data_dir = args.train_data_dir
+    if data_dir is None and not embedded:
+        raise UserError(f"--train_data_dir is required with --pretrained_model_name_or_path {model_path!r} "
+                        "(the generated demo data goes only with the embedded tiny model)")
+    if data_dir is None:
+        data_dir = os.path.join(cache_dir(), "demo-data")
+        notes.append(f"no --train_data_dir: using a generated captioned dataset ({data_dir})")
+    else:
+        from ..dataset import scan, verify_images
+
+        items, _ = scan(data_dir, args.caption_extension)  # raises UserError when missing or empty
+        notes.append(f"--train_data_dir: {verify_images(items)} images read and verified")
+    return model_path, data_dir, embedded
+
+
+def logging_dir(args) -> str | None:
+    """As sd-scripts: --logging_dir alone turns TensorBoard on; --log_with alone logs under output_dir/logs."""
+    if args.logging_dir:
+        return args.logging_dir
+    return os.path.join(args.output_dir, "logs") if args.log_with else None
+
+
+def _check_outputs(args) -> None:
+    check_writable("--output_dir", args.output_dir)
+    folder = logging_dir(args)
+    if folder:
+        check_writable("--logging_dir" if args.logging_dir else "the log folder (--output_dir/logs)", folder)
+
+
+def check_writable(what: str, folder: str) -> None:
+    """Create ``folder`` and write a probe file in it now, so a folder that cannot hold the results
+    ends the run before any model is loaded instead of at the first save."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{what} {folder!r} cannot be written: {e.strerror or e}") from None
+
+
+def _seed(args, resume_state: dict | None, notes: list) -> int:
+    """``--seed``; when resuming without one, the saved seed (it fixes the batch order); else a random one."""
+    if args.seed is not None:
+        return args.seed
+    if resume_state is not None and resume_state.get("seed") is not None:
+        notes.append(f"--resume: using the saved seed {int(resume_state['seed'])}")
+        return int(resume_state["seed"])
+    return int.from_bytes(os.urandom(4), "little") % (2**31)

@@ -1,0 +1,99 @@
+"""One batch's diffusion loss: latents, noise and timesteps, prompt embeddings, prediction, loss.
+
+The random draws come, in a fixed order, from the run's noise generator (:class:`Draws`), so a
+resumed run draws exactly what the uninterrupted one would have drawn; with several processes
+each draws for the whole global batch and keeps its own slice.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..losses import compute_loss
+from .models import Models
+
+
+@dataclass
+class Draws:
+    """Random draws from one generator for the whole global batch; this rank keeps its slice:
+    N processes with batch B see exactly the noise of one process with batch N*B."""
+    gen: torch.Generator
+    world: int = 1
+    rank: int = 0
+
+    def _slice(self, fn, shape):
+        if self.world == 1:
+            return fn(shape, self.gen)
+        full = fn((shape[0] * self.world,) + tuple(shape[1:]), self.gen)
+        return full[self.rank * shape[0]:(self.rank + 1) * shape[0]]
+
+    def randn(self, shape) -> torch.Tensor:
+        return self._slice(lambda s, g: torch.randn(s, generator=g), shape)
+
+    def randint(self, high: int, shape) -> torch.Tensor:
+        return self._slice(lambda s, g: torch.randint(0, high, s, generator=g), shape)
+
+
+@dataclass
+class DiffusionLoss:
+    """The training loss of a batch, with the run's loss options (``args``) and frozen models."""
+    args: object
+    models: Models
+    cached_latents: dict = field(default_factory=dict)  # image path -> scaled latent (--cache_latents)
+    fourier_active: bool = False
+    train_text_encoder: bool = False
+    autocast: Callable = contextlib.nullcontext
+
+    def __call__(self, dataset, idx, draws: Draws, flip_gen, global_step: int) -> torch.Tensor:
+        images, captions = dataset.batch(idx, flip_gen)
+        latents = self.latents(dataset, idx, images, draws)
+        noise, timesteps = self.noise_and_timesteps(latents, draws)
+        noisy = self.models.noise_scheduler.add_noise(latents, noise, timesteps)
+        with self.autocast():
+            embeddings = self.encode_prompts(captions)
+            pred = self.models.unet(noisy.to(self.models.weight_dtype), timesteps,
+                                    embeddings.to(self.models.weight_dtype)).sample
+        return self.loss(pred, latents, noise, timesteps, global_step)
+
+    def latents(self, dataset, idx, images, draws: Draws) -> torch.Tensor:
+        m = self.models
+        with torch.no_grad():
+            if self.cached_latents:
+                return torch.stack([self.cached_latents[dataset.items[i].path] for i in idx])
+            dist = m.vae.encode(images.to(m.device, dtype=torch.float32)).latent_dist
+            eps = draws.randn(dist.mean.shape).to(m.device)
+            return (dist.mean + dist.std * eps) * m.latent_scale
+
+    def noise_and_timesteps(self, latents, draws: Draws):
+        device, bsz = self.models.device, latents.shape[0]
+        noise = draws.randn(latents.shape).to(device)
+        if self.args.noise_offset:
+            noise = noise + self.args.noise_offset * draws.randn((bsz, latents.shape[1], 1, 1)).to(device)
+        steps = self.models.noise_scheduler.config.num_train_timesteps
+        return noise, draws.randint(steps, (bsz,)).to(device)
+
+    def encode_prompts(self, captions) -> torch.Tensor:
+        m, clip_skip = self.models, self.args.clip_skip
+        ids = m.tokenizer(captions, padding="max_length", max_length=m.tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(m.device)
+        with torch.set_grad_enabled(self.train_text_encoder):
+            if clip_skip and clip_skip > 1:
+                out = m.text_encoder(ids, output_hidden_states=True)
+                final_norm = getattr(m.text_encoder, "text_model", m.text_encoder).final_layer_norm
+                return final_norm(out.hidden_states[-clip_skip])
+            return m.text_encoder(ids)[0]
+
+    def loss(self, pred, latents, noise, timesteps, global_step: int) -> torch.Tensor:
+        args, scheduler = self.args, self.models.noise_scheduler
+        target = scheduler.get_velocity(latents, noise, timesteps) if args.v_parameterization else noise
+        if args.min_snr_gamma:
+            alphas = scheduler.alphas_cumprod.to(self.models.device)[timesteps]
+            snr = alphas / (1 - alphas)
+            w = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1 if args.v_parameterization else snr)
+            per = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+            return (per * w).mean()
+        return compute_loss(pred, target, args.loss_type, global_step, args.huber_c, args.fourier_weight,
+                            args.fourier_warmup_steps, self.fourier_active)
