@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .buckets import Buckets, Fit, bucket_info, cover
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -79,48 +80,117 @@ def verify_images(items) -> int:
     return len(paths)
 
 
-def load_image(path: str, resolution: int) -> torch.Tensor:
-    """RGB image resized (shorter side) and centre-cropped to a square, in [-1, 1], CHW."""
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def _resample(size: tuple[int, int], new: tuple[int, int]):
+    """Area averaging when shrinking (PIL's BOX), Lanczos when enlarging, as sd-scripts chooses."""
+    return Image.BOX if new[0] <= size[0] and new[1] <= size[1] else Image.LANCZOS
+
+
+def load_image(path: str, fit: Fit) -> torch.Tensor:
+    """RGB image resized to ``fit.resized`` and centre-cropped to ``fit.bucket``, in [-1, 1], CHW."""
     with Image.open(path) as im:
         im = im.convert("RGB")
-        w, h = im.size
-        s = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
+        if im.size != fit.resized:
+            im = im.resize(fit.resized, _resample(im.size, fit.resized))
+        left, top = fit.crop_left_top
+        if fit.resized != fit.bucket:
+            im = im.crop((left, top, left + fit.bucket[0], top + fit.bucket[1]))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+def _chunk(order: list, size: int, pad: bool) -> list:
+    """``order`` in batches of ``size``; the last one short, or (``pad``) filled by wrapping around."""
+    batches = []
+    for start in range(0, len(order), size):
+        batch = order[start:start + size]
+        if pad and len(batch) < size:
+            batch = [order[(start + j) % len(order)] for j in range(size)]
+        batches.append(batch)
+    return batches
+
+
 class FolderDataset:
-    def __init__(self, train_data_dir: str, resolution: int, caption_extension: str = ".caption",
-                 flip_aug: bool = False):
+    """The images of a kohya-layout folder, each fitted to its training size (one size, or its
+    aspect-ratio bucket with ``buckets``), in batches that never mix sizes."""
+
+    def __init__(self, train_data_dir: str, resolution, caption_extension: str = ".caption",
+                 flip_aug: bool = False, buckets: Buckets | None = None):
         self.items, self.folders = scan(train_data_dir, caption_extension)
-        self.resolution = resolution
+        self.resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         self.flip_aug = flip_aug
+        self.buckets = buckets
         self._cache: dict[str, torch.Tensor] = {}
         self.num_images = sum(v["img_count"] for v in self.folders.values())
+        self.fits = {path: self._fit(path) for path in dict.fromkeys(it.path for it in self.items)}
+        self.groups = self._group_by_bucket()
+
+    def _fit(self, path: str) -> Fit:
+        size = image_size(path)
+        fit = self.buckets.fit(size) if self.buckets is not None else cover(size, self.resolution)
+        if min(fit.bucket) < 1:
+            raise UserError(f"image {path} ({size[0]}x{size[1]}) is smaller than one --bucket_reso_steps")
+        return fit
+
+    def _group_by_bucket(self) -> list[list[int]]:
+        groups: dict = {}
+        for i, it in enumerate(self.items):
+            groups.setdefault(self.fits[it.path].bucket, []).append(i)
+        return [groups[b] for b in sorted(groups)]
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def bucket_info(self) -> dict | None:
+        """``ss_bucket_info`` (None without buckets)."""
+        if self.buckets is None:
+            return None
+        counts = {path: 0 for path in self.fits}
+        for it in self.items:
+            counts[it.path] += 1
+        return bucket_info(list(self.fits.values()), list(counts.values()))
+
+    def first_cropped(self, tolerance: float = 0.01):
+        """The first image (path, fit) that loses more than ``tolerance`` of its area to the crop."""
+        return next(((p, f) for p, f in self.fits.items() if f.kept_fraction < 1 - tolerance), None)
 
     def image(self, path: str) -> torch.Tensor:
         t = self._cache.get(path)
         if t is None:
             try:
-                t = load_image(path, self.resolution)
+                t = load_image(path, self.fits[path])
             except Exception as e:
                 raise UserError(f"cannot read image {path}: {e}") from None
             self._cache[path] = t
         return t
 
     def batches_per_epoch(self, batch_size: int) -> int:
-        return math.ceil(len(self.items) / batch_size)
+        return sum(math.ceil(len(g) / batch_size) for g in self.groups)
 
     def epoch_order(self, seed: int, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
         return torch.randperm(len(self.items), generator=gen).tolist()
+
+    def epoch_batches(self, seed: int, epoch: int, batch_size: int, pad: bool = False) -> list[list[int]]:
+        """The epoch's batches of item indices, a pure function of (seed, epoch): each bucket's
+        items shuffled and cut into batches, then the batches shuffled (one bucket: the shuffled
+        items in order). ``pad`` fills a short last batch by wrapping around its bucket."""
+        if len(self.groups) == 1:
+            return _chunk(self.epoch_order(seed, epoch), batch_size, pad)
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        batches = []
+        for group in self.groups:
+            perm = torch.randperm(len(group), generator=gen).tolist()
+            batches += _chunk([group[i] for i in perm], batch_size, pad)
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
     def batch(self, indices, flip_gen: torch.Generator | None = None):
         imgs, caps = [], []

@@ -27,7 +27,12 @@ def setup_parser() -> argparse.ArgumentParser:
     a("--train_data_dir", type=str, default=None,
       help="kohya layout: <repeats>_<name>/ folders of images with captions; omitted: a generated dataset")
     a("--caption_extension", type=str, default=".caption", help="caption file extension (.txt is also read)")
-    a("--resolution", type=str, default=None, help="'512' or '512,512' (square); default: the model's sample size")
+    a("--resolution", type=str, default=None, help="'512' or 'W,H' such as '512,768'; default: the model's sample size")
+    a("--enable_bucket", action="store_true", help="aspect-ratio buckets: each image trains at the bucket nearest its shape")
+    a("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
+    a("--max_bucket_reso", type=int, default=1024, help="largest bucket side")
+    a("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this (64 for SD 1.x / 2.x)")
+    a("--bucket_no_upscale", action="store_true", help="buckets follow each image's size; never enlarge an image")
     a("--flip_aug", action="store_true")
     a("--cache_latents", action="store_true", help="encode every image once with the VAE")
     # output

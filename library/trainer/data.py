@@ -1,15 +1,39 @@
-"""The training images as the loop sees them: the dataset, optional cached latents, and each
-process's share of every batch."""
+"""The training images as the loop sees them: the dataset (one size, or aspect-ratio buckets),
+optional cached latents, and each process's share of every batch."""
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from ..dataset import FolderDataset
 from .models import Models
 
+logger = logging.getLogger("train_network")
 
-def build_dataset(args, plan, resolution: int) -> FolderDataset:
-    return FolderDataset(plan.data_dir, resolution, args.caption_extension, args.flip_aug)
+
+def build_dataset(args, plan, is_main: bool = True) -> FolderDataset:
+    dataset = FolderDataset(plan.data_dir, plan.resolution, args.caption_extension, args.flip_aug, plan.buckets)
+    if is_main:
+        _report_fits(dataset)
+    return dataset
+
+
+def _report_fits(dataset: FolderDataset) -> None:
+    """With buckets: one line per bucket. Without: the first image the crop cuts into, once."""
+    info = dataset.bucket_info()
+    if info is not None:
+        for i, b in info["buckets"].items():
+            logger.info("bucket %d: %dx%d, %d images (with repeats)", i, *b["resolution"], b["count"])
+        logger.info("mean aspect-ratio error of the buckets: %.4f", info["mean_img_ar_error"])
+        return
+    cropped = dataset.first_cropped()
+    if cropped is not None:
+        path, fit = cropped
+        w, h = dataset.resolution
+        logger.warning("%s is %dx%d, another shape than the training size %dx%d: it is resized and centre-cropped, "
+                       "keeping %.0f%% of it (other images may be too; --enable_bucket trains each whole)",
+                       path, *fit.original, w, h, 100 * fit.kept_fraction)
 
 
 def cache_latents(dataset: FolderDataset, models: Models) -> dict:
@@ -22,11 +46,6 @@ def cache_latents(dataset: FolderDataset, models: Models) -> dict:
     return cached
 
 
-def batch_indices(order: list, batch: int, global_batch: int, batch_size: int, world: int, rank: int) -> list:
-    """This process's items of batch number ``batch`` in the epoch ``order``: its slice of the global
-    batch, wrapping around the epoch; a single process gets a short last batch instead."""
-    start = batch * global_batch + rank * batch_size
-    idx = [order[(start + j) % len(order)] for j in range(batch_size)]
-    if world == 1:
-        idx = idx[: max(1, len(order) - batch * global_batch)]
-    return idx
+def rank_share(global_batch: list, batch_size: int, rank: int) -> list:
+    """This process's items of a global batch (all of it with one process)."""
+    return global_batch[rank * batch_size:(rank + 1) * batch_size]

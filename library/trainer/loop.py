@@ -14,7 +14,7 @@ from ..errors import TrainingStopped, UserError
 from ..losses import is_latent_space
 from . import step as step_mod
 from .checkpoint import Checkpointer, optimizer_identity
-from .data import batch_indices, build_dataset, cache_latents
+from .data import build_dataset, cache_latents, rank_share
 from .distributed import average_gradients, check_ranks_in_sync
 from .logs import RunLog, plot_losses, summary_line
 from .metadata import RunFacts, build_metadata
@@ -100,8 +100,7 @@ def set_up(args, plan: Plan) -> Run:
     set_seed(plan.seed)
     ensure_embedded(plan, args, accelerator)
     models = load_models(plan.model_path)
-    resolution = plan.resolution or models.native_resolution()
-    dataset = build_dataset(args, plan, resolution)
+    dataset = build_dataset(args, plan, accelerator.is_main_process)
     place(models, accelerator.device, args.mixed_precision, args.gradient_checkpointing)
     network = build_network(args, plan, models)
     opt_name, opt_args, optimizer, descriptions = build_optimizer(args, network)
@@ -116,7 +115,7 @@ def set_up(args, plan: Plan) -> Run:
     accelerator.register_for_checkpointing(lr_scheduler)
     state = TrainingState(plan.seed)
     start_batch = _resume(args, plan, accelerator, state)
-    loss = step_mod.DiffusionLoss(args, models, fourier_active=_fourier_active(args, models, resolution, accelerator),
+    loss = step_mod.DiffusionLoss(args, models, fourier_active=_fourier_active(args, models, plan.resolution, accelerator),
                                   train_text_encoder=not args.network_train_unet_only, autocast=accelerator.autocast)
     if args.cache_latents:
         loss.cached_latents = cache_latents(dataset, models)
@@ -124,8 +123,8 @@ def set_up(args, plan: Plan) -> Run:
               schedule, state, loss, step_mod.Draws(state.noise_gen, accelerator.num_processes, accelerator.process_index),
               optimizer_name=opt_name, start_batch=start_batch, started=started)
     facts = RunFacts(uuid.uuid4().hex, started, dataset.num_images, schedule.batches_per_epoch, schedule.num_epochs,
-                     schedule.max_steps, schedule.warmup_steps, f"{opt_name}({opt_args})", resolution,
-                     dataset.folders, dataset.tag_frequency())
+                     schedule.max_steps, schedule.warmup_steps, f"{opt_name}({opt_args})", plan.resolution,
+                     dataset.folders, dataset.tag_frequency(), dataset.bucket_info())
     run.checkpoints = Checkpointer(
         args, accelerator, run.network, state, optimizer_identity(plan.optimizer_cls, plan.optimizer_kwargs),
         metadata=lambda: build_metadata(args, plan, facts, state.global_step, state.epoch + (1 if state.done_batches else 0)))
@@ -167,14 +166,14 @@ def _resume(args, plan: Plan, accelerator, state: TrainingState) -> int:
     return start_batch
 
 
-def _fourier_active(args, models: Models, resolution: int, accelerator) -> bool:
+def _fourier_active(args, models: Models, resolution: tuple[int, int], accelerator) -> bool:
     """This trainer compares VAE latents, where an FFT loss has no image meaning: --loss_type fourier
     falls back to l2 there unless --fourier_latent_ok."""
     if args.loss_type != "fourier" or args.fourier_latent_ok:
         return args.loss_type == "fourier"
     channels, factor = models.latent_channels, models.vae_factor
-    shape = (1, channels, resolution // factor, resolution // factor)
-    if not is_latent_space(torch.empty(shape), channels, factor, resolution):
+    shape = (1, channels, resolution[1] // factor, resolution[0] // factor)
+    if not is_latent_space(torch.empty(shape), channels, factor, resolution[0]):
         return True
     if accelerator.is_main_process:
         logger.warning("--loss_type fourier: training runs in latent space (%d-channel VAE latents), where the FFT "
@@ -193,22 +192,22 @@ def run_epochs(run: Run, stops: StopRequests) -> None:
         st.epoch = epoch
         if hasattr(run.network, "on_epoch_start"):
             run.network.on_epoch_start(run.models.text_encoder, run.models.unet)
-        order = run.dataset.epoch_order(run.plan.seed, epoch)
+        batches = run.dataset.epoch_batches(run.plan.seed, epoch, sch.global_batch, pad=sch.world > 1)
         start = run.start_batch if epoch == first_epoch else 0
         st.batch_in_epoch = st.done_batches = start
         for b in range(start, sch.batches_per_epoch):
             if st.global_step >= sch.max_steps:
                 break
-            train_batch(run, stops, order, b)
+            train_batch(run, stops, batches[b])
         if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and st.global_step < sch.max_steps:
             _periodic_save(run, f"{args.output_name}-{epoch + 1:06d}", epoch + 1, 0)
 
 
-def train_batch(run: Run, stops: StopRequests, order: list, b: int) -> None:
-    """Batch ``b`` of the epoch: forward, backward and (at the end of an accumulation) the update."""
+def train_batch(run: Run, stops: StopRequests, global_batch: list) -> None:
+    """One batch of the epoch: forward, backward and (at the end of an accumulation) the update."""
     st, args, acc = run.state, run.args, run.accelerator
-    st.batch_in_epoch = b + 1
-    idx = batch_indices(order, b, run.schedule.global_batch, args.train_batch_size, run.draws.world, run.draws.rank)
+    st.batch_in_epoch += 1
+    idx = rank_share(global_batch, args.train_batch_size, run.draws.rank)
     loss, finite = _forward_backward(run, idx)
     if not finite:
         st.bad_steps += 1

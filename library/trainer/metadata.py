@@ -22,9 +22,10 @@ class RunFacts:
     max_train_steps: int
     warmup_steps: int
     optimizer: str
-    resolution: int
+    resolution: tuple  # (width, height)
     dataset_dirs: dict
     tag_frequency: dict
+    bucket_info: dict | None = None
 
 
 def build_metadata(args, plan, facts: RunFacts, global_step: int, epoch: int) -> dict:
@@ -68,7 +69,12 @@ def _training_keys(args, plan, facts: RunFacts, global_step: int, epoch: int) ->
         "ss_optimizer": facts.optimizer,
         "ss_max_grad_norm": args.max_grad_norm,
         "ss_loss_type": args.loss_type,
-        "ss_resolution": f"({facts.resolution}, {facts.resolution})",
+        "ss_resolution": f"({facts.resolution[0]}, {facts.resolution[1]})",
+        "ss_enable_bucket": bool(args.enable_bucket),
+        "ss_bucket_no_upscale": bool(args.bucket_no_upscale),
+        "ss_min_bucket_reso": plan.buckets.min_reso if plan.buckets else None,
+        "ss_max_bucket_reso": plan.buckets.max_reso if plan.buckets else None,
+        "ss_bucket_info": json.dumps(facts.bucket_info),
         "ss_sd_model_name": os.path.basename(os.path.normpath(plan.model_path)),
         "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
@@ -86,6 +92,6 @@ def _modelspec_keys(args, facts: RunFacts) -> dict:
         "modelspec.architecture": ("stable-diffusion-v2-512" if args.v2 else "stable-diffusion-v1") + "/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": args.output_name,
-        "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
+        "modelspec.resolution": f"{facts.resolution[0]}x{facts.resolution[1]}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

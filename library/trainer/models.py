@@ -1,6 +1,8 @@
 """The frozen model a LoRA trains against: loading, placing on the device, and its facts."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +33,53 @@ class Models:
     @property
     def vae_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return geometry(self.unet.config, self.vae.config).vae_factor
 
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes a model imposes on its images, from its U-Net and VAE configs."""
+    vae_factor: int  # image pixels per latent pixel (8 for SD)
+    unet_factor: int  # a latent side divisible by this survives the U-Net's downsamplings (8 for SD 1.x)
+    sample_size: int  # the U-Net's latent size
+
+    @property
     def native_resolution(self) -> int:
-        """The image size the U-Net was built for: its latent sample size times the VAE factor."""
-        return int(self.unet.config.sample_size) * self.vae_factor
+        """The image size the model was built for (512 for SD 1.5; 64 for the embedded tiny model)."""
+        return self.sample_size * self.vae_factor
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides that are multiples of this keep every U-Net level whole (64 for SD 1.x / 2.x)."""
+        return self.vae_factor * self.unet_factor
+
+
+def geometry(unet_config, vae_config) -> Geometry:
+    get = (lambda c, k: c[k]) if isinstance(unet_config, dict) else (lambda c, k: getattr(c, k))
+    return Geometry(vae_factor=2 ** (len(get(vae_config, "block_out_channels")) - 1),
+                    unet_factor=2 ** (len(get(unet_config, "down_block_types")) - 1),
+                    sample_size=int(get(unet_config, "sample_size")))
+
+
+def read_geometry(model_path: str, embedded: bool) -> Geometry:
+    """The geometry from the model's config files, before any weights load (one line if unreadable)."""
+    if embedded:
+        from ..tiny_sd import UNET_CONFIG, VAE_CONFIG
+
+        return geometry(UNET_CONFIG, VAE_CONFIG)
+    configs = []
+    for part in ("unet", "vae"):
+        file = os.path.join(model_path, part, "config.json")
+        try:
+            with open(file, encoding="utf-8") as f:
+                configs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--pretrained_model_name_or_path {model_path!r}: {part}/config.json cannot be read "
+                            f"({e.strerror if isinstance(e, OSError) else e})") from None
+    try:
+        return geometry(*configs)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"--pretrained_model_name_or_path {model_path!r}: unet/vae config lacks {e}") from None
 
 
 def ensure_embedded(plan, args, accelerator) -> None:
@@ -49,7 +93,7 @@ def ensure_embedded(plan, args, accelerator) -> None:
         from ..dataset_gen import make_dataset
 
         with accelerator.main_process_first():
-            make_dataset(plan.data_dir, n_images=16, resolution=plan.resolution or 64, seed=0)
+            make_dataset(plan.data_dir, n_images=16, resolution=max(plan.resolution), seed=0)
 
 
 def load_models(path: str) -> Models:

@@ -16,6 +16,7 @@ import torch
 from ..errors import UserError
 from ..train_args import EMBEDDED_MODEL
 from .checkpoint import read_resume_state
+from .models import read_geometry
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,7 +31,7 @@ class Plan:
     """What prepare() resolved: everything the loop needs that is not a model."""
     model_path: str
     data_dir: str
-    resolution: int | None
+    resolution: tuple[int, int]  # (width, height): --resolution, or the model's native size
     network_module: object
     net_kwargs: dict
     optimizer_cls: object
@@ -39,6 +40,7 @@ class Plan:
     resume_state: dict | None = None
     embedded: bool = False
     notes: list = field(default_factory=list)
+    buckets: object = None  # library.buckets.Buckets with --enable_bucket
 
 
 def prepare(args) -> Plan:
@@ -48,11 +50,16 @@ def prepare(args) -> Plan:
     resolution = parse_resolution(args.resolution)
     module, net_kwargs = _network_module(args)
     cls, kwargs = _optimizer(args)
-    model_path, data_dir, embedded = _model_and_data(args, notes)
+    model_path, embedded = _model(args, notes)
+    shape = read_geometry(model_path, embedded)
+    resolution = resolution or (shape.native_resolution,) * 2
+    buckets = _buckets(args, resolution, shape.pixel_multiple, notes)
+    data_dir = _data(args, model_path, embedded, notes)
     _check_outputs(args)
     resume_state = read_resume_state(args.resume, cls, kwargs) if args.resume else None
     seed = _seed(args, resume_state, notes)
-    return Plan(model_path, data_dir, resolution, module, net_kwargs, cls, kwargs, seed, resume_state, embedded, notes)
+    return Plan(model_path, data_dir, resolution, module, net_kwargs, cls, kwargs, seed, resume_state, embedded,
+                notes, buckets)
 
 
 def parse_kv(items, what: str) -> dict:
@@ -80,19 +87,46 @@ def parse_warmup(value, max_steps: int) -> int:
     return int(round(f * max_steps)) if 0 < f < 1 else int(f)
 
 
-def parse_resolution(value) -> int | None:
+def parse_resolution(value) -> tuple[int, int] | None:
+    """``--resolution`` as sd-scripts reads it: ``N`` (square) or ``W,H``; sides multiples of 8."""
     if value is None:
         return None
     parts = [p for p in str(value).replace("x", ",").split(",") if p.strip()]
     try:
         nums = [int(p) for p in parts]
     except ValueError:
-        raise UserError(f"--resolution {value!r} must be 'N' or 'N,N'") from None
-    if not nums or len(nums) > 2 or (len(nums) == 2 and nums[0] != nums[1]):
-        raise UserError(f"--resolution {value!r}: only square resolutions are supported ('512' or '512,512')")
-    if nums[0] < 8 or nums[0] % 8:
-        raise UserError(f"--resolution must be a multiple of 8, got {nums[0]}")
-    return nums[0]
+        raise UserError(f"--resolution {value!r} must be 'N' or 'W,H'") from None
+    if not nums or len(nums) > 2:
+        raise UserError(f"--resolution {value!r} must be 'N' or 'W,H' (e.g. '512' or '512,768')")
+    for n in nums:
+        if n < 8 or n % 8:
+            raise UserError(f"--resolution must be a multiple of 8, got {n}")
+    return (nums[0], nums[-1])
+
+
+def _buckets(args, resolution: tuple[int, int], multiple: int, notes: list):
+    """``--enable_bucket`` and its options checked as sd-scripts checks them -> Buckets (or None)."""
+    from ..buckets import Buckets
+
+    if not args.enable_bucket:
+        return None
+    step = args.bucket_reso_steps
+    if step < 1 or step % multiple:
+        raise UserError(f"--bucket_reso_steps must be a multiple of {multiple} for this model (its VAE and "
+                        f"U-Net halve an image {multiple.bit_length() - 1} times), got {step}")
+    if args.bucket_no_upscale:
+        notes.append("--bucket_no_upscale: buckets follow each image's size; --min/--max_bucket_reso are not used")
+        return Buckets(resolution, 0, 0, step, no_upscale=True)
+    low = args.min_bucket_reso - args.min_bucket_reso % step
+    high = args.max_bucket_reso + (-args.max_bucket_reso) % step
+    if (low, high) != (args.min_bucket_reso, args.max_bucket_reso):
+        notes.append(f"--min/--max_bucket_reso rounded to multiples of --bucket_reso_steps {step}: {low}, {high}")
+    if low < step:
+        raise UserError(f"--min_bucket_reso must be at least --bucket_reso_steps ({step}), got {args.min_bucket_reso}")
+    if min(resolution) < low or max(resolution) > high:
+        raise UserError(f"--resolution {resolution[0]}x{resolution[1]} must lie within --min_bucket_reso {low} and "
+                        f"--max_bucket_reso {high} (lower the min, raise the max, or change the resolution)")
+    return Buckets(resolution, low, high, step, no_upscale=False)
 
 
 def _check_numbers(args) -> None:
@@ -145,8 +179,8 @@ def _optimizer(args):
     return cls, kwargs
 
 
-def _model_and_data(args, notes: list) -> tuple[str, str, bool]:
-    """The model folder and the data folder: explicit, or the embedded default (generated locally)."""
+def _model(args, notes: list) -> tuple[str, bool]:
+    """The model folder: explicit, or the embedded default (generated locally)."""
     model_path = args.pretrained_model_name_or_path
     embedded = model_path in (None, "", EMBEDDED_MODEL)
     if embedded:
@@ -157,6 +191,11 @@ def _model_and_data(args, notes: list) -> tuple[str, str, bool]:
             f"--pretrained_model_name_or_path {model_path!r} is not a diffusers model folder "
             "(expected model_index.json with unet/, vae/, text_encoder/, tokenizer/)"
         )
+    return model_path, embedded
+
+
+def _data(args, model_path: str, embedded: bool, notes: list) -> str:
+    """The data folder (every image verified now), or the generated dataset with the embedded model."""
     data_dir = args.train_data_dir
     if data_dir is None and not embedded:
         raise UserError(f"--train_data_dir is required with --pretrained_model_name_or_path {model_path!r} "
@@ -169,7 +208,7 @@ def _model_and_data(args, notes: list) -> tuple[str, str, bool]:
 
         items, _ = scan(data_dir, args.caption_extension)  # raises UserError when missing or empty
         notes.append(f"--train_data_dir: {verify_images(items)} images read and verified")
-    return model_path, data_dir, embedded
+    return data_dir
 
 
 def logging_dir(args) -> str | None:
