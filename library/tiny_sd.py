@@ -333,20 +333,26 @@ def build_tiny_sd(path: str, seed: int = 0) -> str:
     different seed is rebuilt. A non-empty folder that this function did not write is never
     touched: FileExistsError.
     """
+    return build_folder(path, seed, is_valid_tiny_sd, _write_model, MARKER, "tiny SD")
+
+
+def build_folder(path: str, seed: int, is_valid, write, marker: str, what: str) -> str:
+    """Build a model folder atomically: ``write(tmp, seed)`` into a temporary sibling, then rename
+    it into place; reuse a folder ``is_valid(path, seed)`` accepts; never touch a foreign folder."""
     path = os.path.abspath(os.fspath(path))
     seed = int(seed)
-    if is_valid_tiny_sd(path, seed):
+    if is_valid(path, seed):
         return path
-    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, MARKER)):
-        raise FileExistsError(f"{path} exists and is not a tiny SD model folder; refusing to overwrite")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
+        raise FileExistsError(f"{path} exists and is not a {what} model folder; refusing to overwrite")
 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-        _write_model(tmp, seed)
+        write(tmp, seed)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if is_valid_tiny_sd(path, seed):  # another process finished first
+        if is_valid(path, seed):  # another process finished first
             return path
         if os.path.isdir(path):
             # ours (marker present) but stale or incomplete, or empty: move aside, then drop
@@ -357,7 +363,7 @@ def build_tiny_sd(path: str, seed: int = 0) -> str:
         try:
             os.replace(tmp, path)
         except OSError:
-            if not is_valid_tiny_sd(path, seed):
+            if not is_valid(path, seed):
                 raise
     finally:
         if os.path.isdir(tmp):
@@ -388,3 +394,13 @@ def load_tiny_sd(path: str, device: str = "cpu", dtype=None) -> TinySD:
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw).to(device)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     return TinySD(tokenizer, text_encoder, vae, unet, scheduler)
+
+
+def tiny_tokenizer():
+    """The tiny models' generated tokenizer, without a model folder (single-file checkpoints of
+    the tiny models name it in their metadata instead of carrying it)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_tokenizer(folder)
+        return CLIPTokenizer.from_pretrained(folder)

@@ -21,7 +21,12 @@ def setup_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     # model and data
     a("--pretrained_model_name_or_path", type=str, default=None,
-      help=f"diffusers SD 1.x/2.x folder; omitted or '{EMBEDDED_MODEL}': the embedded tiny model, built locally")
+      help="a single-file SD 1.x/2.x checkpoint (.safetensors / .ckpt), a diffusers folder or a Hugging Face id; "
+           f"omitted or '{EMBEDDED_MODEL}': the embedded tiny model, built locally")
+    a("--tokenizer_cache_dir", type=str, default=None,
+      help="folder holding (or receiving) the CLIP tokenizer a single-file checkpoint needs, as in sd-scripts")
+    a("--vae", type=str, default=None, help="a separate VAE: a .safetensors / .ckpt file, a diffusers folder or id")
+    a("--no_half_vae", action="store_true", help="accepted: the VAE always runs in fp32 here")
     a("--v2", action="store_true", help="the base model is SD 2.x")
     a("--v_parameterization", action="store_true", help="v-prediction model (SD 2.x 768)")
     a("--train_data_dir", type=str, default=None,

@@ -17,7 +17,7 @@ from .checkpoint import Checkpointer, optimizer_identity
 from .data import build_dataset, cache_latents, rank_share
 from .distributed import average_gradients, check_ranks_in_sync
 from .logs import RunLog, plot_losses, summary_line
-from .metadata import RunFacts, build_metadata
+from .metadata import RunFacts, build_metadata, file_keys
 from .models import Models, ensure_embedded, load_models, place
 from .network import (Schedule, build_lr_scheduler, build_network, build_optimizer, plan_schedule,
                       warn_if_optimizer_phases_cover_the_run)
@@ -99,7 +99,7 @@ def set_up(args, plan: Plan) -> Run:
 
     set_seed(plan.seed)
     ensure_embedded(plan, args, accelerator)
-    models = load_models(plan.model_path)
+    models = load_models(plan.model_path, args)
     dataset = build_dataset(args, plan, accelerator.is_main_process)
     place(models, accelerator.device, args.mixed_precision, args.gradient_checkpointing)
     network = build_network(args, plan, models)
@@ -124,7 +124,7 @@ def set_up(args, plan: Plan) -> Run:
               optimizer_name=opt_name, start_batch=start_batch, started=started)
     facts = RunFacts(uuid.uuid4().hex, started, dataset.num_images, schedule.batches_per_epoch, schedule.num_epochs,
                      schedule.max_steps, schedule.warmup_steps, f"{opt_name}({opt_args})", plan.resolution,
-                     dataset.folders, dataset.tag_frequency(), dataset.bucket_info())
+                     dataset.folders, dataset.tag_frequency(), dataset.bucket_info(), file_keys(args, plan.model_path))
     run.checkpoints = Checkpointer(
         args, accelerator, run.network, state, optimizer_identity(plan.optimizer_cls, plan.optimizer_kwargs),
         metadata=lambda: build_metadata(args, plan, facts, state.global_step, state.epoch + (1 if state.done_batches else 0)))

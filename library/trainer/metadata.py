@@ -1,10 +1,11 @@
 """The ``ss_*`` / ``modelspec.*`` metadata written into every LoRA file, as sd-scripts writes it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # what --no_metadata keeps: the keys a loader needs to rebuild the network
 _ESSENTIAL = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
@@ -26,6 +27,45 @@ class RunFacts:
     dataset_dirs: dict
     tag_frequency: dict
     bucket_info: dict | None = None
+    files: dict = field(default_factory=dict)  # model / VAE names and hashes (file_keys)
+
+
+def file_keys(args, model_path: str) -> dict:
+    """``ss_sd_model_name`` / ``ss_vae_name`` and, for files, their hashes as sd-scripts writes them:
+    the old 8-digit webui hash (``ss_*_hash``) and the full SHA-256 (``ss_new_*_hash``)."""
+    out = {"ss_sd_model_name": os.path.basename(os.path.normpath(model_path))}
+    if os.path.isfile(model_path):
+        out.update(ss_sd_model_hash=webui_hash(model_path), ss_new_sd_model_hash=sha256_file(model_path))
+    if args.vae:
+        out["ss_vae_name"] = os.path.basename(os.path.normpath(args.vae))
+        if os.path.isfile(args.vae):
+            out.update(ss_vae_hash=webui_hash(args.vae), ss_new_vae_hash=sha256_file(args.vae))
+    return out
+
+
+def webui_hash(path: str) -> str:
+    """The old stable-diffusion-webui model hash: SHA-256 of 64 KiB at offset 1 MiB, 8 hex digits."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def base_model_version(args) -> str:
+    return ("sd_v2" if args.v2 else "sd_v1") + ("_v" if args.v_parameterization else "")
+
+
+def architecture(args) -> str:
+    if args.v2:
+        return "stable-diffusion-v2-768-v" if args.v_parameterization else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
 
 
 def build_metadata(args, plan, facts: RunFacts, global_step: int, epoch: int) -> dict:
@@ -61,7 +101,7 @@ def _training_keys(args, plan, facts: RunFacts, global_step: int, epoch: int) ->
         "ss_full_fp16": bool(args.full_fp16),
         "ss_full_bf16": bool(args.full_bf16),
         "ss_v2": bool(args.v2),
-        "ss_base_model_version": "sd_v2" if args.v2 else "sd_v1",
+        "ss_base_model_version": base_model_version(args),
         "ss_clip_skip": args.clip_skip,
         "ss_seed": plan.seed,
         "ss_noise_offset": args.noise_offset,
@@ -75,7 +115,7 @@ def _training_keys(args, plan, facts: RunFacts, global_step: int, epoch: int) ->
         "ss_min_bucket_reso": plan.buckets.min_reso if plan.buckets else None,
         "ss_max_bucket_reso": plan.buckets.max_reso if plan.buckets else None,
         "ss_bucket_info": json.dumps(facts.bucket_info),
-        "ss_sd_model_name": os.path.basename(os.path.normpath(plan.model_path)),
+        **facts.files,
         "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_training_comment": args.training_comment,
@@ -89,7 +129,8 @@ def _training_keys(args, plan, facts: RunFacts, global_step: int, epoch: int) ->
 def _modelspec_keys(args, facts: RunFacts) -> dict:
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-v2-512" if args.v2 else "stable-diffusion-v1") + "/lora",
+        "modelspec.architecture": architecture(args) + "/lora",
+        "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
         "modelspec.implementation": "diffusers",
         "modelspec.title": args.output_name,
         "modelspec.resolution": f"{facts.resolution[0]}x{facts.resolution[1]}",

@@ -1,7 +1,6 @@
 """The frozen model a LoRA trains against: loading, placing on the device, and its facts."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -61,25 +60,37 @@ def geometry(unet_config, vae_config) -> Geometry:
                     sample_size=int(get(unet_config, "sample_size")))
 
 
-def read_geometry(model_path: str, embedded: bool) -> Geometry:
-    """The geometry from the model's config files, before any weights load (one line if unreadable)."""
+def read_geometry(model_path: str, embedded: bool, v2: bool = False) -> Geometry:
+    """The geometry from the model's configs, before any weights load (one line if unreadable)."""
+    from ..single_file import architecture, is_single_file, peek
+
     if embedded:
         from ..tiny_sd import UNET_CONFIG, VAE_CONFIG
 
         return geometry(UNET_CONFIG, VAE_CONFIG)
-    configs = []
-    for part in ("unet", "vae"):
-        file = os.path.join(model_path, part, "config.json")
-        try:
-            with open(file, encoding="utf-8") as f:
-                configs.append(json.load(f))
-        except (OSError, ValueError) as e:
-            raise UserError(f"--pretrained_model_name_or_path {model_path!r}: {part}/config.json cannot be read "
-                            f"({e.strerror if isinstance(e, OSError) else e})") from None
+    if is_single_file(model_path):
+        family, metadata = peek(model_path)
+        configs = architecture(family or ("sd2" if v2 else "sd1"), metadata, model_path)
+        return geometry(configs["unet"], configs["vae"])
+    configs = [_load_config(model_path, part) for part in ("unet", "vae")]
     try:
         return geometry(*configs)
     except (KeyError, TypeError) as e:
         raise UserError(f"--pretrained_model_name_or_path {model_path!r}: unet/vae config lacks {e}") from None
+
+
+def _load_config(model_path: str, part: str) -> dict:
+    """``<part>/config.json`` of a diffusers folder, or of a hub id (from the local cache when offline)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
+    try:
+        return dict(cls.load_config(model_path, subfolder=part))
+    except (OSError, ValueError) as e:
+        offline = not os.path.isdir(model_path) and os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (not in the local Hugging Face cache; set HF_HUB_OFFLINE=0 to download it)" if offline else ""
+        raise UserError(f"--pretrained_model_name_or_path {model_path!r}: {part}/config.json cannot be read "
+                        f"({str(e).splitlines()[0]}){hint}") from None
 
 
 def ensure_embedded(plan, args, accelerator) -> None:
@@ -96,8 +107,21 @@ def ensure_embedded(plan, args, accelerator) -> None:
             make_dataset(plan.data_dir, n_images=16, resolution=max(plan.resolution), seed=0)
 
 
-def load_models(path: str) -> Models:
-    """The five parts of a diffusers SD 1.x / 2.x folder; one line naming the folder when one fails."""
+def load_models(model_path: str, args) -> Models:
+    """Tokenizer, text encoder, VAE, U-Net and scheduler from a single file, a diffusers folder or
+    a hub id; ``--vae`` replaces the VAE. One line naming the model when a part fails."""
+    from ..single_file import is_single_file, load_single_file, load_vae
+
+    if is_single_file(model_path):
+        models = Models(*load_single_file(model_path, args.v2, args.tokenizer_cache_dir))
+    else:
+        models = _load_diffusers(model_path)
+    if args.vae:
+        models.vae = load_vae(args.vae, models.vae)
+    return models
+
+
+def _load_diffusers(path: str) -> Models:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -51,10 +51,10 @@ def prepare(args) -> Plan:
     module, net_kwargs = _network_module(args)
     cls, kwargs = _optimizer(args)
     model_path, embedded = _model(args, notes)
-    shape = read_geometry(model_path, embedded)
+    data_dir = _data(args, model_path, embedded, notes)
+    shape = read_geometry(model_path, embedded, args.v2)
     resolution = resolution or (shape.native_resolution,) * 2
     buckets = _buckets(args, resolution, shape.pixel_multiple, notes)
-    data_dir = _data(args, model_path, embedded, notes)
     _check_outputs(args)
     resume_state = read_resume_state(args.resume, cls, kwargs) if args.resume else None
     seed = _seed(args, resume_state, notes)
@@ -180,18 +180,37 @@ def _optimizer(args):
 
 
 def _model(args, notes: list) -> tuple[str, bool]:
-    """The model folder: explicit, or the embedded default (generated locally)."""
+    """The model: a single-file checkpoint, a diffusers folder, a Hugging Face id, or the embedded
+    default (generated locally). A single ``.safetensors`` is checked now against ``--v2``."""
+    from ..single_file import check_family, is_single_file, peek
+
     model_path = args.pretrained_model_name_or_path
     embedded = model_path in (None, "", EMBEDDED_MODEL)
     if embedded:
         model_path = os.path.join(cache_dir(), "tiny-sd")
         notes.append(f"no --pretrained_model_name_or_path: using the embedded tiny SD model ({model_path})")
-    elif not os.path.isdir(model_path) or not os.path.isfile(os.path.join(model_path, "model_index.json")):
-        raise UserError(
-            f"--pretrained_model_name_or_path {model_path!r} is not a diffusers model folder "
-            "(expected model_index.json with unet/, vae/, text_encoder/, tokenizer/)"
-        )
+    elif os.path.isfile(model_path):
+        if not is_single_file(model_path):
+            raise UserError(f"--pretrained_model_name_or_path {model_path!r} is a file but not a checkpoint "
+                            "(.safetensors or .ckpt)")
+        family, _ = peek(model_path)
+        if family is not None or model_path.lower().endswith(".safetensors"):
+            check_family(model_path, family, args.v2)
+    elif os.path.isdir(model_path):
+        if not os.path.isfile(os.path.join(model_path, "model_index.json")):
+            raise UserError(f"--pretrained_model_name_or_path {model_path!r} is not a diffusers model folder "
+                            "(expected model_index.json with unet/, vae/, text_encoder/, tokenizer/)")
+    elif not _looks_like_hub_id(model_path):
+        raise UserError(f"--pretrained_model_name_or_path {model_path!r} does not exist (give a .safetensors / .ckpt "
+                        "checkpoint, a diffusers folder or a Hugging Face id such as owner/name)")
+    if args.vae and not os.path.exists(args.vae) and not _looks_like_hub_id(args.vae):
+        raise UserError(f"--vae {args.vae!r} does not exist")
     return model_path, embedded
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and "\\" not in value
 
 
 def _data(args, model_path: str, embedded: bool, notes: list) -> str:

@@ -1,0 +1,398 @@
+"""Single-file Stable Diffusion checkpoints: the original (LDM) layout in one ``.safetensors`` or
+``.ckpt``, as sd-scripts, A1111 and ComfyUI use them.
+
+Reading (offline): the family comes from the user's flags as in sd-scripts (``--v2``), checked
+against the file's keys; the architecture from sd-scripts' fixed SD 1.x / 2.x configs (written
+below as data), or from the configs the file carries in its metadata (files written by
+:func:`save_single_file`, such as the embedded tiny model's). The weights are converted with
+diffusers' own LDM converters and loaded strictly, so a file that does not fit its architecture
+is one line naming the first mismatch.
+
+The tokenizer is not in the file: as sd-scripts, it comes from ``--tokenizer_cache_dir``
+(``<dir>/openai_clip-vit-large-patch14``, or ``stabilityai_stable-diffusion-2`` for SD 2.x),
+else from the Hugging Face hub (online, or its local cache); it is saved into the cache folder
+after a hub load.
+
+Writing: :func:`save_single_file` turns diffusers models into the LDM layout (the inverse of the
+converters above, for any block count), so tests can make single files of the tiny models.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from .errors import UserError
+
+logger = logging.getLogger("train_network")
+
+CONFIG_METADATA_KEY = "hina.diffusers_configs"  # configs carried by files we write
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: a transformers CLIPTextModel
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: an OpenCLIP text tower
+TOKENIZER_IDS = {"sd1": ("openai/clip-vit-large-patch14", None), "sd2": ("stabilityai/stable-diffusion-2", "tokenizer")}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+# sd-scripts' fixed architectures (library/model_util.py), as diffusers configs
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, steps_offset=1)
+_SD_BLOCKS = dict(
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4, out_channels=4)
+UNET_CONFIGS = {
+    "sd1": dict(_SD_BLOCKS, cross_attention_dim=768, attention_head_dim=8),
+    "sd2": dict(_SD_BLOCKS, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+}
+VAE_CONFIG = dict(sample_size=256, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(128, 256, 512, 512), scaling_factor=0.18215)
+_CLIP_COMMON = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+                    eos_token_id=2)
+TEXT_ENCODER_CONFIGS = {
+    "sd1": dict(_CLIP_COMMON, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                hidden_act="quick_gelu", projection_dim=768),
+    # OpenCLIP ViT-H's text tower without its last layer (SD 2.x uses the penultimate layer)
+    "sd2": dict(_CLIP_COMMON, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                hidden_act="gelu", projection_dim=512),
+}
+
+
+# ------------------------------------------------------------------ reading
+def is_single_file(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+
+
+def read_state_dict(path: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a ``.safetensors`` file or a torch checkpoint (``state_dict`` unwrapped)."""
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise UserError(f"cannot read the checkpoint {path}: it holds no state dict")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def peek(path: str) -> tuple[str | None, dict]:
+    """(family, metadata) of a ``.safetensors`` file from its header alone (no tensor is read);
+    ``(None, {})`` for other formats, which must be loaded whole to be inspected."""
+    if not path.lower().endswith(".safetensors"):
+        return None, {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return detect_family(dict.fromkeys(f.keys())), dict(f.metadata() or {})
+    except Exception as e:
+        raise UserError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def check_family(path: str, family: str | None, v2: bool) -> None:
+    """One line when the file is no SD checkpoint or not the family the flags say (sd-scripts' --v2)."""
+    if family is None:
+        raise UserError(f"{path} is not a Stable Diffusion checkpoint (no {UNET_PREFIX}* weights)")
+    if family == "sdxl":
+        raise UserError(f"{path} is an SDXL checkpoint: train it with sdxl_train_network.py")
+    if family != ("sd2" if v2 else "sd1"):
+        raise UserError(f"{path} is an {FAMILY_NAMES[family]} checkpoint: " + ("add --v2" if family == "sd2" else "remove --v2"))
+
+
+def architecture(family: str, metadata: dict, path: str = "") -> dict:
+    """The diffusers configs (unet, vae, text_encoder, scheduler) a single file is loaded into."""
+    return _configs(path, family, metadata)
+
+
+def detect_family(state: dict) -> str | None:
+    """``sd1`` / ``sd2`` / ``sdxl`` from the keys (None when the file is no SD checkpoint)."""
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        return "sdxl"
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in state):
+        return "sd2"
+    if any(k.startswith(UNET_PREFIX) for k in state):
+        return "sd1"
+    return None
+
+
+def _normalise_clip_keys(state: dict) -> dict:
+    """Some SD 1.x files store the text model without its ``text_model.`` level (sd-scripts accepts them)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(CLIP_PREFIX) and not k.startswith(CLIP_PREFIX + "text_model."):
+            k = CLIP_PREFIX + "text_model." + k[len(CLIP_PREFIX):]
+        out[k] = v
+    return out
+
+
+def _configs(path: str, family: str, metadata: dict) -> dict:
+    if CONFIG_METADATA_KEY in metadata:
+        try:
+            return json.loads(metadata[CONFIG_METADATA_KEY])
+        except ValueError:
+            raise UserError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not valid JSON") from None
+    return {"unet": UNET_CONFIGS[family], "vae": VAE_CONFIG, "text_encoder": TEXT_ENCODER_CONFIGS[family],
+            "scheduler": SCHEDULER_CONFIG}
+
+
+def _empty(build):
+    """A model with its parameters on the meta device (no random init: fast, and the global random
+    stream is left as it was, so the LoRA's initial weights do not depend on how the model loads)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+def _load_strict(model, weights: dict, what: str, path: str):
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that differ
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise UserError(f"{path}: its {what} weights do not fit the architecture ({first})") from None
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise UserError(f"{path}: its {what} weights do not fit the architecture ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected; {first})")
+    return model
+
+
+def load_single_file(path: str, v2: bool, tokenizer_cache_dir: str | None = None):
+    """(tokenizer, text_encoder, vae, unet, scheduler) from a single-file checkpoint, offline."""
+    state, metadata = read_state_dict(path)
+    family = detect_family(state)
+    check_family(path, family, v2)
+    text_encoder, vae, unet, scheduler = build_models(state, metadata, family, path)
+    return load_tokenizer(family, tokenizer_cache_dir, metadata), text_encoder, vae, unet, scheduler
+
+
+def build_models(state: dict, metadata: dict, family: str, path: str = "checkpoint"):
+    """(text_encoder, vae, unet, scheduler) from an LDM-layout state dict, loaded strictly."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    state = _normalise_clip_keys(state)
+    configs = _configs(path, family, metadata)
+    unet = _empty(lambda: UNet2DConditionModel(**configs["unet"]))
+    _load_strict(unet, convert_ldm_unet_checkpoint(state, dict(unet.config)), "U-Net", path)
+    vae = load_vae_weights(_empty(lambda: AutoencoderKL(**configs["vae"])), state, path)
+    text_encoder = _empty(lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))
+    _load_strict(text_encoder, _text_encoder_weights(family, state, text_encoder), "text encoder", path)
+    return text_encoder, vae, unet, DDPMScheduler(**configs["scheduler"])
+
+
+def load_vae_weights(vae, state: dict, path: str):
+    """Convert LDM VAE weights (with or without the ``first_stage_model.`` prefix) into ``vae``."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    if not any(k.startswith(VAE_PREFIX) for k in state):
+        state = {VAE_PREFIX + k: v for k, v in state.items()}
+    return _load_strict(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), "VAE", path)
+
+
+def load_vae(path: str, like):
+    """``--vae``: a VAE file (LDM names, with or without ``first_stage_model.``, or diffusers names)
+    loaded into the architecture of ``like`` (the model's own VAE), or a diffusers VAE folder / id."""
+    from diffusers import AutoencoderKL
+
+    if not os.path.isfile(path):
+        folder_is_model = os.path.isfile(os.path.join(path, "model_index.json"))
+        try:
+            return AutoencoderKL.from_pretrained(path, subfolder="vae" if folder_is_model else None)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--vae {path!r} cannot be loaded: {str(e).splitlines()[0]}") from None
+    state, _ = read_state_dict(path)
+    vae = _empty(lambda: AutoencoderKL(**{k: v for k, v in dict(like.config).items() if not k.startswith("_")}))
+    if any(k.startswith("decoder.up_blocks.") for k in state):
+        return _load_strict(vae, state, "VAE", path)
+    return load_vae_weights(vae, {k: v for k, v in state.items() if not k.startswith("model_ema.")}, path)
+
+
+def _text_encoder_weights(family: str, state: dict, text_encoder) -> dict:
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    if family == "sd2":
+        weights = convert_open_clip_checkpoint(text_encoder, state, prefix=OPEN_CLIP_PREFIX)
+    else:
+        weights = {k: v for k, v in convert_ldm_clip_checkpoint(state).items() if k.startswith("text_model.")}
+    keep = set(text_encoder.state_dict())
+    if not any(k.startswith("text_model.") for k in keep):  # transformers 5 dropped the text_model level
+        weights = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in weights.items()}
+    if family == "sd2":  # the 24th layer and the projection go unused
+        weights = {k: v for k, v in weights.items() if k in keep}
+    return weights
+
+
+def _classic_clip_names(state: dict) -> dict:
+    """Text-encoder weights under the names single files use (``text_model.*``), whatever the
+    transformers version calls them."""
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()
+            if not k.endswith("position_ids")}
+
+
+def load_tokenizer(family: str, cache_dir: str | None, metadata: dict | None = None):
+    """The family's CLIP tokenizer as sd-scripts finds it; one line saying what is missing offline."""
+    if (metadata or {}).get("hina.tokenizer") == "tiny-sd":
+        from .tiny_sd import tiny_tokenizer
+
+        return tiny_tokenizer()
+    model_id, subfolder = TOKENIZER_IDS[family]
+    local = os.path.join(cache_dir, model_id.replace("/", "_")) if cache_dir else None
+    if local and os.path.isdir(local):
+        return _usable(_try_tokenizer(local, None), f"--tokenizer_cache_dir: {local}")
+    tokenizer = _try_tokenizer(model_id, subfolder)
+    if tokenizer is None or not _has_vocabulary(tokenizer):
+        where = f"--tokenizer_cache_dir {cache_dir!r} has no {os.path.basename(local)}/" if local else "no --tokenizer_cache_dir"
+        raise UserError(f"the {FAMILY_NAMES[family]} tokenizer ({model_id}) is not available offline and {where}: "
+                        "run once online with --tokenizer_cache_dir DIR, or copy a saved tokenizer there")
+    if local:
+        tokenizer.save_pretrained(local)
+    return tokenizer
+
+
+def _try_tokenizer(where: str, subfolder: str | None):
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(where, subfolder=subfolder)
+    except (OSError, ValueError):
+        return None
+
+
+def _has_vocabulary(tokenizer) -> bool:
+    """A byte-level BPE vocabulary has at least its 256 byte symbols; transformers 5 returns an
+    empty tokenizer (2 tokens) instead of failing when the files are missing."""
+    return len(tokenizer) > 256
+
+
+def _usable(tokenizer, what: str):
+    if tokenizer is None or not _has_vocabulary(tokenizer):
+        raise UserError(f"{what} holds no usable CLIP tokenizer (vocab.json and merges.txt expected)")
+    return tokenizer
+
+
+# ------------------------------------------------------------------ writing
+def _unet_ldm_names(config: dict) -> list[tuple[str, str]]:
+    """(diffusers prefix, LDM prefix) pairs for a UNet2DConditionModel config, most specific first."""
+    layers, levels = config["layers_per_block"], len(config["block_out_channels"])
+    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
+             ("mid_block.resnets.1.", "middle_block.2.")]
+    for i in range(levels):
+        for j in range(layers):
+            block = (layers + 1) * i + j + 1
+            pairs += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0."),
+                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1.")]
+        if i < levels - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(layers + 1) * (i + 1)}.0.op."))
+        has_attention = "CrossAttn" in config["up_block_types"][i]
+        for j in range(layers + 1):
+            block = (layers + 1) * i + j
+            pairs += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{block}.0."),
+                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1.")]
+        if i < levels - 1:
+            last = (layers + 1) * i + layers
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{last}.{2 if has_attention else 1}."))
+    return pairs
+
+
+_UNET_RESNET_PARTS = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+                      ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
+_VAE_ATTENTION_PARTS = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                        ("to_out.0.", "proj_out.")]
+
+
+def _rename(key: str, pairs) -> str | None:
+    for new, old in pairs:
+        if key.startswith(new):
+            return old + key[len(new):]
+    return None
+
+
+def unet_to_ldm(unet) -> dict:
+    """A UNet2DConditionModel's weights under their LDM names (``model.diffusion_model.*``)."""
+    pairs, out = _unet_ldm_names(dict(unet.config)), {}
+    for key, value in unet.state_dict().items():
+        match = next(((new, old) for new, old in pairs if key.startswith(new)), None)
+        if match is None:
+            raise ValueError(f"no LDM name for the U-Net weight {key}")
+        new, old = match
+        tail = key[len(new):]
+        if ".resnets." in new:
+            tail = _rename(tail, _UNET_RESNET_PARTS) or tail
+        out[UNET_PREFIX + old + tail] = value
+    return out
+
+
+def vae_to_ldm(vae) -> dict:
+    """An AutoencoderKL's weights under their LDM names (``first_stage_model.*``)."""
+    config, out = dict(vae.config), {}
+    levels = len(config["block_out_channels"])
+    for key, value in vae.state_dict().items():
+        ldm = key
+        for side in ("encoder", "decoder"):
+            if not key.startswith(side + "."):
+                continue
+            ldm = _vae_side(key[len(side) + 1:], side, levels)
+        if ".mid.attn_1." in ldm and value.ndim == 2:  # LDM stores the attention projections as 1x1 convs
+            value = value[:, :, None, None]
+        out[VAE_PREFIX + ldm] = value
+    return out
+
+
+def _vae_side(key: str, side: str, levels: int) -> str:
+    import re
+
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)", key)
+    if m:
+        kind, i, part, j, rest = m.groups()
+        level = int(i) if kind == "down" else levels - 1 - int(i)
+        name = "down" if kind == "down" else "up"
+        if part == "resnets":
+            return f"{side}.{name}.{level}.block.{j}." + rest.replace("conv_shortcut.", "nin_shortcut.")
+        return f"{side}.{name}.{level}.{'downsample' if kind == 'down' else 'upsample'}.{rest}"
+    if key.startswith("mid_block.resnets."):
+        j, rest = key[len("mid_block.resnets."):].split(".", 1)
+        return f"{side}.mid.block_{int(j) + 1}.{rest.replace('conv_shortcut.', 'nin_shortcut.')}"
+    if key.startswith("mid_block.attentions.0."):
+        rest = key[len("mid_block.attentions.0."):]
+        return f"{side}.mid.attn_1." + (_rename(rest, _VAE_ATTENTION_PARTS) or rest)
+    return f"{side}." + key.replace("conv_norm_out.", "norm_out.")
+
+
+def save_single_file(path: str, unet, vae, text_encoder, scheduler_config: dict | None = None,
+                     metadata: dict | None = None, embed_configs: bool = True) -> str:
+    """Write diffusers models as one SD 1.x LDM-layout ``.safetensors`` (atomically). With
+    ``embed_configs`` the diffusers configs travel in the metadata, so a non-standard
+    architecture (the tiny models) loads back exactly."""
+    from safetensors.torch import save_file
+
+    tensors = {**unet_to_ldm(unet), **vae_to_ldm(vae)}
+    tensors.update({CLIP_PREFIX + k: v for k, v in _classic_clip_names(text_encoder.state_dict()).items()})
+    md = dict(metadata or {})
+    if embed_configs:
+        md[CONFIG_METADATA_KEY] = json.dumps({
+            "unet": _plain(unet.config), "vae": _plain(vae.config),
+            "text_encoder": {k: v for k, v in text_encoder.config.to_dict().items() if not k.startswith("_")},
+            "scheduler": scheduler_config or SCHEDULER_CONFIG})
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=md)
+    os.replace(tmp, path)
+    return path
+
+
+def _plain(config) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
