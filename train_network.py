@@ -30,21 +30,24 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def setup_one_line_parser() -> argparse.ArgumentParser:
-    base = setup_parser()
+def setup_one_line_parser(sdxl: bool = False) -> argparse.ArgumentParser:
+    base = setup_parser(sdxl)
     parser = _OneLineParser(prog=base.prog, description=base.description)
     for action in base._actions:
         if action.dest == "help":
             continue
         parser._add_action(action)
+    parser.set_defaults(**base._defaults)
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, sdxl: bool = False) -> int:
+    """Run ``train_network.py`` (or, with ``sdxl``, ``sdxl_train_network.py``); returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "diffusers", "transformers", "accelerate", "bitsandbytes", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    parser = setup_one_line_parser()
+    parser = setup_one_line_parser(sdxl)
+    prog = parser.prog
     try:
         args = parse_with_config(parser, argv)
         if args.output_config:
@@ -57,10 +60,10 @@ def main(argv=None) -> int:
         plan = prepare(args)
         train(args, plan)
     except UserError as e:
-        print(f"train_network.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:  # saved first; 130 / 143 after SIGINT / SIGTERM, as shells expect
-        print(f"train_network.py: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return e.exit_code
     finally:
         _leave_process_group()

@@ -45,6 +45,20 @@ class Fit:
     def aspect_error(self) -> float:
         return self.bucket[0] / self.bucket[1] - self.original[0] / self.original[1]
 
+    def size_condition(self, flipped: bool = False) -> tuple[int, int, int, int, int, int]:
+        """SDXL's six size numbers for this image, as sd-scripts computes them: original (h, w),
+        crop (top, left) and target (h, w). The crop follows Stability AI's preprocessing (the
+        image fitted inside the bucket, offsets centred); a flipped image's left is mirrored."""
+        (bw, bh), (ow, oh) = self.bucket, self.original
+        if bw / bh > ow / oh:
+            width, height = bh * ow / oh, bh
+        else:
+            width, height = bw, bw * oh / ow
+        left, top = (bw - width) // 2, (bh - height) // 2
+        if flipped:
+            left = bw - (left + width)
+        return oh, ow, int(top), int(left), bh, bw
+
 
 def bucket_resolutions(max_reso: tuple[int, int], min_size: int, max_size: int, step: int) -> list[tuple[int, int]]:
     """The candidate buckets for an area of ``max_reso``, sorted (sd-scripts' set)."""

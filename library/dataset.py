@@ -193,15 +193,22 @@ class FolderDataset:
         return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
     def batch(self, indices, flip_gen: torch.Generator | None = None):
-        imgs, caps = [], []
+        """(images, captions, flipped) of the items ``indices``; with ``flip_aug`` each image is
+        mirrored with probability 1/2, drawn from ``flip_gen``."""
+        imgs, caps, flips = [], [], []
         for i in indices:
             it = self.items[i]
             img = self.image(it.path)
-            if self.flip_aug and flip_gen is not None and torch.rand((), generator=flip_gen) < 0.5:
-                img = img.flip(-1)
-            imgs.append(img)
+            flip = bool(self.flip_aug and flip_gen is not None and torch.rand((), generator=flip_gen) < 0.5)
+            imgs.append(img.flip(-1) if flip else img)
             caps.append(it.caption)
-        return torch.stack(imgs), caps
+            flips.append(flip)
+        return torch.stack(imgs), caps, flips
+
+    def size_conditions(self, indices, flips) -> torch.Tensor:
+        """SDXL's size / crop numbers of the items, (len(indices), 6)."""
+        rows = [self.fits[self.items[i].path].size_condition(f) for i, f in zip(indices, flips)]
+        return torch.tensor(rows, dtype=torch.float32)
 
     def tag_frequency(self) -> dict:
         freq: dict = {}

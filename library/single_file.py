@@ -33,7 +33,11 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: a transformers CLIPTextModel
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: an OpenCLIP text tower
-TOKENIZER_IDS = {"sd1": ("openai/clip-vit-large-patch14", None), "sd2": ("stabilityai/stable-diffusion-2", "tokenizer")}
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP ViT-L ...
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # ... and OpenCLIP ViT-bigG
+TOKENIZER_IDS = {"sd1": ("openai/clip-vit-large-patch14", None), "sd2": ("stabilityai/stable-diffusion-2", "tokenizer"),
+                 "sdxl": ("openai/clip-vit-large-patch14", None),
+                 "sdxl_2": ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", None)}
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 # sd-scripts' fixed architectures (library/model_util.py), as diffusers configs
@@ -46,6 +50,13 @@ _SD_BLOCKS = dict(
 UNET_CONFIGS = {
     "sd1": dict(_SD_BLOCKS, cross_attention_dim=768, attention_head_dim=8),
     "sd2": dict(_SD_BLOCKS, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+    # SDXL 1.0 base (sd-scripts' library/sdxl_model_util.py; diffusers' stable-diffusion-xl-base-1.0)
+    "sdxl": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+                 sample_size=128, in_channels=4, out_channels=4, cross_attention_dim=2048,
+                 attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
 }
 VAE_CONFIG = dict(sample_size=256, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -59,6 +70,10 @@ TEXT_ENCODER_CONFIGS = {
     "sd2": dict(_CLIP_COMMON, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                 hidden_act="gelu", projection_dim=512),
 }
+TEXT_ENCODER_CONFIGS["sdxl"] = TEXT_ENCODER_CONFIGS["sd1"]
+SDXL_TEXT_ENCODER_2_CONFIG = dict(_CLIP_COMMON, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                  num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
+SDXL_VAE_CONFIG = dict(VAE_CONFIG, scaling_factor=0.13025, force_upcast=True)
 
 
 # ------------------------------------------------------------------ reading
@@ -98,12 +113,16 @@ def peek(path: str) -> tuple[str | None, dict]:
         raise UserError(f"cannot read the checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def check_family(path: str, family: str | None, v2: bool) -> None:
-    """One line when the file is no SD checkpoint or not the family the flags say (sd-scripts' --v2)."""
+def check_family(path: str, family: str | None, v2: bool, sdxl: bool = False) -> None:
+    """One line when the file is no SD checkpoint or not the family the script and flags say
+    (``sdxl_train_network.py``; sd-scripts' ``--v2``)."""
     if family is None:
         raise UserError(f"{path} is not a Stable Diffusion checkpoint (no {UNET_PREFIX}* weights)")
-    if family == "sdxl":
-        raise UserError(f"{path} is an SDXL checkpoint: train it with sdxl_train_network.py")
+    if (family == "sdxl") != sdxl:
+        raise UserError(f"{path} is an {FAMILY_NAMES[family]} checkpoint: train it with "
+                        + ("sdxl_train_network.py" if family == "sdxl" else "train_network.py"))
+    if sdxl:
+        return
     if family != ("sd2" if v2 else "sd1"):
         raise UserError(f"{path} is an {FAMILY_NAMES[family]} checkpoint: " + ("add --v2" if family == "sd2" else "remove --v2"))
 
@@ -140,8 +159,11 @@ def _configs(path: str, family: str, metadata: dict) -> dict:
             return json.loads(metadata[CONFIG_METADATA_KEY])
         except ValueError:
             raise UserError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not valid JSON") from None
-    return {"unet": UNET_CONFIGS[family], "vae": VAE_CONFIG, "text_encoder": TEXT_ENCODER_CONFIGS[family],
-            "scheduler": SCHEDULER_CONFIG}
+    configs = {"unet": UNET_CONFIGS[family], "vae": VAE_CONFIG, "text_encoder": TEXT_ENCODER_CONFIGS[family],
+               "scheduler": SCHEDULER_CONFIG}
+    if family == "sdxl":
+        configs.update(vae=SDXL_VAE_CONFIG, text_encoder_2=SDXL_TEXT_ENCODER_2_CONFIG)
+    return configs
 
 
 def _empty(build):
@@ -167,20 +189,25 @@ def _load_strict(model, weights: dict, what: str, path: str):
     return model
 
 
-def load_single_file(path: str, v2: bool, tokenizer_cache_dir: str | None = None):
-    """(tokenizer, text_encoder, vae, unet, scheduler) from a single-file checkpoint, offline."""
+def load_single_file(path: str, v2: bool, tokenizer_cache_dir: str | None = None, sdxl: bool = False) -> dict:
+    """The components of a single-file checkpoint, offline: ``tokenizer``, ``text_encoder``, ``vae``,
+    ``unet``, ``noise_scheduler`` (and ``tokenizer_2``, ``text_encoder_2`` for SDXL)."""
     state, metadata = read_state_dict(path)
     family = detect_family(state)
-    check_family(path, family, v2)
-    text_encoder, vae, unet, scheduler = build_models(state, metadata, family, path)
-    return load_tokenizer(family, tokenizer_cache_dir, metadata), text_encoder, vae, unet, scheduler
+    check_family(path, family, v2, sdxl)
+    parts = build_models(state, metadata, family, path)
+    parts["tokenizer"] = load_tokenizer(family, tokenizer_cache_dir, metadata)
+    if family == "sdxl":
+        parts["tokenizer_2"] = load_tokenizer("sdxl_2", tokenizer_cache_dir, metadata)
+    return parts
 
 
-def build_models(state: dict, metadata: dict, family: str, path: str = "checkpoint"):
-    """(text_encoder, vae, unet, scheduler) from an LDM-layout state dict, loaded strictly."""
+def build_models(state: dict, metadata: dict, family: str, path: str = "checkpoint") -> dict:
+    """``text_encoder``, ``vae``, ``unet``, ``noise_scheduler`` (and ``text_encoder_2`` for SDXL)
+    from an LDM-layout state dict, loaded strictly."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     state = _normalise_clip_keys(state)
     configs = _configs(path, family, metadata)
@@ -189,7 +216,13 @@ def build_models(state: dict, metadata: dict, family: str, path: str = "checkpoi
     vae = load_vae_weights(_empty(lambda: AutoencoderKL(**configs["vae"])), state, path)
     text_encoder = _empty(lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))
     _load_strict(text_encoder, _text_encoder_weights(family, state, text_encoder), "text encoder", path)
-    return text_encoder, vae, unet, DDPMScheduler(**configs["scheduler"])
+    parts = {"text_encoder": text_encoder, "vae": vae, "unet": unet,
+             "noise_scheduler": DDPMScheduler.from_config(configs["scheduler"])}
+    if family == "sdxl":
+        te2 = _empty(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])))
+        parts["text_encoder_2"] = _load_strict(te2, _open_clip_weights(state, te2, SDXL_OPEN_CLIP_PREFIX),
+                                               "second text encoder", path)
+    return parts
 
 
 def load_vae_weights(vae, state: dict, path: str):
@@ -220,18 +253,30 @@ def load_vae(path: str, like):
 
 
 def _text_encoder_weights(family: str, state: dict, text_encoder) -> dict:
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
-    if family == "sd2":
-        weights = convert_open_clip_checkpoint(text_encoder, state, prefix=OPEN_CLIP_PREFIX)
-    else:
-        weights = {k: v for k, v in convert_ldm_clip_checkpoint(state).items() if k.startswith("text_model.")}
-    keep = set(text_encoder.state_dict())
-    if not any(k.startswith("text_model.") for k in keep):  # transformers 5 dropped the text_model level
-        weights = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in weights.items()}
     if family == "sd2":  # the 24th layer and the projection go unused
+        return _open_clip_weights(state, text_encoder, OPEN_CLIP_PREFIX, only_known=True)
+    weights = {k: v for k, v in convert_ldm_clip_checkpoint(state).items() if k.startswith("text_model.")}
+    return _model_names(weights, text_encoder)
+
+
+def _open_clip_weights(state: dict, text_encoder, prefix: str, only_known: bool = False) -> dict:
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    weights = _model_names(convert_open_clip_checkpoint(text_encoder, state, prefix=prefix), text_encoder)
+    if only_known:
+        keep = set(text_encoder.state_dict())
         weights = {k: v for k, v in weights.items() if k in keep}
     return weights
+
+
+def _model_names(weights: dict, text_encoder) -> dict:
+    """``text_model.*`` names as the model in hand calls them (transformers 5 dropped that level
+    in CLIPTextModel, not in CLIPTextModelWithProjection)."""
+    if any(k.startswith("text_model.") for k in text_encoder.state_dict()):
+        return weights
+    return {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in weights.items()}
 
 
 def _classic_clip_names(state: dict) -> dict:
@@ -373,25 +418,60 @@ def _vae_side(key: str, side: str, levels: int) -> str:
     return f"{side}." + key.replace("conv_norm_out.", "norm_out.")
 
 
+def open_clip_names(text_encoder) -> dict:
+    """A CLIPTextModelWithProjection's weights in OpenCLIP's layout (SDXL's second encoder): the
+    attention's q/k/v stacked into ``in_proj``, the projection transposed."""
+    out = {}
+    state = _classic_clip_names(text_encoder.state_dict())
+    layer_parts = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+                   ("mlp.fc2.", "mlp.c_proj."), ("self_attn.out_proj.", "attn.out_proj.")]
+    for key, value in state.items():
+        if key.startswith("text_model.encoder.layers."):
+            n, rest = key[len("text_model.encoder.layers."):].split(".", 1)
+            if rest.startswith("self_attn.q_proj."):
+                kind = rest.rsplit(".", 1)[1]
+                qkv = [state[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+                out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat(qkv)
+            elif not rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+                out[f"transformer.resblocks.{n}." + (_rename(rest, layer_parts) or rest)] = value
+        elif key == "text_model.embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = value
+        elif key == "text_model.embeddings.position_embedding.weight":
+            out["positional_embedding"] = value
+        elif key.startswith("text_model.final_layer_norm."):
+            out["ln_final." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("text_model.text_projection.") or key.startswith("text_projection."):
+            out["text_projection"] = value.T.contiguous()
+    return out
+
+
 def save_single_file(path: str, unet, vae, text_encoder, scheduler_config: dict | None = None,
-                     metadata: dict | None = None, embed_configs: bool = True) -> str:
-    """Write diffusers models as one SD 1.x LDM-layout ``.safetensors`` (atomically). With
-    ``embed_configs`` the diffusers configs travel in the metadata, so a non-standard
-    architecture (the tiny models) loads back exactly."""
+                     metadata: dict | None = None, embed_configs: bool = True, text_encoder_2=None) -> str:
+    """Write diffusers models as one LDM-layout ``.safetensors`` (atomically): SD 1.x's layout, or
+    SDXL's with ``text_encoder_2``. With ``embed_configs`` the diffusers configs travel in the
+    metadata, so a non-standard architecture (the tiny models) loads back exactly."""
     from safetensors.torch import save_file
 
     tensors = {**unet_to_ldm(unet), **vae_to_ldm(vae)}
-    tensors.update({CLIP_PREFIX + k: v for k, v in _classic_clip_names(text_encoder.state_dict()).items()})
+    clip_prefix = SDXL_CLIP_PREFIX if text_encoder_2 is not None else CLIP_PREFIX
+    tensors.update({clip_prefix + k: v for k, v in _classic_clip_names(text_encoder.state_dict()).items()})
+    if text_encoder_2 is not None:
+        tensors.update({SDXL_OPEN_CLIP_PREFIX + k: v for k, v in open_clip_names(text_encoder_2).items()})
     md = dict(metadata or {})
     if embed_configs:
-        md[CONFIG_METADATA_KEY] = json.dumps({
-            "unet": _plain(unet.config), "vae": _plain(vae.config),
-            "text_encoder": {k: v for k, v in text_encoder.config.to_dict().items() if not k.startswith("_")},
-            "scheduler": scheduler_config or SCHEDULER_CONFIG})
+        configs = {"unet": _plain(unet.config), "vae": _plain(vae.config), "text_encoder": _text_config(text_encoder),
+                   "scheduler": scheduler_config or SCHEDULER_CONFIG}
+        if text_encoder_2 is not None:
+            configs["text_encoder_2"] = _text_config(text_encoder_2)
+        md[CONFIG_METADATA_KEY] = json.dumps(configs)
     tmp = path + ".tmp"
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=md)
     os.replace(tmp, path)
     return path
+
+
+def _text_config(text_encoder) -> dict:
+    return {k: v for k, v in text_encoder.config.to_dict().items() if not k.startswith("_")}
 
 
 def _plain(config) -> dict:

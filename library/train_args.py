@@ -1,4 +1,5 @@
-"""The command-line options of ``train_network.py``: sd-scripts' names and meanings."""
+"""The command-line options of ``train_network.py`` and ``sdxl_train_network.py``: sd-scripts'
+names and meanings."""
 from __future__ import annotations
 
 import argparse
@@ -7,22 +8,27 @@ from .losses import LOSS_TYPES
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 EMBEDDED_MODEL = "tiny-sd"
+EMBEDDED_SDXL_MODEL = "tiny-sdxl"
 
 
 def _float_list(value):
     return float(value)
 
 
-def setup_parser() -> argparse.ArgumentParser:
+def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
+    """The options of ``train_network.py``; with ``sdxl`` those of ``sdxl_train_network.py``
+    (the same plus SDXL's own; ``args.sdxl`` tells which script parsed them)."""
+    family = "SDXL" if sdxl else "SD 1.x/2.x"
     p = argparse.ArgumentParser(
-        prog="train_network.py",
-        description="Train a LoRA / LoKr network for Stable Diffusion 1.x/2.x (kohya sd-scripts compatible).",
+        prog="sdxl_train_network.py" if sdxl else "train_network.py",
+        description=f"Train a LoRA / LoKr network for {family} (kohya sd-scripts compatible).",
     )
+    p.set_defaults(sdxl=sdxl)
     a = p.add_argument
     # model and data
     a("--pretrained_model_name_or_path", type=str, default=None,
-      help="a single-file SD 1.x/2.x checkpoint (.safetensors / .ckpt), a diffusers folder or a Hugging Face id; "
-           f"omitted or '{EMBEDDED_MODEL}': the embedded tiny model, built locally")
+      help=f"a single-file {family} checkpoint (.safetensors / .ckpt), a diffusers folder or a Hugging Face id; "
+           f"omitted or '{EMBEDDED_SDXL_MODEL if sdxl else EMBEDDED_MODEL}': the embedded tiny model, built locally")
     a("--tokenizer_cache_dir", type=str, default=None,
       help="folder holding (or receiving) the CLIP tokenizer a single-file checkpoint needs, as in sd-scripts")
     a("--vae", type=str, default=None, help="a separate VAE: a .safetensors / .ckpt file, a diffusers folder or id")
@@ -105,4 +111,7 @@ def setup_parser() -> argparse.ArgumentParser:
     # config
     a("--config_file", type=str, default=None, help="TOML file of these options (the command line overrides it)")
     a("--output_config", action="store_true", help="write the options to --config_file and exit")
+    if sdxl:
+        a("--cache_text_encoder_outputs", action="store_true",
+          help="encode each caption once with both text encoders and reuse the outputs (U-Net-only training)")
     return p

@@ -209,3 +209,17 @@ def test_resume_with_buckets_is_bit_exact(tiny_sd_path, tmp_path):
         assert a.keys() == c.keys()
         for k in a.keys():
             assert (a.get_tensor(k) == c.get_tensor(k)).all(), k
+
+
+def test_sdxl_size_numbers_are_upstreams(upstream):
+    """original (h, w), crop (top, left) and target (h, w), as sd-scripts builds them from
+    BucketManager.get_crop_ltrb (a flipped image's left mirrored)."""
+    buckets = Buckets((1024, 1024), 512, 2048, 64, False)
+    rng = random.Random(7)
+    for _ in range(200):
+        size = (rng.randint(300, 4000), rng.randint(300, 4000))
+        fit = buckets.fit(size)
+        left, top, right, _ = upstream["BucketManager"].get_crop_ltrb(fit.bucket, size)
+        bw, bh = fit.bucket
+        assert fit.size_condition() == (size[1], size[0], int(top), int(left), bh, bw)
+        assert fit.size_condition(flipped=True) == (size[1], size[0], int(top), int(bw - right), bh, bw)

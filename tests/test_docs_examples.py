@@ -212,14 +212,14 @@ _ALLOWED_OTHER = {"--help", "--sd-scripts", "--lycoris", "--revert", "--check", 
 def test_trainer_page_names_every_option_and_only_real_ones(lang):
     from library.train_args import setup_parser
 
-    parser = setup_parser()
-    options = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    options = {s for sdxl in (False, True) for a in setup_parser(sdxl)._actions
+               for s in a.option_strings if s.startswith("--")}  # train_network.py and sdxl_train_network.py
     text = _read(_page(lang, "trainer.md"))
     text = re.sub(r"```text\n.*?```", "", text, flags=re.S)  # quoted error output (contains a typo on purpose)
     text = re.sub(r"\]\([^)]*\)", "]", text)  # link targets (anchors look like options)
     mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text))
     unknown = mentioned - options - _ALLOWED_OTHER
-    assert not unknown, f"{lang or 'en'} trainer.md mentions options train_network.py lacks: {sorted(unknown)}"
+    assert not unknown, f"{lang or 'en'} trainer.md mentions options the trainers lack: {sorted(unknown)}"
     missing = options - mentioned - {"--help"}
     assert not missing, f"{lang or 'en'} trainer.md does not document: {sorted(missing)}"
 

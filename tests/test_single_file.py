@@ -49,11 +49,11 @@ def test_the_tiny_model_survives_a_round_trip_through_one_file(tiny_sd_path, tin
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys  # the LDM layout, not diffusers names
     assert "first_stage_model.encoder.mid.attn_1.q.weight" in keys
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
-    tokenizer, text_encoder, vae, unet, scheduler = load_single_file(tiny_file, v2=False)
-    for a, b in ((m.unet, unet), (m.vae, vae), (m.text_encoder, text_encoder)):
+    parts = load_single_file(tiny_file, v2=False)
+    for a, b in ((m.unet, parts["unet"]), (m.vae, parts["vae"]), (m.text_encoder, parts["text_encoder"])):
         _same_weights(a, b)
-    assert tokenizer("a red circle").input_ids == m.tokenizer("a red circle").input_ids
-    assert torch.equal(scheduler.alphas_cumprod, m.scheduler.alphas_cumprod)
+    assert parts["tokenizer"]("a red circle").input_ids == m.tokenizer("a red circle").input_ids
+    assert torch.equal(parts["noise_scheduler"].alphas_cumprod, m.scheduler.alphas_cumprod)
 
 
 def _train(tmp_path, model, *extra, name="s"):
@@ -188,8 +188,8 @@ def test_checkpoints_written_by_sd_scripts_load_into_our_architectures(family):
     else:
         state.update({"cond_stage_model.transformer." + k: v for k, v in clip.items()})
     assert sum(v.numel() for k, v in state.items() if k.startswith("model.")) > 800_000_000  # the real size
-    text_encoder, vae2, unet2, _ = build_models(state, {}, family)  # strict: every weight placed, none left over
-    assert unet2.config.cross_attention_dim == (1024 if v2 else 768)
+    parts = build_models(state, {}, family)  # strict: every weight placed, none left over
+    assert parts["unet"].config.cross_attention_dim == (1024 if v2 else 768)
     # our writer uses the same names and shapes as sd-scripts'
     ours = unet_to_ldm(unet)
     theirs = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
@@ -199,3 +199,14 @@ def test_checkpoints_written_by_sd_scripts_load_into_our_architectures(family):
     vae_ours, vae_theirs = vae_to_ldm(vae), {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
     assert vae_ours.keys() == vae_theirs.keys()
     assert all(vae_ours[k].shape == vae_theirs[k].shape for k in vae_ours)
+
+
+def test_a_hub_id_not_in_the_local_cache_is_one_line_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = _data(tmp_path)
+    capsys.readouterr()
+    rc = train_network.main(["--pretrained_model_name_or_path", "someone/some-sd-model", "--train_data_dir", data,
+                             "--output_dir", str(tmp_path / "o")])
+    assert rc == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "'someone/some-sd-model': unet/config.json cannot be read" in err[0], err

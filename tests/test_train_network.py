@@ -125,7 +125,8 @@ def test_resume_is_bit_exact(cache, tmp_path):
 
 
 def test_every_preset_parses_and_trains(cache, tmp_path):
-    presets = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".toml"))
+    presets = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                     if f.endswith(".toml") and not f.startswith("sdxl_"))  # those: tests/test_sdxl.py
     assert presets
     for i, preset in enumerate(presets):
         out = run(tmp_path / str(i), "--config_file", os.path.join(ROOT, "configs", preset), steps=2, name=f"p{i}")

@@ -119,6 +119,8 @@ def set_up(args, plan: Plan) -> Run:
                                   train_text_encoder=not args.network_train_unet_only, autocast=accelerator.autocast)
     if args.cache_latents:
         loss.cached_latents = cache_latents(dataset, models)
+    if getattr(args, "cache_text_encoder_outputs", False):
+        loss.cache_prompts([item.caption for item in dataset.items])
     run = Run(args, plan, accelerator, models, dataset, accelerator.unwrap_model(network), optimizer, lr_scheduler,
               schedule, state, loss, step_mod.Draws(state.noise_gen, accelerator.num_processes, accelerator.process_index),
               optimizer_name=opt_name, start_batch=start_batch, started=started)

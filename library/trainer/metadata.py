@@ -59,10 +59,14 @@ def sha256_file(path: str) -> str:
 
 
 def base_model_version(args) -> str:
+    if getattr(args, "sdxl", False):
+        return "sdxl_base_v1-0"
     return ("sd_v2" if args.v2 else "sd_v1") + ("_v" if args.v_parameterization else "")
 
 
 def architecture(args) -> str:
+    if getattr(args, "sdxl", False):
+        return "stable-diffusion-xl-v1-base"
     if args.v2:
         return "stable-diffusion-v2-768-v" if args.v_parameterization else "stable-diffusion-v2-512"
     return "stable-diffusion-v1"
@@ -131,7 +135,8 @@ def _modelspec_keys(args, facts: RunFacts) -> dict:
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture(args) + "/lora",
         "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
+                                     if getattr(args, "sdxl", False) else "diffusers"),
         "modelspec.title": args.output_name,
         "modelspec.resolution": f"{facts.resolution[0]}x{facts.resolution[1]}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -19,7 +19,17 @@ class Models:
     unet: object
     noise_scheduler: object
     device: torch.device | str = "cpu"
-    weight_dtype: torch.dtype = torch.float32  # of the frozen U-Net and text encoder; the VAE stays fp32
+    weight_dtype: torch.dtype = torch.float32  # of the frozen U-Net and text encoders; the VAE stays fp32
+    tokenizer_2: object = None  # SDXL's second tokenizer and text encoder (OpenCLIP bigG, with projection)
+    text_encoder_2: object = None
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list:
+        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
 
     @property
     def latent_scale(self) -> float:
@@ -60,17 +70,18 @@ def geometry(unet_config, vae_config) -> Geometry:
                     sample_size=int(get(unet_config, "sample_size")))
 
 
-def read_geometry(model_path: str, embedded: bool, v2: bool = False) -> Geometry:
+def read_geometry(model_path: str, embedded: bool, v2: bool = False, sdxl: bool = False) -> Geometry:
     """The geometry from the model's configs, before any weights load (one line if unreadable)."""
     from ..single_file import architecture, is_single_file, peek
 
     if embedded:
         from ..tiny_sd import UNET_CONFIG, VAE_CONFIG
+        from ..tiny_sdxl import SDXL_VAE_CONFIG, UNET_CONFIG as SDXL_UNET_CONFIG
 
-        return geometry(UNET_CONFIG, VAE_CONFIG)
+        return geometry(SDXL_UNET_CONFIG, SDXL_VAE_CONFIG) if sdxl else geometry(UNET_CONFIG, VAE_CONFIG)
     if is_single_file(model_path):
         family, metadata = peek(model_path)
-        configs = architecture(family or ("sd2" if v2 else "sd1"), metadata, model_path)
+        configs = architecture(family or ("sdxl" if sdxl else "sd2" if v2 else "sd1"), metadata, model_path)
         return geometry(configs["unet"], configs["vae"])
     configs = [_load_config(model_path, part) for part in ("unet", "vae")]
     try:
@@ -97,9 +108,10 @@ def ensure_embedded(plan, args, accelerator) -> None:
     """Build the embedded tiny model and the generated dataset when the plan uses them (idempotent)."""
     if plan.embedded:
         from ..tiny_sd import build_tiny_sd
+        from ..tiny_sdxl import build_tiny_sdxl
 
         with accelerator.main_process_first():
-            build_tiny_sd(plan.model_path, seed=0)
+            (build_tiny_sdxl if getattr(args, "sdxl", False) else build_tiny_sd)(plan.model_path, seed=0)
     if args.train_data_dir is None:
         from ..dataset_gen import make_dataset
 
@@ -112,27 +124,32 @@ def load_models(model_path: str, args) -> Models:
     a hub id; ``--vae`` replaces the VAE. One line naming the model when a part fails."""
     from ..single_file import is_single_file, load_single_file, load_vae
 
+    sdxl = getattr(args, "sdxl", False)
     if is_single_file(model_path):
-        models = Models(*load_single_file(model_path, args.v2, args.tokenizer_cache_dir))
+        models = Models(**load_single_file(model_path, args.v2, args.tokenizer_cache_dir, sdxl))
     else:
-        models = _load_diffusers(model_path)
+        models = _load_diffusers(model_path, sdxl)
     if args.vae:
         models.vae = load_vae(args.vae, models.vae)
     return models
 
 
-def _load_diffusers(path: str) -> Models:
+def _load_diffusers(path: str, sdxl: bool = False) -> Models:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     try:
-        return Models(
+        models = Models(
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         )
+        if sdxl:
+            models.tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+            models.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
+        return models
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model at {path}: {str(e).splitlines()[0]}") from None
 
@@ -141,16 +158,17 @@ def place(models: Models, device, mixed_precision: str, gradient_checkpointing: 
     """Freeze the model, move it to ``device``, cast the U-Net and text encoder for mixed precision."""
     models.device = device
     models.weight_dtype = WEIGHT_DTYPES.get(mixed_precision, torch.float32)
-    for m in (models.text_encoder, models.vae, models.unet):
+    for m in (*models.text_encoders, models.vae, models.unet):
         m.requires_grad_(False)
         m.eval()
-    for m in (models.vae, models.unet, models.text_encoder):
+    for m in (models.vae, models.unet, *models.text_encoders):
         m.to(device)
     if models.weight_dtype != torch.float32:
-        models.unet.to(dtype=models.weight_dtype)
-        models.text_encoder.to(dtype=models.weight_dtype)
+        for m in (models.unet, *models.text_encoders):
+            m.to(dtype=models.weight_dtype)
     if gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-        models.text_encoder.gradient_checkpointing_enable()
         models.unet.train()
-        models.text_encoder.train()
+        for te in models.text_encoders:
+            te.gradient_checkpointing_enable()
+            te.train()

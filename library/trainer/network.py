@@ -21,7 +21,8 @@ def build_network(args, plan, models: Models):
     from networks.names import kohya_text_encoder_view
 
     module = plan.network_module
-    te_view = kohya_text_encoder_view(models.text_encoder)  # classic kohya module names under transformers 5
+    # classic kohya module names under transformers 5; SDXL's two encoders become lora_te1_ / lora_te2_
+    te_view = kohya_text_encoder_view(models.text_encoders if models.sdxl else models.text_encoder)
     if args.dim_from_weights:
         network, _ = module.create_network_from_weights(1.0, args.network_weights, models.vae, te_view, models.unet,
                                                         **plan.net_kwargs)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..train_args import EMBEDDED_MODEL
+from ..train_args import EMBEDDED_MODEL, EMBEDDED_SDXL_MODEL
 from .checkpoint import read_resume_state
 from .models import read_geometry
 
@@ -52,7 +52,7 @@ def prepare(args) -> Plan:
     cls, kwargs = _optimizer(args)
     model_path, embedded = _model(args, notes)
     data_dir = _data(args, model_path, embedded, notes)
-    shape = read_geometry(model_path, embedded, args.v2)
+    shape = read_geometry(model_path, embedded, args.v2, getattr(args, "sdxl", False))
     resolution = resolution or (shape.native_resolution,) * 2
     buckets = _buckets(args, resolution, shape.pixel_multiple, notes)
     _check_outputs(args)
@@ -132,6 +132,9 @@ def _buckets(args, resolution: tuple[int, int], multiple: int, notes: list):
 def _check_numbers(args) -> None:
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if getattr(args, "cache_text_encoder_outputs", False) and not args.network_train_unet_only:
+        raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (cached text encoder outputs "
+                        "cannot carry a text encoder LoRA's gradients)")
     for name in ("train_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -185,27 +188,46 @@ def _model(args, notes: list) -> tuple[str, bool]:
     from ..single_file import check_family, is_single_file, peek
 
     model_path = args.pretrained_model_name_or_path
-    embedded = model_path in (None, "", EMBEDDED_MODEL)
+    sdxl = getattr(args, "sdxl", False)
+    embedded = model_path in (None, "", EMBEDDED_MODEL, EMBEDDED_SDXL_MODEL)
     if embedded:
-        model_path = os.path.join(cache_dir(), "tiny-sd")
-        notes.append(f"no --pretrained_model_name_or_path: using the embedded tiny SD model ({model_path})")
+        model_path = os.path.join(cache_dir(), EMBEDDED_SDXL_MODEL if sdxl else EMBEDDED_MODEL)
+        notes.append(f"no --pretrained_model_name_or_path: using the embedded tiny {'SDXL' if sdxl else 'SD'} "
+                     f"model ({model_path})")
     elif os.path.isfile(model_path):
         if not is_single_file(model_path):
             raise UserError(f"--pretrained_model_name_or_path {model_path!r} is a file but not a checkpoint "
                             "(.safetensors or .ckpt)")
         family, _ = peek(model_path)
         if family is not None or model_path.lower().endswith(".safetensors"):
-            check_family(model_path, family, args.v2)
+            check_family(model_path, family, args.v2, sdxl)
     elif os.path.isdir(model_path):
-        if not os.path.isfile(os.path.join(model_path, "model_index.json")):
-            raise UserError(f"--pretrained_model_name_or_path {model_path!r} is not a diffusers model folder "
-                            "(expected model_index.json with unet/, vae/, text_encoder/, tokenizer/)")
+        _check_diffusers_folder(model_path, sdxl)
     elif not _looks_like_hub_id(model_path):
         raise UserError(f"--pretrained_model_name_or_path {model_path!r} does not exist (give a .safetensors / .ckpt "
                         "checkpoint, a diffusers folder or a Hugging Face id such as owner/name)")
     if args.vae and not os.path.exists(args.vae) and not _looks_like_hub_id(args.vae):
         raise UserError(f"--vae {args.vae!r} does not exist")
     return model_path, embedded
+
+
+def _check_diffusers_folder(path: str, sdxl: bool) -> None:
+    """A diffusers folder, of the pipeline this script trains (SD 1.x/2.x or SDXL)."""
+    import json
+
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise UserError(f"--pretrained_model_name_or_path {path!r} is not a diffusers model folder "
+                        "(expected model_index.json with unet/, vae/, text_encoder/, tokenizer/)")
+    try:
+        with open(index, encoding="utf-8") as f:
+            is_xl = "XL" in str(json.load(f).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"--pretrained_model_name_or_path {path!r}: model_index.json cannot be read ({e})") from None
+    if is_xl and not sdxl:
+        raise UserError(f"--pretrained_model_name_or_path {path!r} is an SDXL model: train it with sdxl_train_network.py")
+    if sdxl and not is_xl:
+        raise UserError(f"--pretrained_model_name_or_path {path!r} is not an SDXL model: train it with train_network.py")
 
 
 def _looks_like_hub_id(value: str) -> bool:

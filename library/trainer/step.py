@@ -1,5 +1,9 @@
 """One batch's diffusion loss: latents, noise and timesteps, prompt embeddings, prediction, loss.
 
+SD 1.x / 2.x condition the U-Net on the text encoder's last (or ``--clip_skip``) hidden states;
+SDXL on both encoders' penultimate hidden states side by side, plus the second encoder's pooled,
+projected embedding and the six size / crop numbers of each image, as sd-scripts does.
+
 The random draws come, in a fixed order, from the run's noise generator (:class:`Draws`), so a
 resumed run draws exactly what the uninterrupted one would have drawn; with several processes
 each draws for the whole global batch and keeps its own slice.
@@ -46,17 +50,29 @@ class DiffusionLoss:
     fourier_active: bool = False
     train_text_encoder: bool = False
     autocast: Callable = contextlib.nullcontext
+    cached_prompts: dict = field(default_factory=dict)  # caption -> encoder outputs (--cache_text_encoder_outputs)
 
     def __call__(self, dataset, idx, draws: Draws, flip_gen, global_step: int) -> torch.Tensor:
-        images, captions = dataset.batch(idx, flip_gen)
+        images, captions, flips = dataset.batch(idx, flip_gen)
         latents = self.latents(dataset, idx, images, draws)
         noise, timesteps = self.noise_and_timesteps(latents, draws)
         noisy = self.models.noise_scheduler.add_noise(latents, noise, timesteps)
+        dtype = self.models.weight_dtype
         with self.autocast():
-            embeddings = self.encode_prompts(captions)
-            pred = self.models.unet(noisy.to(self.models.weight_dtype), timesteps,
-                                    embeddings.to(self.models.weight_dtype)).sample
+            embeddings, pooled = self.prompts(captions)
+            extra = None
+            if self.models.sdxl:
+                time_ids = dataset.size_conditions(idx, flips).to(self.models.device, dtype)
+                extra = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+            pred = self.models.unet(noisy.to(dtype), timesteps, embeddings.to(dtype), added_cond_kwargs=extra).sample
         return self.loss(pred, latents, noise, timesteps, global_step)
+
+    def prompts(self, captions):
+        """(hidden states, pooled embedding or None) of the captions: cached, or encoded now."""
+        if not self.cached_prompts:
+            return self.encode_prompts(captions)
+        hidden, pooled = zip(*(self.cached_prompts[c] for c in captions))
+        return torch.stack(hidden), (torch.stack(pooled) if pooled[0] is not None else None)
 
     def latents(self, dataset, idx, images, draws: Draws) -> torch.Tensor:
         m = self.models
@@ -75,16 +91,27 @@ class DiffusionLoss:
         steps = self.models.noise_scheduler.config.num_train_timesteps
         return noise, draws.randint(steps, (bsz,)).to(device)
 
-    def encode_prompts(self, captions) -> torch.Tensor:
+    def encode_prompts(self, captions):
+        """(hidden states, pooled embedding or None) from the text encoder(s)."""
         m, clip_skip = self.models, self.args.clip_skip
-        ids = m.tokenizer(captions, padding="max_length", max_length=m.tokenizer.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(m.device)
         with torch.set_grad_enabled(self.train_text_encoder):
+            if m.sdxl:
+                out1 = m.text_encoder(_token_ids(m.tokenizer, captions, m.device), output_hidden_states=True)
+                out2 = m.text_encoder_2(_token_ids(m.tokenizer_2, captions, m.device), output_hidden_states=True)
+                return torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), out2.text_embeds
+            ids = _token_ids(m.tokenizer, captions, m.device)
             if clip_skip and clip_skip > 1:
                 out = m.text_encoder(ids, output_hidden_states=True)
                 final_norm = getattr(m.text_encoder, "text_model", m.text_encoder).final_layer_norm
-                return final_norm(out.hidden_states[-clip_skip])
-            return m.text_encoder(ids)[0]
+                return final_norm(out.hidden_states[-clip_skip]), None
+            return m.text_encoder(ids)[0], None
+
+    def cache_prompts(self, captions) -> None:
+        """``--cache_text_encoder_outputs``: encode every distinct caption once, now."""
+        with torch.no_grad():
+            for caption in dict.fromkeys(captions):
+                hidden, pooled = self.encode_prompts([caption])
+                self.cached_prompts[caption] = (hidden[0], pooled[0] if pooled is not None else None)
 
     def loss(self, pred, latents, noise, timesteps, global_step: int) -> torch.Tensor:
         args, scheduler = self.args, self.models.noise_scheduler
@@ -97,3 +124,8 @@ class DiffusionLoss:
             return (per * w).mean()
         return compute_loss(pred, target, args.loss_type, global_step, args.huber_c, args.fourier_weight,
                             args.fourier_warmup_steps, self.fourier_active)
+
+
+def _token_ids(tokenizer, captions, device) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
