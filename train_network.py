@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from library.config_util import output_config, parse_with_config  # noqa: E402
+from library.config_util import describe_unknown, output_config, parse_with_config  # noqa: E402
 from library.errors import TrainingStopped, UserError  # noqa: E402
 from library.train_args import setup_parser  # noqa: E402
 
@@ -28,6 +28,18 @@ from library.train_args import setup_parser  # noqa: E402
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2 (argparse's own convention)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, but every unrecognised option is named in one message, sd-scripts options
+        this trainer lacks told apart from typos (library.config_util.describe_unknown)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            names = [e[2:].split("=", 1)[0] for e in extras if e.startswith("--")]
+            known = [s[2:] for a in self._actions for s in a.option_strings if s.startswith("--")]
+            message = describe_unknown(names, known, dashes="--")
+            stray = [e for e in extras if not e.startswith("--")]
+            self.error(message or f"unrecognized arguments: {' '.join(stray)}")
+        return parsed
 
 
 def setup_one_line_parser(sdxl: bool = False) -> argparse.ArgumentParser:

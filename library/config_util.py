@@ -56,6 +56,42 @@ def _dests(parser: argparse.ArgumentParser) -> dict:
     return {a.dest: a for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
 
 
+def suggest(name: str, known) -> str | None:
+    """The known option ``name`` was probably meant to be, or None. Close in spelling is not enough:
+    the first word (what the option is about: ``save`` / ``sample``, ``min`` / ``max``) must be the
+    same, or a misspelling of it with the rest equal, so ``load_every_n_epochs`` is not sent to
+    ``save_every_n_epochs``."""
+    head, _, rest = name.partition("_")
+    for candidate in difflib.get_close_matches(name, list(known), n=5, cutoff=0.75):
+        c_head, _, c_rest = candidate.partition("_")
+        if c_head == head or (c_rest == rest and difflib.SequenceMatcher(None, head, c_head).ratio() >= 0.75):
+            return candidate
+    return None
+
+
+def describe_unknown(names, known, dashes: str = "") -> str:
+    """One sentence for every option name not in ``known``: sd-scripts options this trainer does not
+    support, then unknown names with a suggestion where one is meant. Empty when there are none."""
+    from .sd_scripts_options import OPTIONS as UPSTREAM
+
+    names = list(dict.fromkeys(names))
+    if not names:
+        return ""
+    upstream = [n for n in names if n in UPSTREAM]
+    unknown = [n for n in names if n not in UPSTREAM]
+    parts = []
+    if upstream:
+        parts.append("sd-scripts options this trainer does not support: "
+                     + ", ".join(dashes + n for n in upstream) + " (docs/trainer.md lists what is accepted)")
+    if unknown:
+        hints = []
+        for n in unknown:
+            guess = suggest(n, known)
+            hints.append(f"{dashes}{n}" + (f" (did you mean {dashes}{guess}?)" if guess else ""))
+        parts.append("unknown option" + ("s" if len(unknown) > 1 else "") + ": " + ", ".join(hints))
+    return "; ".join(parts)
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse ``argv``; if ``--config_file`` is given, use the file for every option not on the command line."""
     args = parser.parse_args(argv)
@@ -68,11 +104,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
         return args
     flat = flatten(load_toml(path), path)
     dests = _dests(parser)
+    problem = describe_unknown([k for k in flat if k not in dests], list(dests))
+    if problem:
+        raise UserError(f"config {path}: {problem}")
     for key, value in flat.items():
-        if key not in dests:
-            hint = difflib.get_close_matches(key, list(dests), n=1)
-            hint = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise UserError(f"config {path}: unknown option {key!r}{hint}")
         action = dests[key]
         if action.type is not None and isinstance(value, str) and action.type is not str:
             try:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .buckets import Buckets, Fit, bucket_info, cover
+from .captions import CaptionRules, class_tokens
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -45,17 +46,13 @@ def scan(train_data_dir: str, caption_extension: str = ".caption") -> tuple[list
         repeats = int(head)
         folder = os.path.join(train_data_dir, sub)
         images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        found = []
+        found, missing = [], 0
         for fname in images:
-            stem = os.path.join(folder, os.path.splitext(fname)[0])
-            caption = ""
-            for e in (ext, *others):
-                if os.path.isfile(stem + e):
-                    with open(stem + e, encoding="utf-8") as f:
-                        caption = f.read().strip()
-                    break
+            caption = _read_caption(os.path.join(folder, os.path.splitext(fname)[0]), (ext, *others))
+            if caption is None:  # as sd-scripts: the folder's class token stands in
+                caption, missing = class_tokens(sub), missing + 1
             found.append(Item(os.path.join(folder, fname), caption, sub))
-        info[sub] = {"n_repeats": repeats, "img_count": len(found)}
+        info[sub] = {"n_repeats": repeats, "img_count": len(found), "missing_captions": missing}
         items.extend(found * repeats)
     if not items:
         raise UserError(
@@ -63,6 +60,22 @@ def scan(train_data_dir: str, caption_extension: str = ".caption") -> tuple[list
             f"(e.g. {os.path.join(train_data_dir, '10_mychar')}/001.png)"
         )
     return items, info
+
+
+def _read_caption(stem: str, extensions) -> str | None:
+    for e in extensions:
+        if os.path.isfile(stem + e):
+            with open(stem + e, encoding="utf-8") as f:
+                return f.read().strip()
+    return None
+
+
+@dataclass
+class Augment:
+    """The random streams and the epoch a batch is augmented with (flips, caption rules)."""
+    flip_gen: torch.Generator | None = None
+    caption_gen: torch.Generator | None = None
+    epoch: int = 1  # 1-based, as sd-scripts counts for --caption_dropout_every_n_epochs
 
 
 def verify_images(items) -> int:
@@ -123,11 +136,12 @@ class FolderDataset:
     aspect-ratio bucket with ``buckets``), in batches that never mix sizes."""
 
     def __init__(self, train_data_dir: str, resolution, caption_extension: str = ".caption",
-                 flip_aug: bool = False, buckets: Buckets | None = None):
+                 flip_aug: bool = False, buckets: Buckets | None = None, captions: CaptionRules | None = None):
         self.items, self.folders = scan(train_data_dir, caption_extension)
         self.resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         self.flip_aug = flip_aug
         self.buckets = buckets
+        self.captions = captions if captions is not None and captions.active else None
         self._cache: dict[str, torch.Tensor] = {}
         self.num_images = sum(v["img_count"] for v in self.folders.values())
         self.fits = {path: self._fit(path) for path in dict.fromkeys(it.path for it in self.items)}
@@ -192,18 +206,25 @@ class FolderDataset:
             batches += _chunk([group[i] for i in perm], batch_size, pad)
         return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
-    def batch(self, indices, flip_gen: torch.Generator | None = None):
+    def batch(self, indices, augment: Augment | None = None):
         """(images, captions, flipped) of the items ``indices``; with ``flip_aug`` each image is
-        mirrored with probability 1/2, drawn from ``flip_gen``."""
+        mirrored with probability 1/2, drawn from ``augment.flip_gen``; the caption rules draw
+        from ``augment.caption_gen``. Without ``augment`` nothing is random."""
         imgs, caps, flips = [], [], []
+        flip_gen = augment.flip_gen if augment is not None else None
         for i in indices:
             it = self.items[i]
             img = self.image(it.path)
             flip = bool(self.flip_aug and flip_gen is not None and torch.rand((), generator=flip_gen) < 0.5)
             imgs.append(img.flip(-1) if flip else img)
-            caps.append(it.caption)
+            caps.append(self.caption(it.caption, augment))
             flips.append(flip)
         return torch.stack(imgs), caps, flips
+
+    def caption(self, caption: str, augment: Augment | None) -> str:
+        if self.captions is None or augment is None:
+            return caption
+        return self.captions.apply(caption, augment.epoch, augment.caption_gen)
 
     def size_conditions(self, indices, flips) -> torch.Tensor:
         """SDXL's size / crop numbers of the items, (len(indices), 6)."""

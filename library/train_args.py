@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from .losses import LOSS_TYPES
+from .sample_prompts import SAMPLER_NAMES
 
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "adafactor")
 EMBEDDED_MODEL = "tiny-sd"
 EMBEDDED_SDXL_MODEL = "tiny-sdxl"
 
@@ -38,6 +39,7 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--train_data_dir", type=str, default=None,
       help="kohya layout: <repeats>_<name>/ folders of images with captions; omitted: a generated dataset")
     a("--caption_extension", type=str, default=".caption", help="caption file extension (.txt is also read)")
+    a("--caption_extention", type=str, default=None, help="sd-scripts' old spelling of --caption_extension")
     a("--resolution", type=str, default=None, help="'512' or 'W,H' such as '512,768'; default: the model's sample size")
     a("--enable_bucket", action="store_true", help="aspect-ratio buckets: each image trains at the bucket nearest its shape")
     a("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
@@ -45,6 +47,17 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this (64 for SD 1.x / 2.x)")
     a("--bucket_no_upscale", action="store_true", help="buckets follow each image's size; never enlarge an image")
     a("--flip_aug", action="store_true")
+    a("--shuffle_caption", action="store_true", help="shuffle the comma-separated tags of each caption every step")
+    a("--keep_tokens", type=int, default=0, help="the first N tags stay in place (not shuffled or dropped)")
+    a("--keep_tokens_separator", type=str, default=None,
+      help="tags before this separator (and after a second one) stay in place, e.g. '|||'")
+    a("--caption_prefix", type=str, default=None, help="text put before every caption")
+    a("--caption_suffix", type=str, default=None, help="text put after every caption")
+    a("--caption_dropout_rate", type=float, default=0.0, help="probability of training an image with an empty caption")
+    a("--caption_dropout_every_n_epochs", type=int, default=0, help="empty captions in every N-th epoch")
+    a("--caption_tag_dropout_rate", type=float, default=0.0, help="probability of dropping each (not kept) tag")
+    a("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
+      help="caption tokens seen by the text encoder: 75 [default], 150 or 225 (encoded in 75-token chunks)")
     a("--cache_latents", action="store_true", help="encode every image once with the VAE")
     # output
     a("--output_dir", type=str, default="output")
@@ -53,11 +66,20 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     a("--save_every_n_steps", type=int, default=None)
     a("--save_every_n_epochs", type=int, default=None)
+    a("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch saves")
+    a("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states [--save_last_n_epochs]")
+    a("--save_last_n_steps", type=int, default=None, help="keep only the step saves of the last N steps")
+    a("--save_last_n_steps_state", type=int, default=None, help="the same for step states [--save_last_n_steps]")
     a("--save_state", action="store_true", help="also save the training state (optimizer, scheduler, RNG)")
     a("--save_state_on_train_end", action="store_true")
     a("--resume", type=str, default=None, help="a state folder written by --save_state")
     a("--no_metadata", action="store_true")
     a("--training_comment", type=str, default=None)
+    a("--metadata_title", type=str, default=None, help="modelspec.title in the LoRA [--output_name]")
+    a("--metadata_author", type=str, default=None, help="modelspec.author")
+    a("--metadata_description", type=str, default=None, help="modelspec.description")
+    a("--metadata_license", type=str, default=None, help="modelspec.license")
+    a("--metadata_tags", type=str, default=None, help="modelspec.tags (comma-separated)")
     # network
     a("--network_module", type=str, default="networks.lora",
       help="networks.lora, networks.lokr, lycoris.kohya or any module with create_network")
@@ -71,7 +93,8 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--dim_from_weights", action="store_true")
     a("--scale_weight_norms", type=float, default=None)
     # optimizer and schedule
-    a("--optimizer_type", type=str, default="AdamW")
+    a("--optimizer_type", type=str, default=None, help="[AdamW]")
+    a("--use_8bit_adam", action="store_true", help="sd-scripts' older way to ask for AdamW8bit (bitsandbytes)")
     a("--optimizer_args", type=str, nargs="*", default=None, help="key=value items for the optimizer")
     a("--learning_rate", type=float, default=1e-4)
     a("--unet_lr", type=float, default=None)
@@ -80,6 +103,8 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--lr_warmup_steps", type=str, default="0", help="steps, a ratio (0.1) or a percentage (10%%)")
     a("--lr_scheduler_num_cycles", type=int, default=1)
     a("--lr_scheduler_power", type=float, default=1.0)
+    a("--lr_scheduler_type", type=str, default=None, help="a scheduler class 'module.Class' built with --lr_scheduler_args")
+    a("--lr_scheduler_args", type=str, nargs="*", default=None, help="key=value items for --lr_scheduler_type")
     a("--max_train_steps", type=int, default=1600)
     a("--max_train_epochs", type=int, default=None)
     a("--train_batch_size", type=int, default=1)
@@ -90,6 +115,14 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--full_fp16", action="store_true")
     a("--full_bf16", action="store_true")
     a("--gradient_checkpointing", action="store_true")
+    a("--xformers", action="store_true", help="xformers attention when installed with CUDA; else PyTorch SDPA")
+    a("--sdpa", action="store_true", help="accepted: PyTorch's scaled-dot-product attention is the default here")
+    a("--mem_eff_attn", action="store_true", help="accepted: PyTorch SDPA is already memory efficient")
+    a("--lowram", action="store_true", help="accepted: models load on the CPU and move to the device once")
+    a("--highvram", action="store_true", help="accepted: as --lowram, nothing to change here")
+    a("--max_data_loader_n_workers", type=int, default=None,
+      help="accepted: images are decoded once in the training process and kept in memory")
+    a("--persistent_data_loader_workers", action="store_true", help="accepted: as --max_data_loader_n_workers")
     # noise and loss
     a("--seed", type=int, default=None)
     a("--noise_offset", type=float, default=None)
@@ -100,9 +133,15 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--fourier_weight", type=float, default=0.05)
     a("--fourier_warmup_steps", type=int, default=200)
     a("--fourier_latent_ok", action="store_true", help="keep the fourier loss on latents (disabled by default)")
+    # sample images
+    a("--sample_prompts", type=str, default=None, help="a .txt / .toml / .json prompt file (sd-scripts' syntax)")
+    a("--sample_every_n_steps", type=int, default=None, help="sample every N steps (ignored with --sample_every_n_epochs)")
+    a("--sample_every_n_epochs", type=int, default=None, help="sample after every N epochs")
+    a("--sample_sampler", type=str, default="ddim", choices=SAMPLER_NAMES, help="the sampler [ddim]")
+    a("--sample_at_first", action="store_true", help="also sample before the first step")
     # logging
     a("--logging_dir", type=str, default=None)
-    a("--log_with", type=str, default=None, choices=[None, "tensorboard", "all"])
+    a("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"])
     a("--log_prefix", type=str, default=None)
     a("--optimizer_log_every", type=int, default=25, help="log optimizer diagnostics every N steps")
     a("--max_bad_steps", type=int, default=20,

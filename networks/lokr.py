@@ -27,6 +27,7 @@ import tempfile
 
 from lycoris.kohya import LycorisNetworkKohya
 
+from networks.lora import give_user_mode
 from networks.names import attach_param_names, kohya_text_encoder_view
 
 _BOOL_ARGS = ("decompose_both",)
@@ -94,6 +95,7 @@ class NamedLycorisNetworkKohya(LycorisNetworkKohya):
         os.close(fd)
         try:
             super().save_weights(tmp, dtype, dict(metadata) if metadata else metadata)
+            give_user_mode(tmp)
             os.replace(tmp, file)
         except BaseException:
             if os.path.exists(tmp):

@@ -114,6 +114,14 @@ def load_state_dict_file(file: str) -> dict:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
+def give_user_mode(path: str) -> None:
+    """The permissions a plain ``open()`` would have given (0666 less the umask): a temporary file
+    from mkstemp is private (0600), which would otherwise carry over to the saved model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_state_dict_file(state_dict: dict, file: str, metadata: dict | None = None) -> None:
     """Atomically write `state_dict`: a temporary file in the same folder, then os.replace.
 
@@ -135,6 +143,7 @@ def save_state_dict_file(state_dict: dict, file: str, metadata: dict | None = No
             save_file(state_dict, tmp, md)
         else:
             torch.save(state_dict, tmp)
+        give_user_mode(tmp)
         os.replace(tmp, file)
     except BaseException:
         if os.path.exists(tmp):

@@ -205,7 +205,8 @@ def test_automagic_argument_tables_match_the_code(lang, cls_name):
 
 # --------------------------------------------------------- trainer options
 _ALLOWED_OTHER = {"--help", "--sd-scripts", "--lycoris", "--revert", "--check", "--index-url", "--logdir",
-                  "--multi_gpu", "--num_processes", "--nproc_per_node", "--cpu"}  # launcher options (accelerate, torchrun)
+                  "--multi_gpu", "--num_processes", "--nproc_per_node", "--cpu",  # launcher options (accelerate, torchrun)
+                  "--n", "--w", "--h", "--s", "--l", "--d", "--ss"}  # flags inside a sample prompt line
 
 
 @pytest.mark.parametrize("lang", LANGS)

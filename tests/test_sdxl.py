@@ -188,3 +188,12 @@ def test_sdxl_checkpoints_written_by_sd_scripts_load_into_our_architecture():
     assert te2_ours.keys() == te2_theirs.keys()
     assert all(te2_ours[k].shape == te2_theirs[k].shape for k in te2_ours)
     json.dumps(UNET_CONFIGS["sdxl"])  # the shipped config is plain data
+
+
+def test_sdxl_sample_images(cache, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --s 2 --d 1 --w 64 --h 64\n")
+    _train(tmp_path, "--sample_prompts", str(prompts), "--sample_at_first", "--sample_every_n_steps", "2",
+           "--optimizer_type", "AdamW", steps=2)
+    files = sorted(os.listdir(tmp_path / "sample"))
+    assert [f.split("_")[1] for f in files] == ["000000", "000002"]

@@ -122,6 +122,17 @@ class Checkpointer:
             return f"the emergency save failed ({type(e).__name__}: {e})"
         return f"saved {file} and {state_dir} (resume with --resume {state_dir})"
 
+    def remove(self, name: str) -> None:
+        """Delete the file or state folder ``name`` under the output folder, if there (one log line)."""
+        path = os.path.join(self.output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.isfile(path):
+            os.remove(path)
+        else:
+            return
+        logger.info("removed %s (--save_last_n_*)", path)
+
     def remove_stale_interrupted(self) -> None:
         """A run that finished supersedes the ``-interrupted`` LoRA and state an earlier stop left."""
         for path in (os.path.join(self.output_dir, f"{self.output_name}-interrupted{self.ext}"),

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..captions import CaptionRules, class_tokens
 from ..dataset import FolderDataset
 from .models import Models
 
@@ -13,10 +14,20 @@ logger = logging.getLogger("train_network")
 
 
 def build_dataset(args, plan, is_main: bool = True) -> FolderDataset:
-    dataset = FolderDataset(plan.data_dir, plan.resolution, args.caption_extension, args.flip_aug, plan.buckets)
+    dataset = FolderDataset(plan.data_dir, plan.resolution, args.caption_extension, args.flip_aug, plan.buckets,
+                            CaptionRules.from_args(args))
     if is_main:
         _report_fits(dataset)
+        _report_missing_captions(dataset)
     return dataset
+
+
+def _report_missing_captions(dataset: FolderDataset) -> None:
+    """One line for every image without a caption file: its folder's class token stands in."""
+    missing = {folder: info["missing_captions"] for folder, info in dataset.folders.items() if info["missing_captions"]}
+    if missing:
+        logger.warning("%d image(s) have no caption file; their folder's class token is used instead (%s)",
+                       sum(missing.values()), ", ".join(f"{f}: {class_tokens(f)!r}" for f in missing))
 
 
 def _report_fits(dataset: FolderDataset) -> None:

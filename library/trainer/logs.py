@@ -19,7 +19,7 @@ class RunLog:
         self.tracking = bool(accelerator.is_main_process and log_with and logging_dir)
         self.descriptions = descriptions
         if self.tracking:
-            accelerator.init_trackers(args.log_prefix or "network_train",
+            accelerator.init_trackers("network_train",
                                       config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         self.progress = tqdm(total=max_steps, initial=initial_step, desc="steps", dynamic_ncols=True,
                              disable=args.no_progress or not accelerator.is_main_process)
@@ -45,8 +45,9 @@ class RunLog:
         self.progress.close()
 
 
-def plot_losses(losses, path: str) -> str | None:
-    """The loss curve (raw and a running mean) as a PNG, written atomically; None without matplotlib."""
+def plot_losses(losses, path: str, title: str | None = None) -> str | None:
+    """The loss curve (raw and a running mean) as a PNG titled with the run, written atomically;
+    None without matplotlib."""
     try:
         import matplotlib
 
@@ -63,6 +64,8 @@ def plot_losses(losses, path: str) -> str | None:
         ax.plot(steps, smooth, lw=1.5, label=f"mean of {k}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     tmp = path + ".tmp.png"

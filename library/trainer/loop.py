@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dataset import Augment
 from ..errors import TrainingStopped, UserError
 from ..losses import is_latent_space
 from . import step as step_mod
@@ -21,7 +22,8 @@ from .metadata import RunFacts, build_metadata, file_keys
 from .models import Models, ensure_embedded, load_models, place
 from .network import (Schedule, build_lr_scheduler, build_network, build_optimizer, plan_schedule,
                       warn_if_optimizer_phases_cover_the_run)
-from .options import Plan, logging_dir
+from .options import Plan, logging_dir, xformers_usable
+from .samples import Sampler
 from .signals import StopRequests
 from .state import TrainingState
 
@@ -47,8 +49,10 @@ class Run:
     state: TrainingState
     loss: step_mod.DiffusionLoss
     draws: step_mod.Draws
+    augment: Augment = None
     checkpoints: Checkpointer = None
     log: RunLog = None
+    sampler: Sampler = None
     optimizer_name: str = ""
     start_batch: int = 0  # first batch of the first epoch (resuming mid-epoch)
     last_periodic_state: str | None = None
@@ -65,6 +69,8 @@ def train(args, plan: Plan) -> dict:
     st = run.state
     with StopRequests() as stops:
         try:
+            if st.global_step == 0:
+                run.sampler.maybe_sample(0)  # --sample_at_first
             run_epochs(run, stops)
         except _Stop:
             run.log.close()
@@ -90,6 +96,8 @@ def set_up(args, plan: Plan) -> Run:
     that keeps the global random stream (and so the network's initial weights) reproducible."""
     started = time.time()
     log_dir = logging_dir(args)
+    if log_dir:  # one folder per run, as sd-scripts names it: reruns no longer merge their curves
+        log_dir = os.path.join(log_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S", time.localtime(started)))
     log_with = args.log_with or ("tensorboard" if log_dir else None)
     accelerator = _accelerator(args, log_dir, log_with)
     if accelerator.is_main_process:
@@ -102,6 +110,8 @@ def set_up(args, plan: Plan) -> Run:
     models = load_models(plan.model_path, args)
     dataset = build_dataset(args, plan, accelerator.is_main_process)
     place(models, accelerator.device, args.mixed_precision, args.gradient_checkpointing)
+    if getattr(args, "xformers", False) and xformers_usable():
+        models.unet.enable_xformers_memory_efficient_attention()
     network = build_network(args, plan, models)
     opt_name, opt_args, optimizer, descriptions = build_optimizer(args, network)
     schedule = plan_schedule(args, dataset, accelerator.num_processes)
@@ -127,10 +137,12 @@ def set_up(args, plan: Plan) -> Run:
     facts = RunFacts(uuid.uuid4().hex, started, dataset.num_images, schedule.batches_per_epoch, schedule.num_epochs,
                      schedule.max_steps, schedule.warmup_steps, f"{opt_name}({opt_args})", plan.resolution,
                      dataset.folders, dataset.tag_frequency(), dataset.bucket_info(), file_keys(args, plan.model_path))
+    run.augment = Augment(state.flip_gen, state.caption_gen)
     run.checkpoints = Checkpointer(
         args, accelerator, run.network, state, optimizer_identity(plan.optimizer_cls, plan.optimizer_kwargs),
         metadata=lambda: build_metadata(args, plan, facts, state.global_step, state.epoch + (1 if state.done_batches else 0)))
     run.log = RunLog(args, accelerator, log_with, log_dir, schedule.max_steps, state.global_step, descriptions)
+    run.sampler = Sampler(args, models, run.network, accelerator, plan.resolution)
     return run
 
 
@@ -147,7 +159,7 @@ def _accelerator(args, log_dir: str | None, log_with: str | None):
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=("tensorboard" if log_with in ("tensorboard", "all") else None) if log_dir else None,
+        log_with=_trackers(log_with) if log_dir else None,
         project_dir=log_dir,
         # several processes without CUDA: gloo on CPU (plain `accelerate launch --multi_gpu` works)
         cpu=launched > 1 and not torch.cuda.is_available(),
@@ -156,6 +168,15 @@ def _accelerator(args, log_dir: str | None, log_with: str | None):
         raise UserError(f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: "
                         "on CPU use `accelerate launch --multi_gpu --num_processes N` or torchrun")
     return accelerator
+
+
+def _trackers(log_with: str | None) -> list | None:
+    """accelerate trackers for --log_with: TensorBoard, wandb (when installed), or both ("all")."""
+    import importlib.util
+
+    names = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}.get(log_with, [])
+    names = [n for n in names if n != "wandb" or importlib.util.find_spec("wandb") is not None]
+    return names or None
 
 
 def _resume(args, plan: Plan, accelerator, state: TrainingState) -> int:
@@ -192,6 +213,7 @@ def run_epochs(run: Run, stops: StopRequests) -> None:
         if st.global_step >= sch.max_steps:
             break
         st.epoch = epoch
+        run.augment.epoch = epoch + 1
         if hasattr(run.network, "on_epoch_start"):
             run.network.on_epoch_start(run.models.text_encoder, run.models.unet)
         batches = run.dataset.epoch_batches(run.plan.seed, epoch, sch.global_batch, pad=sch.world > 1)
@@ -201,8 +223,12 @@ def run_epochs(run: Run, stops: StopRequests) -> None:
             if st.global_step >= sch.max_steps:
                 break
             train_batch(run, stops, batches[b])
+        run.sampler.maybe_sample(st.global_step, epoch + 1)
         if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and st.global_step < sch.max_steps:
             _periodic_save(run, f"{args.output_name}-{epoch + 1:06d}", epoch + 1, 0)
+            _drop_old_saves(run, epoch_name(args, epoch + 1 - args.save_every_n_epochs * (args.save_last_n_epochs or 0)),
+                            epoch_name(args, epoch + 1 - args.save_every_n_epochs * _keep_states(args, "epochs")),
+                            args.save_last_n_epochs, _keep_states(args, "epochs"))
 
 
 def train_batch(run: Run, stops: StopRequests, global_batch: list) -> None:
@@ -234,7 +260,7 @@ def _forward_backward(run: Run, idx: list):
     with acc.accumulate(net):
         if hasattr(net, "on_step_start"):
             net.on_step_start(m.text_encoder, m.unet)
-        loss = run.loss(run.dataset, idx, run.draws, run.state.flip_gen, run.state.global_step)
+        loss = run.loss(run.dataset, idx, run.draws, run.augment, run.state.global_step)
         finite = bool(torch.isfinite(loss.detach()))
         if finite:
             acc.backward(loss)
@@ -270,9 +296,45 @@ def _after_update(run: Run, loss) -> None:
     if args.scale_weight_norms and hasattr(run.network, "apply_max_norm_regularization"):
         run.network.apply_max_norm_regularization(args.scale_weight_norms, run.models.device)
     run.log.update(st.global_step, st.losses, run.lr_scheduler.get_last_lr(), run.base_optimizer)
+    run.sampler.maybe_sample(st.global_step)
     every = args.save_every_n_steps
     if every and st.global_step % every == 0 and st.global_step < run.schedule.max_steps:
         _periodic_save(run, f"{args.output_name}-step{st.global_step:08d}", st.epoch, st.batch_in_epoch)
+        _drop_old_saves(run, step_name(args, _expired_step(st.global_step, args.save_last_n_steps, every)),
+                        step_name(args, _expired_step(st.global_step, _keep_states(args, "steps"), every)),
+                        args.save_last_n_steps, _keep_states(args, "steps"))
+
+
+def epoch_name(args, epoch: int) -> str | None:
+    return f"{args.output_name}-{epoch:06d}" if epoch > 0 else None
+
+
+def step_name(args, step: int | None) -> str | None:
+    return f"{args.output_name}-step{step:08d}" if step else None
+
+
+def _keep_states(args, unit: str) -> int:
+    """--save_last_n_<unit>_state, or --save_last_n_<unit> when it is not given (sd-scripts' rule)."""
+    return getattr(args, f"save_last_n_{unit}_state") or getattr(args, f"save_last_n_{unit}") or 0
+
+
+def _expired_step(step: int, keep: int | None, every: int) -> int | None:
+    """The periodic save that falls out of the last ``keep`` steps now (sd-scripts' arithmetic)."""
+    if not keep:
+        return None
+    old = step - keep - 1
+    old -= old % every
+    return old if old > 0 else None
+
+
+def _drop_old_saves(run: Run, model_name: str | None, state_name: str | None, keep_models, keep_states) -> None:
+    """--save_last_n_*: remove the periodic LoRA / state that is now older than what is kept."""
+    if not run.accelerator.is_main_process:
+        return
+    if keep_models and model_name:
+        run.checkpoints.remove(model_name + run.checkpoints.ext)
+    if keep_states and state_name and run.args.save_state:
+        run.checkpoints.remove(state_name + "-state")
 
 
 def _periodic_save(run: Run, name: str, epoch: int, batch_in_epoch: int) -> None:
@@ -297,7 +359,8 @@ def finish(run: Run) -> dict:
     if acc.is_main_process:
         run.checkpoints.remove_stale_interrupted()
         if st.losses:
-            plot = plot_losses(st.losses, os.path.join(args.output_dir, f"{args.output_name}_loss.png"))
+            title = f"{args.output_name} | {type(run.base_optimizer).__name__} | lr {args.learning_rate:g}"
+            plot = plot_losses(st.losses, os.path.join(args.output_dir, f"{args.output_name}_loss.png"), title)
     acc.end_training()
     elapsed = time.time() - run.started
     if acc.is_main_process:

@@ -137,7 +137,9 @@ def _modelspec_keys(args, facts: RunFacts) -> dict:
         "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
                                      if getattr(args, "sdxl", False) else "diffusers"),
-        "modelspec.title": args.output_name,
+        "modelspec.title": getattr(args, "metadata_title", None) or args.output_name,
         "modelspec.resolution": f"{facts.resolution[0]}x{facts.resolution[1]}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **{f"modelspec.{k}": getattr(args, f"metadata_{k}") for k in ("author", "description", "license", "tags")
+           if getattr(args, f"metadata_{k}", None)},
     }

@@ -1,6 +1,7 @@
 """The trained part: the LoRA / LoKr network, its optimizer with named parameter groups, and the schedule."""
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from dataclasses import dataclass
@@ -86,8 +87,22 @@ def plan_schedule(args, dataset, world: int) -> Schedule:
 
 
 def build_lr_scheduler(args, optimizer, schedule: Schedule):
+    """As sd-scripts: ``--lr_scheduler_type`` (any class, with ``--lr_scheduler_args``), Adafactor's
+    own schedule when it sets its lr itself (``relative_step``), else diffusers' named schedules."""
     from diffusers.optimization import get_scheduler
 
+    from .options import scheduler_kwargs
+
+    if args.lr_scheduler_type:
+        module, _, name = args.lr_scheduler_type.rpartition(".")
+        cls = getattr(importlib.import_module(module or "torch.optim.lr_scheduler"), name)
+        return cls(optimizer, **scheduler_kwargs(args))
+    if args.lr_scheduler == "adafactor" or _relative_step(optimizer):
+        from transformers.optimization import AdafactorSchedule
+
+        if args.lr_scheduler != "adafactor":
+            logger.info("Adafactor with relative_step sets its own lr: using its schedule, as sd-scripts does")
+        return AdafactorSchedule(optimizer, initial_lr=args.learning_rate)
     kwargs = {}
     if args.lr_scheduler == "cosine_with_restarts":
         kwargs["num_cycles"] = args.lr_scheduler_num_cycles
@@ -95,6 +110,10 @@ def build_lr_scheduler(args, optimizer, schedule: Schedule):
         kwargs["power"] = args.lr_scheduler_power
     return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=schedule.warmup_steps,
                          num_training_steps=schedule.max_steps, **kwargs)
+
+
+def _relative_step(optimizer) -> bool:
+    return type(optimizer).__name__ == "Adafactor" and bool(getattr(optimizer, "defaults", {}).get("relative_step"))
 
 
 def warn_if_optimizer_phases_cover_the_run(optimizer, max_steps: int) -> None:

@@ -6,6 +6,7 @@ at the command line) before anything heavy happens.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import tempfile
@@ -46,12 +47,18 @@ class Plan:
 def prepare(args) -> Plan:
     """Validate every user input before anything heavy happens. Raises UserError."""
     notes: list[str] = []
+    _kohya_compat(args, notes)
     _check_numbers(args)
     resolution = parse_resolution(args.resolution)
     module, net_kwargs = _network_module(args)
     cls, kwargs = _optimizer(args)
+    _check_scheduler(args, cls, kwargs)
     model_path, embedded = _model(args, notes)
     data_dir = _data(args, model_path, embedded, notes)
+    if args.sample_prompts:
+        from ..sample_prompts import load_prompts
+
+        notes.append(f"--sample_prompts: {len(load_prompts(args.sample_prompts))} prompt(s)")
     shape = read_geometry(model_path, embedded, args.v2, getattr(args, "sdxl", False))
     resolution = resolution or (shape.native_resolution,) * 2
     buckets = _buckets(args, resolution, shape.pixel_multiple, notes)
@@ -129,6 +136,41 @@ def _buckets(args, resolution: tuple[int, int], multiple: int, notes: list):
     return Buckets(resolution, low, high, step, no_upscale=False)
 
 
+# options sd-scripts users pass that change nothing here, with what to tell them
+_NOTHING_TO_DO = {
+    "sdpa": "--sdpa: PyTorch's scaled-dot-product attention is already the default here",
+    "mem_eff_attn": "--mem_eff_attn: PyTorch's scaled-dot-product attention is already memory efficient",
+    "lowram": "--lowram: models load on the CPU and move to the device once; nothing to change",
+    "highvram": "--highvram: nothing to change here",
+    "max_data_loader_n_workers": "--max_data_loader_n_workers: images are decoded once in the training process "
+                                 "and kept in memory; no data-loader workers are used",
+    "persistent_data_loader_workers": "--persistent_data_loader_workers: no data-loader workers are used",
+}
+
+
+def _kohya_compat(args, notes: list) -> None:
+    """sd-scripts' older spellings and options, mapped to what they mean here (as sd-scripts does)."""
+    if getattr(args, "caption_extention", None) is not None:
+        args.caption_extension = args.caption_extention
+    if getattr(args, "use_8bit_adam", False):
+        if args.optimizer_type:
+            raise UserError("--use_8bit_adam and --optimizer_type exclude each other (as in sd-scripts): give one")
+        args.optimizer_type = "AdamW8bit"
+    for name, note in _NOTHING_TO_DO.items():
+        if getattr(args, name, None):
+            notes.append(note)
+    if getattr(args, "xformers", False) and not xformers_usable():
+        notes.append("--xformers: xformers with CUDA is not available; PyTorch's scaled-dot-product attention is used")
+    if getattr(args, "log_with", None) in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        if args.log_with == "wandb":
+            raise UserError("--log_with wandb needs the wandb package: pip install wandb (or use tensorboard)")
+        notes.append("--log_with all: wandb is not installed, logging to TensorBoard only")
+
+
+def xformers_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None
+
+
 def _check_numbers(args) -> None:
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
@@ -178,8 +220,35 @@ def _optimizer(args):
         try:
             cls([torch.nn.Parameter(torch.zeros(2))], lr=args.learning_rate, **kwargs)
         except (ValueError, TypeError) as e:
-            raise UserError(f"--optimizer_args for {args.optimizer_type}: {e}") from None
+            raise UserError(f"--optimizer_args for {args.optimizer_type or 'AdamW'}: {e}") from None
     return cls, kwargs
+
+
+def _check_scheduler(args, optimizer_cls, optimizer_kwargs: dict) -> None:
+    """``--lr_scheduler_type`` importable with its ``--lr_scheduler_args``; ``adafactor`` only with Adafactor."""
+    if args.lr_scheduler_type:
+        module, _, name = args.lr_scheduler_type.rpartition(".")
+        try:
+            getattr(importlib.import_module(module or "torch.optim.lr_scheduler"), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise UserError(f"--lr_scheduler_type {args.lr_scheduler_type!r} cannot be imported: {e}") from None
+        scheduler_kwargs(args)
+    if args.lr_scheduler == "adafactor" and optimizer_cls.__name__ != "Adafactor":
+        raise UserError("--lr_scheduler adafactor goes with --optimizer_type Adafactor (relative_step=True), "
+                        f"not {optimizer_cls.__name__}")
+
+
+def scheduler_kwargs(args) -> dict:
+    """``--lr_scheduler_args`` values as Python literals where they are one (sd-scripts reads them so)."""
+    import ast
+
+    out = {}
+    for key, value in parse_kv(args.lr_scheduler_args, "--lr_scheduler_args").items():
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def _model(args, notes: list) -> tuple[str, bool]:

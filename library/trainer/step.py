@@ -52,8 +52,8 @@ class DiffusionLoss:
     autocast: Callable = contextlib.nullcontext
     cached_prompts: dict = field(default_factory=dict)  # caption -> encoder outputs (--cache_text_encoder_outputs)
 
-    def __call__(self, dataset, idx, draws: Draws, flip_gen, global_step: int) -> torch.Tensor:
-        images, captions, flips = dataset.batch(idx, flip_gen)
+    def __call__(self, dataset, idx, draws: Draws, augment, global_step: int) -> torch.Tensor:
+        images, captions, flips = dataset.batch(idx, augment)
         latents = self.latents(dataset, idx, images, draws)
         noise, timesteps = self.noise_and_timesteps(latents, draws)
         noisy = self.models.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -92,19 +92,23 @@ class DiffusionLoss:
         return noise, draws.randint(steps, (bsz,)).to(device)
 
     def encode_prompts(self, captions):
-        """(hidden states, pooled embedding or None) from the text encoder(s)."""
-        m, clip_skip = self.models, self.args.clip_skip
+        """(hidden states, pooled embedding or None) from the text encoder(s). With
+        ``--max_token_length`` 150 / 225 each caption is encoded in 75-token chunks whose states
+        are joined again (sd-scripts' scheme); SDXL's pooled embedding is the first chunk's."""
+        m, clip_skip, length = self.models, self.args.clip_skip, getattr(self.args, "max_token_length", None)
+        ids = lambda tokenizer: _token_ids(tokenizer, captions, m.device, length)  # noqa: E731
+        join = lambda hidden: _join_chunks(hidden, len(captions), length)  # noqa: E731
         with torch.set_grad_enabled(self.train_text_encoder):
             if m.sdxl:
-                out1 = m.text_encoder(_token_ids(m.tokenizer, captions, m.device), output_hidden_states=True)
-                out2 = m.text_encoder_2(_token_ids(m.tokenizer_2, captions, m.device), output_hidden_states=True)
-                return torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), out2.text_embeds
-            ids = _token_ids(m.tokenizer, captions, m.device)
+                out1 = m.text_encoder(ids(m.tokenizer), output_hidden_states=True)
+                out2 = m.text_encoder_2(ids(m.tokenizer_2), output_hidden_states=True)
+                hidden = torch.cat([join(out1.hidden_states[-2]), join(out2.hidden_states[-2])], dim=-1)
+                return hidden, out2.text_embeds[:: out2.text_embeds.shape[0] // len(captions)]
             if clip_skip and clip_skip > 1:
-                out = m.text_encoder(ids, output_hidden_states=True)
+                out = m.text_encoder(ids(m.tokenizer), output_hidden_states=True)
                 final_norm = getattr(m.text_encoder, "text_model", m.text_encoder).final_layer_norm
-                return final_norm(out.hidden_states[-clip_skip]), None
-            return m.text_encoder(ids)[0], None
+                return join(final_norm(out.hidden_states[-clip_skip])), None
+            return join(m.text_encoder(ids(m.tokenizer))[0]), None
 
     def cache_prompts(self, captions) -> None:
         """``--cache_text_encoder_outputs``: encode every distinct caption once, now."""
@@ -126,6 +130,35 @@ class DiffusionLoss:
                             args.fourier_warmup_steps, self.fourier_active)
 
 
-def _token_ids(tokenizer, captions, device) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+def _token_ids(tokenizer, captions, device, max_token_length: int | None = None) -> torch.Tensor:
+    """Token ids, (B, 77); with ``max_token_length`` N (150 / 225) the caption is tokenized to N + 2
+    and cut into N / 75 chunks of ``<BOS> 75 tokens <EOS or PAD>``, (B * N / 75, 77), as sd-scripts
+    does. Where padding is not EOS (SD 2.x, SDXL's second tokenizer) a chunk that stops mid-caption
+    ends in EOS and an empty chunk starts ``<BOS> <EOS>``."""
+    if not max_token_length:
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(captions, padding="max_length", max_length=max_token_length + 2, truncation=True,
+                    return_tensors="pt").input_ids
+    per = tokenizer.model_max_length - 2
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    chunks = []
+    for start in range(1, max_token_length + 1, per):
+        chunk = torch.cat([ids[:, :1], ids[:, start:start + per], ids[:, -1:]], dim=1)
+        if pad != eos:
+            open_end = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+            chunk[open_end, -1] = eos
+            chunk[chunk[:, 1] == pad, 1] = eos
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1).reshape(-1, tokenizer.model_max_length).to(device)
+
+
+def _join_chunks(hidden: torch.Tensor, batch: int, max_token_length: int | None) -> torch.Tensor:
+    """The chunks' hidden states back into one sequence: the first BOS, every chunk's 75 caption
+    positions, the last EOS (sd-scripts' scheme); (B, N + 2, d)."""
+    if not max_token_length:
+        return hidden
+    width = hidden.shape[1]
+    hidden = hidden.reshape(batch, -1, hidden.shape[-1])
+    parts = [hidden[:, :1]] + [hidden[:, i:i + width - 2] for i in range(1, hidden.shape[1], width)] + [hidden[:, -1:]]
+    return torch.cat(parts, dim=1)
