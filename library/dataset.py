@@ -107,17 +107,45 @@ def _resample(size: tuple[int, int], new: tuple[int, int]):
     return Image.BOX if new[0] <= size[0] and new[1] <= size[1] else Image.LANCZOS
 
 
-def load_image(path: str, fit: Fit) -> torch.Tensor:
-    """RGB image resized to ``fit.resized`` and centre-cropped to ``fit.bucket``, in [-1, 1], CHW."""
+def load_image(path: str, fit: Fit, crop: bool = True) -> torch.Tensor:
+    """RGB image resized to ``fit.resized`` and (``crop``) centre-cropped to ``fit.bucket``, in [-1, 1], CHW."""
     with Image.open(path) as im:
         im = im.convert("RGB")
         if im.size != fit.resized:
             im = im.resize(fit.resized, _resample(im.size, fit.resized))
         left, top = fit.crop_left_top
-        if fit.resized != fit.bucket:
+        if crop and fit.resized != fit.bucket:
             im = im.crop((left, top, left + fit.bucket[0], top + fit.bucket[1]))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def random_crop(img: torch.Tensor, size: tuple[int, int], gen: torch.Generator | None) -> torch.Tensor:
+    """A ``size`` (width, height) window of ``img`` at a random offset (centred without ``gen``)."""
+    h, w = img.shape[-2:]
+    if gen is None:
+        left, top = (w - size[0]) // 2, (h - size[1]) // 2
+    else:
+        left = int(torch.randint(0, w - size[0] + 1, (), generator=gen))
+        top = int(torch.randint(0, h - size[1] + 1, (), generator=gen))
+    return img[..., top:top + size[1], left:left + size[0]]
+
+
+def color_aug(img: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """sd-scripts' --color_aug: with probability 1/3, either a hue shift of up to 8/180 of the hue
+    circle or a gamma in [0.95, 1.05] on the 0-255 values (half the time each)."""
+    if gen is None or float(torch.rand((), generator=gen)) > 0.33:
+        return img
+    pixels = ((img.permute(1, 2, 0) + 1.0) * 127.5).clamp(0, 255)
+    if float(torch.rand((), generator=gen)) > 0.5:
+        shift = (float(torch.rand((), generator=gen)) * 16 - 8) / 180 * 256
+        hsv = np.array(Image.fromarray(pixels.round().to(torch.uint8).numpy()).convert("HSV"))
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + round(shift)) % 256).astype(np.uint8)
+        pixels = torch.from_numpy(np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), dtype=np.float32).copy())
+    else:
+        gamma = 0.95 + 0.1 * float(torch.rand((), generator=gen))
+        pixels = pixels.pow(gamma).clamp(0, 255)
+    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
 def _chunk(order: list, size: int, pad: bool) -> list:
@@ -136,10 +164,13 @@ class FolderDataset:
     aspect-ratio bucket with ``buckets``), in batches that never mix sizes."""
 
     def __init__(self, train_data_dir: str, resolution, caption_extension: str = ".caption",
-                 flip_aug: bool = False, buckets: Buckets | None = None, captions: CaptionRules | None = None):
+                 flip_aug: bool = False, buckets: Buckets | None = None, captions: CaptionRules | None = None,
+                 color_aug: bool = False, random_crop: bool = False):
         self.items, self.folders = scan(train_data_dir, caption_extension)
         self.resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         self.flip_aug = flip_aug
+        self.color_aug = color_aug
+        self.random_crop = random_crop  # keep whole resized images; cut a random bucket-sized window per step
         self.buckets = buckets
         self.captions = captions if captions is not None and captions.active else None
         self._cache: dict[str, torch.Tensor] = {}
@@ -180,7 +211,7 @@ class FolderDataset:
         t = self._cache.get(path)
         if t is None:
             try:
-                t = load_image(path, self.fits[path])
+                t = load_image(path, self.fits[path], crop=not self.random_crop)
             except Exception as e:
                 raise UserError(f"cannot read image {path}: {e}") from None
             self._cache[path] = t
@@ -208,15 +239,21 @@ class FolderDataset:
 
     def batch(self, indices, augment: Augment | None = None):
         """(images, captions, flipped) of the items ``indices``; with ``flip_aug`` each image is
-        mirrored with probability 1/2, drawn from ``augment.flip_gen``; the caption rules draw
-        from ``augment.caption_gen``. Without ``augment`` nothing is random."""
+        mirrored with probability 1/2, then randomly cropped (``random_crop``) and colour-shifted
+        (``color_aug``), all drawn from ``augment.flip_gen``; the caption rules draw from
+        ``augment.caption_gen``. Without ``augment`` nothing is random."""
         imgs, caps, flips = [], [], []
         flip_gen = augment.flip_gen if augment is not None else None
         for i in indices:
             it = self.items[i]
             img = self.image(it.path)
             flip = bool(self.flip_aug and flip_gen is not None and torch.rand((), generator=flip_gen) < 0.5)
-            imgs.append(img.flip(-1) if flip else img)
+            img = img.flip(-1) if flip else img
+            if self.random_crop:
+                img = random_crop(img, self.fits[it.path].bucket, flip_gen)
+            if self.color_aug:
+                img = color_aug(img, flip_gen)
+            imgs.append(img)
             caps.append(self.caption(it.caption, augment))
             flips.append(flip)
         return torch.stack(imgs), caps, flips

@@ -47,6 +47,8 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--bucket_reso_steps", type=int, default=64, help="bucket sides are multiples of this (64 for SD 1.x / 2.x)")
     a("--bucket_no_upscale", action="store_true", help="buckets follow each image's size; never enlarge an image")
     a("--flip_aug", action="store_true")
+    a("--color_aug", action="store_true", help="random hue / gamma changes, as sd-scripts (not with --cache_latents)")
+    a("--random_crop", action="store_true", help="crop at a random offset instead of the centre (not with --cache_latents)")
     a("--shuffle_caption", action="store_true", help="shuffle the comma-separated tags of each caption every step")
     a("--keep_tokens", type=int, default=0, help="the first N tags stay in place (not shuffled or dropped)")
     a("--keep_tokens_separator", type=str, default=None,
@@ -59,6 +61,8 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
       help="caption tokens seen by the text encoder: 75 [default], 150 or 225 (encoded in 75-token chunks)")
     a("--cache_latents", action="store_true", help="encode every image once with the VAE")
+    a("--cache_latents_to_disk", action="store_true",
+      help="cache the latents as <image>.npz beside each image and reuse them in later runs (implies --cache_latents)")
     # output
     a("--output_dir", type=str, default="output")
     a("--output_name", type=str, default="last")

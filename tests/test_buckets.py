@@ -223,3 +223,30 @@ def test_sdxl_size_numbers_are_upstreams(upstream):
         bw, bh = fit.bucket
         assert fit.size_condition() == (size[1], size[0], int(top), int(left), bh, bw)
         assert fit.size_condition(flipped=True) == (size[1], size[0], int(top), int(bw - right), bh, bw)
+
+
+def test_random_crop_cuts_a_bucket_sized_window_anywhere_and_color_aug_changes_colours(tmp_path):
+    import torch
+
+    from library.dataset import Augment
+
+    data = _mixed_data(tmp_path / "d")
+    wide = str(data / "2_mix" / "3.png")  # 128x64: resized to 96x48, cut to its 80x48 bucket
+    ramp = np.repeat(np.linspace(0, 255, 128, dtype=np.uint8)[None, :, None], 64, axis=0).repeat(3, axis=2)
+    Image.fromarray(ramp).save(wide)  # a left-to-right ramp: every window position has its own sum
+    kw = dict(buckets=Buckets((64, 64), 32, 128, 16, False))
+    centred = FolderDataset(str(data), (64, 64), ".txt", **kw)
+    cropping = FolderDataset(str(data), (64, 64), ".txt", random_crop=True, **kw)
+    i = next(n for n, it in enumerate(cropping.items) if it.path == wide)
+    assert tuple(cropping.image(wide).shape[1:]) == (48, 96)  # kept whole until the step
+    gen = torch.Generator().manual_seed(0)
+    windows = {cropping.batch([i], Augment(flip_gen=gen))[0][0].sum().item() for _ in range(12)}
+    assert len(windows) > 1  # different offsets
+    assert all(tuple(cropping.batch([i], Augment(flip_gen=gen))[0].shape[2:]) == (48, 80) for _ in range(3))
+    assert torch.equal(cropping.batch([i])[0], centred.batch([i])[0])  # no generator: the centre, as before
+    colour = FolderDataset(str(data), (64, 64), ".txt", color_aug=True, **kw)
+    gen = torch.Generator().manual_seed(1)
+    outs = [colour.batch([i], Augment(flip_gen=gen))[0] for _ in range(30)]
+    changed = [o for o in outs if not torch.equal(o, centred.batch([i])[0])]
+    assert 0 < len(changed) < 30  # about a third of the draws
+    assert all(float((o - centred.batch([i])[0]).abs().max()) < 0.35 for o in outs)  # small shifts

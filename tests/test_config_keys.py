@@ -62,10 +62,13 @@ def test_describe_unknown_is_empty_without_unknowns():
 
 def test_a_kohya_style_config_with_sd_scripts_spellings_runs_first_time(tiny_sd_path, tmp_path):
     """Options real kohya_ss configs carry: the old caption_extention spelling, attention and
-    data-loader switches, the adafactor schedule with Adafactor, metadata fields, a log dir."""
+    data-loader switches, the adafactor schedule with Adafactor, buckets, augmentations, caption
+    options, sample images, pruned periodic saves, metadata fields, a timestamped log dir."""
     from library.dataset_gen import make_dataset
 
     data = make_dataset(str(tmp_path / "data"), n_images=4, resolution=64, seed=0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --s 2 --d 1\n")
     cfg = tmp_path / "kohya_ss.toml"
     cfg.write_text(f'''
 pretrained_model_name_or_path = "{tiny_sd_path}"
@@ -90,6 +93,24 @@ network_dim = 4
 network_alpha = 2
 max_train_steps = 3
 train_batch_size = 2
+enable_bucket = true
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 16
+flip_aug = true
+color_aug = true
+random_crop = true
+shuffle_caption = true
+keep_tokens = 1
+caption_tag_dropout_rate = 0.1
+caption_dropout_rate = 0.05
+max_token_length = 150
+sample_prompts = "{prompts}"
+sample_every_n_steps = 2
+sample_sampler = "euler_a"
+save_every_n_steps = 1
+save_last_n_steps = 1
+save_state = true
 metadata_title = "My LoRA"
 metadata_author = "me"
 metadata_tags = "style, test"
@@ -101,6 +122,10 @@ seed = 1
         md = f.metadata()
     assert md["modelspec.title"] == "My LoRA" and md["modelspec.author"] == "me" and md["modelspec.tags"] == "style, test"
     assert md["ss_caption_extension"] == ".txt"
+    assert len(os.listdir(tmp_path / "out" / "sample")) == 1  # at step 2 of 3
+    saves = sorted(f for f in os.listdir(tmp_path / "out") if f.startswith("k-step"))
+    assert saves == ["k-step00000001-state", "k-step00000001.safetensors", "k-step00000002-state",
+                     "k-step00000002.safetensors"]  # --save_last_n_steps 1: at step 2, steps 1-2 are "the last"
     runs = [p.name for p in (tmp_path / "logs").iterdir()]
     assert len(runs) == 1 and runs[0].startswith("run-")  # one timestamped folder per run, as sd-scripts
 

@@ -41,3 +41,38 @@ def test_model_files_get_the_users_umask(tiny_sd_path, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "out" / "h.safetensors").st_mode) == 0o644
+
+
+def test_dim_from_weights_writes_the_true_dim_and_alpha(tiny_sd_path, tmp_path):
+    from safetensors import safe_open
+
+    _run(tiny_sd_path, tmp_path, "--max_train_steps", "1", "--network_dim", "6", "--network_alpha", "3")
+    start = tmp_path / "start.safetensors"
+    os.replace(tmp_path / "out" / "h.safetensors", start)
+    _run(tiny_sd_path, tmp_path, "--max_train_steps", "1", "--network_weights", str(start), "--dim_from_weights")
+    with safe_open(str(tmp_path / "out" / "h.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert md["ss_network_dim"] == "6" and md["ss_network_alpha"] == "3.0"
+
+
+def test_cache_latents_to_disk_writes_npz_files_and_reuses_them(tiny_sd_path, tmp_path):
+    from safetensors import safe_open
+
+    def weights():
+        with safe_open(str(tmp_path / "out" / "h.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    _run(tiny_sd_path, tmp_path, "--max_train_steps", "2", "--cache_latents")
+    in_memory = weights()
+    _run(tiny_sd_path, tmp_path, "--max_train_steps", "2", "--cache_latents_to_disk")
+    images = next(p for p in (tmp_path / "data").iterdir() if p.is_dir())
+    npz = sorted(p for p in os.listdir(images) if p.endswith(".npz"))
+    assert len(npz) == 4
+    first = weights()
+    stamp = {p: os.path.getmtime(images / p) for p in npz}
+    _run(tiny_sd_path, tmp_path, "--max_train_steps", "2", "--cache_latents_to_disk")
+    assert {p: os.path.getmtime(images / p) for p in npz} == stamp  # reused, not rewritten
+    import torch
+
+    assert all(torch.equal(first[k], weights()[k]) for k in first)
+    assert all(torch.equal(first[k], in_memory[k]) for k in first)  # the same latents as in memory

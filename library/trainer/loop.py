@@ -18,7 +18,7 @@ from .checkpoint import Checkpointer, optimizer_identity
 from .data import build_dataset, cache_latents, rank_share
 from .distributed import average_gradients, check_ranks_in_sync
 from .logs import RunLog, plot_losses, summary_line
-from .metadata import RunFacts, build_metadata, file_keys
+from .metadata import RunFacts, build_metadata, file_keys, weights_dim_alpha
 from .models import Models, ensure_embedded, load_models, place
 from .network import (Schedule, build_lr_scheduler, build_network, build_optimizer, plan_schedule,
                       warn_if_optimizer_phases_cover_the_run)
@@ -97,7 +97,8 @@ def set_up(args, plan: Plan) -> Run:
     started = time.time()
     log_dir = logging_dir(args)
     if log_dir:  # one folder per run, as sd-scripts names it: reruns no longer merge their curves
-        log_dir = os.path.join(log_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S", time.localtime(started)))
+        stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(started))
+        log_dir = os.path.join(log_dir, (args.log_prefix or "") + stamp)
     log_with = args.log_with or ("tensorboard" if log_dir else None)
     accelerator = _accelerator(args, log_dir, log_with)
     if accelerator.is_main_process:
@@ -125,22 +126,24 @@ def set_up(args, plan: Plan) -> Run:
     accelerator.register_for_checkpointing(lr_scheduler)
     state = TrainingState(plan.seed)
     start_batch = _resume(args, plan, accelerator, state)
-    loss = step_mod.DiffusionLoss(args, models, fourier_active=_fourier_active(args, models, plan.resolution, accelerator),
+    fourier = _fourier_active(args, models, plan.resolution, accelerator)
+    loss = step_mod.DiffusionLoss(args, models, fourier_active=fourier,
                                   train_text_encoder=not args.network_train_unet_only, autocast=accelerator.autocast)
-    if args.cache_latents:
-        loss.cached_latents = cache_latents(dataset, models)
+    if args.cache_latents or args.cache_latents_to_disk:
+        loss.cached_latents = cache_latents(dataset, models, to_disk=args.cache_latents_to_disk)
     if getattr(args, "cache_text_encoder_outputs", False):
         loss.cache_prompts([item.caption for item in dataset.items])
+    draws = step_mod.Draws(state.noise_gen, accelerator.num_processes, accelerator.process_index)
     run = Run(args, plan, accelerator, models, dataset, accelerator.unwrap_model(network), optimizer, lr_scheduler,
-              schedule, state, loss, step_mod.Draws(state.noise_gen, accelerator.num_processes, accelerator.process_index),
-              optimizer_name=opt_name, start_batch=start_batch, started=started)
+              schedule, state, loss, draws, optimizer_name=opt_name, start_batch=start_batch, started=started)
     facts = RunFacts(uuid.uuid4().hex, started, dataset.num_images, schedule.batches_per_epoch, schedule.num_epochs,
                      schedule.max_steps, schedule.warmup_steps, f"{opt_name}({opt_args})", plan.resolution,
-                     dataset.folders, dataset.tag_frequency(), dataset.bucket_info(), file_keys(args, plan.model_path))
+                     dataset.folders, dataset.tag_frequency(), dataset.bucket_info(), file_keys(args, plan.model_path),
+                     weights_dim_alpha(run.network) if args.dim_from_weights else None)
     run.augment = Augment(state.flip_gen, state.caption_gen)
     run.checkpoints = Checkpointer(
         args, accelerator, run.network, state, optimizer_identity(plan.optimizer_cls, plan.optimizer_kwargs),
-        metadata=lambda: build_metadata(args, plan, facts, state.global_step, state.epoch + (1 if state.done_batches else 0)))
+        metadata=lambda: build_metadata(args, plan, facts, state.global_step, state.epoch + bool(state.done_batches)))
     run.log = RunLog(args, accelerator, log_with, log_dir, schedule.max_steps, state.global_step, descriptions)
     run.sampler = Sampler(args, models, run.network, accelerator, plan.resolution)
     return run
@@ -226,9 +229,7 @@ def run_epochs(run: Run, stops: StopRequests) -> None:
         run.sampler.maybe_sample(st.global_step, epoch + 1)
         if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 and st.global_step < sch.max_steps:
             _periodic_save(run, f"{args.output_name}-{epoch + 1:06d}", epoch + 1, 0)
-            _drop_old_saves(run, epoch_name(args, epoch + 1 - args.save_every_n_epochs * (args.save_last_n_epochs or 0)),
-                            epoch_name(args, epoch + 1 - args.save_every_n_epochs * _keep_states(args, "epochs")),
-                            args.save_last_n_epochs, _keep_states(args, "epochs"))
+            _drop_old_epoch_saves(run, epoch + 1)
 
 
 def train_batch(run: Run, stops: StopRequests, global_batch: list) -> None:
@@ -300,17 +301,7 @@ def _after_update(run: Run, loss) -> None:
     every = args.save_every_n_steps
     if every and st.global_step % every == 0 and st.global_step < run.schedule.max_steps:
         _periodic_save(run, f"{args.output_name}-step{st.global_step:08d}", st.epoch, st.batch_in_epoch)
-        _drop_old_saves(run, step_name(args, _expired_step(st.global_step, args.save_last_n_steps, every)),
-                        step_name(args, _expired_step(st.global_step, _keep_states(args, "steps"), every)),
-                        args.save_last_n_steps, _keep_states(args, "steps"))
-
-
-def epoch_name(args, epoch: int) -> str | None:
-    return f"{args.output_name}-{epoch:06d}" if epoch > 0 else None
-
-
-def step_name(args, step: int | None) -> str | None:
-    return f"{args.output_name}-step{step:08d}" if step else None
+        _drop_old_step_saves(run, st.global_step)
 
 
 def _keep_states(args, unit: str) -> int:
@@ -318,23 +309,35 @@ def _keep_states(args, unit: str) -> int:
     return getattr(args, f"save_last_n_{unit}_state") or getattr(args, f"save_last_n_{unit}") or 0
 
 
-def _expired_step(step: int, keep: int | None, every: int) -> int | None:
-    """The periodic save that falls out of the last ``keep`` steps now (sd-scripts' arithmetic)."""
-    if not keep:
-        return None
-    old = step - keep - 1
-    old -= old % every
-    return old if old > 0 else None
+def _drop_old_epoch_saves(run: Run, epoch: int) -> None:
+    """--save_last_n_epochs(_state): the epoch save that many intervals back goes (sd-scripts' rule)."""
+    args = run.args
+    keep_models, keep_states, every = args.save_last_n_epochs or 0, _keep_states(args, "epochs"), args.save_every_n_epochs
+    _drop_old_saves(run, f"{args.output_name}-{{:06d}}", epoch - every * keep_models if keep_models else None,
+                    epoch - every * keep_states if keep_states else None)
 
 
-def _drop_old_saves(run: Run, model_name: str | None, state_name: str | None, keep_models, keep_states) -> None:
-    """--save_last_n_*: remove the periodic LoRA / state that is now older than what is kept."""
+def _drop_old_step_saves(run: Run, step: int) -> None:
+    """--save_last_n_steps(_state): the step save now older than the kept steps goes (sd-scripts' arithmetic)."""
+    args = run.args
+
+    def expired(keep: int) -> int | None:
+        if not keep:
+            return None
+        old = step - keep - 1
+        return old - old % args.save_every_n_steps
+
+    _drop_old_saves(run, f"{args.output_name}-step{{:08d}}", expired(args.save_last_n_steps or 0),
+                    expired(_keep_states(args, "steps")))
+
+
+def _drop_old_saves(run: Run, pattern: str, model_number: int | None, state_number: int | None) -> None:
     if not run.accelerator.is_main_process:
         return
-    if keep_models and model_name:
-        run.checkpoints.remove(model_name + run.checkpoints.ext)
-    if keep_states and state_name and run.args.save_state:
-        run.checkpoints.remove(state_name + "-state")
+    if model_number is not None and model_number > 0:
+        run.checkpoints.remove(pattern.format(model_number) + run.checkpoints.ext)
+    if state_number is not None and state_number > 0 and run.args.save_state:
+        run.checkpoints.remove(pattern.format(state_number) + "-state")
 
 
 def _periodic_save(run: Run, name: str, epoch: int, batch_in_epoch: int) -> None:

@@ -28,6 +28,15 @@ class RunFacts:
     tag_frequency: dict
     bucket_info: dict | None = None
     files: dict = field(default_factory=dict)  # model / VAE names and hashes (file_keys)
+    dim_alpha: tuple | None = None  # the rank and alpha read from --network_weights (--dim_from_weights)
+
+
+def weights_dim_alpha(network) -> tuple | None:
+    """(rank, alpha) of the first adapter module that has them: what --dim_from_weights loaded."""
+    for module in network.modules():
+        if hasattr(module, "lora_dim") and hasattr(module, "alpha") and module is not network:
+            return int(module.lora_dim), float(module.alpha)
+    return None
 
 
 def file_keys(args, model_path: str) -> dict:
@@ -56,6 +65,12 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _dim_alpha(args, facts: RunFacts) -> tuple:
+    if facts.dim_alpha:
+        return facts.dim_alpha
+    return (args.network_dim if args.network_dim is not None else 4), args.network_alpha
 
 
 def base_model_version(args) -> str:
@@ -97,8 +112,8 @@ def _training_keys(args, plan, facts: RunFacts, global_step: int, epoch: int) ->
         "ss_lr_warmup_steps": facts.warmup_steps,
         "ss_lr_scheduler": args.lr_scheduler,
         "ss_network_module": args.network_module,
-        "ss_network_dim": args.network_dim if args.network_dim is not None else 4,
-        "ss_network_alpha": args.network_alpha,
+        "ss_network_dim": _dim_alpha(args, facts)[0],
+        "ss_network_alpha": _dim_alpha(args, facts)[1],
         "ss_network_dropout": args.network_dropout,
         "ss_network_args": json.dumps(plan.net_kwargs),
         "ss_mixed_precision": args.mixed_precision,

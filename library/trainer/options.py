@@ -174,6 +174,9 @@ def xformers_usable() -> bool:
 def _check_numbers(args) -> None:
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if (args.cache_latents or args.cache_latents_to_disk) and (args.color_aug or args.random_crop):
+        raise UserError("--cache_latents cannot go with --color_aug or --random_crop (the cached latents would be "
+                        "of one fixed image), as in sd-scripts")
     if getattr(args, "cache_text_encoder_outputs", False) and not args.network_train_unet_only:
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (cached text encoder outputs "
                         "cannot carry a text encoder LoRA's gradients)")
