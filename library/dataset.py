@@ -26,34 +26,94 @@ class Item:
     path: str
     caption: str
     folder: str
+    subset: int = 0  # index into the dataset's subsets
+    is_reg: bool = False  # a regularisation image (--reg_data_dir, is_reg = true)
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A folder of images trained with the same options, as an sd-scripts subset."""
+    image_dir: str
+    num_repeats: int = 1
+    name: str = ""  # the name reported in metadata (the kohya folder name)
+    class_tokens: str | None = None  # caption of an image without a caption file
+    caption_extension: str = ".caption"
+    is_reg: bool = False
+    captions: CaptionRules | None = None
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+
+
+def kohya_subsets(root: str, caption_extension: str = ".caption", is_reg: bool = False, what: str = "--train_data_dir",
+                  **options) -> list[Subset]:
+    """The ``<repeats>_<name>`` folders of ``root`` as subsets (kohya ignores other folders)."""
+    if not root:
+        raise UserError(f"{what} is required")
+    if not os.path.isdir(root):
+        raise UserError(f"{what} {root!r} does not exist or is not a directory")
+    out = []
+    for sub in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
+        head, _, name = sub.partition("_")
+        if head.isdigit() and name:
+            out.append(Subset(os.path.join(root, sub), int(head), sub, class_tokens(sub), caption_extension, is_reg,
+                              **options))
+    return out
+
+
+def scan_subset(subset: Subset, index: int) -> tuple[list[Item], dict]:
+    """The subset's images with their captions (not yet repeated), and its folder info."""
+    ext = subset.caption_extension if subset.caption_extension.startswith(".") else "." + subset.caption_extension
+    extensions = (ext, *(e for e in (".txt", ".caption") if e != ext))
+    if not os.path.isdir(subset.image_dir):
+        raise UserError(f"image_dir {subset.image_dir!r} does not exist or is not a directory")
+    found, missing = [], 0
+    for fname in sorted(f for f in os.listdir(subset.image_dir) if f.lower().endswith(IMAGE_EXTENSIONS)):
+        caption = _read_caption(os.path.join(subset.image_dir, os.path.splitext(fname)[0]), extensions)
+        if caption is None:  # as sd-scripts: the subset's class token stands in
+            caption, missing = subset.class_tokens or "", missing + 1
+        found.append(Item(os.path.join(subset.image_dir, fname), caption, subset.name or subset.image_dir, index,
+                          subset.is_reg))
+    return found, {"n_repeats": subset.num_repeats, "img_count": len(found), "missing_captions": missing}
+
+
+def gather(subsets: list[Subset]) -> tuple[list[Item], dict, dict]:
+    """Every training image repeated ``num_repeats`` times, then the regularisation images repeated
+    until they are as many as the training images (sd-scripts' rule); and per-folder info of both."""
+    items, info, reg_info, reg_found = [], {}, {}, []
+    for index, subset in enumerate(subsets):
+        found, folder = scan_subset(subset, index)
+        key = subset.name or subset.image_dir
+        if subset.is_reg:
+            reg_info[key] = folder
+            reg_found.append((found, subset.num_repeats))
+        else:
+            info[key] = folder
+            items.extend(found * subset.num_repeats)
+    return items + _balanced_reg(reg_found, len(items)), info, reg_info
+
+
+def _balanced_reg(reg_found, n_train: int) -> list[Item]:
+    """Regularisation images for one epoch: each folder with its repeats first, then one more copy
+    of image after image until there are as many as training images (sd-scripts' loop)."""
+    flat = [(item, repeats) for found, repeats in reg_found for item in found]
+    if not flat or not n_train:
+        return []
+    counts = [0] * len(flat)
+    n, first = 0, True
+    while n < n_train:
+        for k, (_, repeats) in enumerate(flat):
+            counts[k] += repeats if first else 1
+            n += repeats if first else 1
+            if n >= n_train:
+                break
+        first = False
+    return [item for (item, _), c in zip(flat, counts) for _ in range(c)]
 
 
 def scan(train_data_dir: str, caption_extension: str = ".caption") -> tuple[list[Item], dict]:
-    """Every image with its caption, each repeated ``<repeats>`` times; and per-folder info."""
-    if not train_data_dir:
-        raise UserError("--train_data_dir is required")
-    if not os.path.isdir(train_data_dir):
-        raise UserError(f"--train_data_dir {train_data_dir!r} does not exist or is not a directory")
-    subdirs = sorted(d for d in os.listdir(train_data_dir) if os.path.isdir(os.path.join(train_data_dir, d)))
-    items: list[Item] = []
-    info = {}
-    ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
-    others = [e for e in (".txt", ".caption") if e != ext]
-    for sub in subdirs:
-        head, _, name = sub.partition("_")
-        if not head.isdigit() or not name:
-            continue  # kohya ignores folders not named <repeats>_<name>
-        repeats = int(head)
-        folder = os.path.join(train_data_dir, sub)
-        images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        found, missing = [], 0
-        for fname in images:
-            caption = _read_caption(os.path.join(folder, os.path.splitext(fname)[0]), (ext, *others))
-            if caption is None:  # as sd-scripts: the folder's class token stands in
-                caption, missing = class_tokens(sub), missing + 1
-            found.append(Item(os.path.join(folder, fname), caption, sub))
-        info[sub] = {"n_repeats": repeats, "img_count": len(found), "missing_captions": missing}
-        items.extend(found * repeats)
+    """Every image of a kohya folder with its caption, each repeated ``<repeats>`` times; and per-folder info."""
+    items, info, _ = gather(kohya_subsets(train_data_dir, caption_extension))
     if not items:
         raise UserError(
             f"--train_data_dir {train_data_dir!r} holds no images in <repeats>_<name> folders "
@@ -160,23 +220,34 @@ def _chunk(order: list, size: int, pad: bool) -> list:
 
 
 class FolderDataset:
-    """The images of a kohya-layout folder, each fitted to its training size (one size, or its
-    aspect-ratio bucket with ``buckets``), in batches that never mix sizes."""
+    """The images of a kohya-layout folder (or of ``subsets``: a dataset config, regularisation
+    folders), each fitted to its training size (one size, or its aspect-ratio bucket with
+    ``buckets``), in batches that never mix sizes. Augmentations and caption rules are per subset."""
 
-    def __init__(self, train_data_dir: str, resolution, caption_extension: str = ".caption",
+    def __init__(self, train_data_dir: str | None, resolution, caption_extension: str = ".caption",
                  flip_aug: bool = False, buckets: Buckets | None = None, captions: CaptionRules | None = None,
-                 color_aug: bool = False, random_crop: bool = False):
-        self.items, self.folders = scan(train_data_dir, caption_extension)
+                 color_aug: bool = False, random_crop: bool = False, subsets: list[Subset] | None = None):
+        if subsets is None:
+            subsets = kohya_subsets(train_data_dir, caption_extension, captions=captions, flip_aug=flip_aug,
+                                    color_aug=color_aug, random_crop=random_crop)
+        self.subsets = subsets
+        self.items, self.folders, self.reg_folders = gather(subsets)
+        if not any(not it.is_reg for it in self.items):
+            where = f"--train_data_dir {train_data_dir!r}" if train_data_dir else "the dataset"
+            raise UserError(f"{where} holds no training images"
+                            + (f" in <repeats>_<name> folders (e.g. {os.path.join(train_data_dir, '10_mychar')}/001.png)"
+                               if train_data_dir else ""))
         self.resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        self.flip_aug = flip_aug
-        self.color_aug = color_aug
-        self.random_crop = random_crop  # keep whole resized images; cut a random bucket-sized window per step
         self.buckets = buckets
-        self.captions = captions if captions is not None and captions.active else None
         self._cache: dict[str, torch.Tensor] = {}
         self.num_images = sum(v["img_count"] for v in self.folders.values())
+        self.num_reg_images = sum(v["img_count"] for v in self.reg_folders.values())
+        self._subset_index = {it.path: it.subset for it in self.items}
         self.fits = {path: self._fit(path) for path in dict.fromkeys(it.path for it in self.items)}
         self.groups = self._group_by_bucket()
+
+    def _subset_of(self, path: str) -> Subset:
+        return self.subsets[self._subset_index[path]]
 
     def _fit(self, path: str) -> Fit:
         size = image_size(path)
@@ -211,7 +282,7 @@ class FolderDataset:
         t = self._cache.get(path)
         if t is None:
             try:
-                t = load_image(path, self.fits[path], crop=not self.random_crop)
+                t = load_image(path, self.fits[path], crop=not self._subset_of(path).random_crop)
             except Exception as e:
                 raise UserError(f"cannot read image {path}: {e}") from None
             self._cache[path] = t
@@ -246,22 +317,30 @@ class FolderDataset:
         flip_gen = augment.flip_gen if augment is not None else None
         for i in indices:
             it = self.items[i]
+            subset = self.subsets[it.subset]
             img = self.image(it.path)
-            flip = bool(self.flip_aug and flip_gen is not None and torch.rand((), generator=flip_gen) < 0.5)
+            flip = bool(subset.flip_aug and flip_gen is not None and torch.rand((), generator=flip_gen) < 0.5)
             img = img.flip(-1) if flip else img
-            if self.random_crop:
+            if subset.random_crop:
                 img = random_crop(img, self.fits[it.path].bucket, flip_gen)
-            if self.color_aug:
+            if subset.color_aug:
                 img = color_aug(img, flip_gen)
             imgs.append(img)
-            caps.append(self.caption(it.caption, augment))
+            caps.append(self.caption(it.caption, subset.captions, augment))
             flips.append(flip)
         return torch.stack(imgs), caps, flips
 
-    def caption(self, caption: str, augment: Augment | None) -> str:
-        if self.captions is None or augment is None:
+    @staticmethod
+    def caption(caption: str, rules: CaptionRules | None, augment: Augment | None) -> str:
+        if rules is None or not rules.active or augment is None:
             return caption
-        return self.captions.apply(caption, augment.epoch, augment.caption_gen)
+        return rules.apply(caption, augment.epoch, augment.caption_gen)
+
+    def loss_weights(self, indices, prior_loss_weight: float) -> torch.Tensor | None:
+        """Per-sample loss weights: ``prior_loss_weight`` for regularisation images (None: all 1)."""
+        if not any(self.items[i].is_reg for i in indices):
+            return None
+        return torch.tensor([prior_loss_weight if self.items[i].is_reg else 1.0 for i in indices])
 
     def size_conditions(self, indices, flips) -> torch.Tensor:
         """SDXL's size / crop numbers of the items, (len(indices), 6)."""

@@ -42,9 +42,29 @@ def base_loss(pred, target, loss_type: str, huber_c: float = 0.1):
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+def per_sample_loss(pred, target, loss_type: str, huber_c: float = 0.1):
+    """The base loss of each sample (mean over all but the batch dimension)."""
+    d = pred.float() - target.float()
+    if loss_type in ("l2", "fourier"):
+        e = d ** 2
+    elif loss_type == "l1":
+        e = d.abs()
+    elif loss_type == "huber":
+        e = 2 * huber_c * (torch.sqrt(d ** 2 + huber_c**2) - huber_c)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return e.mean(dim=tuple(range(1, e.ndim)))
+
+
 def compute_loss(pred, target, loss_type: str = "l2", step: int = 0, huber_c: float = 0.1,
-                 fourier_weight: float = 0.05, fourier_warmup_steps: int = 200, fourier_active: bool = True):
-    loss = base_loss(pred, target, loss_type, huber_c)
+                 fourier_weight: float = 0.05, fourier_warmup_steps: int = 200, fourier_active: bool = True,
+                 weights=None):
+    """The batch loss; ``weights`` (one per sample, e.g. --prior_loss_weight for regularisation
+    images) weight the base loss of each sample before the mean, as sd-scripts does."""
+    if weights is None:
+        loss = base_loss(pred, target, loss_type, huber_c)
+    else:
+        loss = (per_sample_loss(pred, target, loss_type, huber_c) * weights.to(pred.device)).mean()
     if loss_type == "fourier" and fourier_active and fourier_weight > 0:
         ramp = min(1.0, (step + 1) / max(1, fourier_warmup_steps))
         loss = loss + fourier_weight * ramp * fft_magnitude_loss(pred, target)

@@ -38,6 +38,10 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     a("--v_parameterization", action="store_true", help="v-prediction model (SD 2.x 768)")
     a("--train_data_dir", type=str, default=None,
       help="kohya layout: <repeats>_<name>/ folders of images with captions; omitted: a generated dataset")
+    a("--dataset_config", type=str, default=None,
+      help="sd-scripts' dataset TOML ([general], [[datasets]], [[datasets.subsets]]); replaces --train_data_dir")
+    a("--reg_data_dir", type=str, default=None, help="regularisation images in <repeats>_<name> folders")
+    a("--prior_loss_weight", type=float, default=1.0, help="loss weight of the regularisation images [1.0]")
     a("--caption_extension", type=str, default=".caption", help="caption file extension (.txt is also read)")
     a("--caption_extention", type=str, default=None, help="sd-scripts' old spelling of --caption_extension")
     a("--resolution", type=str, default=None, help="'512' or 'W,H' such as '512,768'; default: the model's sample size")

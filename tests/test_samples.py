@@ -90,3 +90,13 @@ def test_a_bad_prompt_file_ends_in_one_line_before_loading(tmp_path, capsys):
     assert rc == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "--sample_prompts" in err[0] and "does not exist" in err[0]
+
+
+def test_a_resumed_run_with_samples_ends_with_the_uninterrupted_weights(tiny_sd_path, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --s 1\n")  # no seed: sampling draws fresh randomness every time
+    common = ("--sample_prompts", str(prompts), "--sample_every_n_steps", "1")
+    straight = _run(tiny_sd_path, tmp_path, "a", *common)
+    _run(tiny_sd_path, tmp_path, "b", *common, "--save_every_n_steps", "2", "--save_state")
+    resumed = _run(tiny_sd_path, tmp_path, "c", *common, "--resume", str(tmp_path / "b" / "b-step00000002-state"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -397,10 +397,10 @@ def test_an_image_that_breaks_mid_run_saves_lora_and_state_first(cache, tmp_path
     Image.new("RGB", (64, 64), (10, 20, 30)).save(bad)  # readable when the run starts ...
     original = dataset_mod.load_image
 
-    def cut_short_later(path, resolution):
+    def cut_short_later(path, *rest, **kw):
         if path == str(bad):  # ... cut short by the time training reaches it
             bad.write_bytes(b"cut")
-        return original(path, resolution)
+        return original(path, *rest, **kw)
 
     monkeypatch.setattr(dataset_mod, "load_image", cut_short_later)
     rc = train_network.main(["--max_train_steps", "6", "--train_batch_size", "1", "--seed", "1", "--no_progress",

@@ -17,7 +17,8 @@ logger = logging.getLogger("train_network")
 
 def build_dataset(args, plan, is_main: bool = True) -> FolderDataset:
     dataset = FolderDataset(plan.data_dir, plan.resolution, args.caption_extension, args.flip_aug, plan.buckets,
-                            CaptionRules.from_args(args), color_aug=args.color_aug, random_crop=args.random_crop)
+                            CaptionRules.from_args(args), color_aug=args.color_aug, random_crop=args.random_crop,
+                            subsets=plan.subsets)
     if is_main:
         _report_fits(dataset)
         _report_missing_captions(dataset)

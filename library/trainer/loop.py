@@ -139,7 +139,8 @@ def set_up(args, plan: Plan) -> Run:
     facts = RunFacts(uuid.uuid4().hex, started, dataset.num_images, schedule.batches_per_epoch, schedule.num_epochs,
                      schedule.max_steps, schedule.warmup_steps, f"{opt_name}({opt_args})", plan.resolution,
                      dataset.folders, dataset.tag_frequency(), dataset.bucket_info(), file_keys(args, plan.model_path),
-                     weights_dim_alpha(run.network) if args.dim_from_weights else None)
+                     weights_dim_alpha(run.network) if args.dim_from_weights else None, dataset.num_reg_images,
+                     dataset.reg_folders)
     run.augment = Augment(state.flip_gen, state.caption_gen)
     run.checkpoints = Checkpointer(
         args, accelerator, run.network, state, optimizer_identity(plan.optimizer_cls, plan.optimizer_kwargs),

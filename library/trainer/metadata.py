@@ -29,6 +29,8 @@ class RunFacts:
     bucket_info: dict | None = None
     files: dict = field(default_factory=dict)  # model / VAE names and hashes (file_keys)
     dim_alpha: tuple | None = None  # the rank and alpha read from --network_weights (--dim_from_weights)
+    num_reg_images: int = 0
+    reg_dataset_dirs: dict = field(default_factory=dict)
 
 
 def weights_dim_alpha(network) -> tuple | None:
@@ -103,7 +105,9 @@ def _training_keys(args, plan, facts: RunFacts, global_step: int, epoch: int) ->
         "ss_text_encoder_lr": args.text_encoder_lr,
         "ss_unet_lr": args.unet_lr,
         "ss_num_train_images": facts.num_train_images,
-        "ss_num_reg_images": 0,
+        "ss_num_reg_images": facts.num_reg_images,
+        "ss_reg_dataset_dirs": json.dumps(facts.reg_dataset_dirs),
+        "ss_prior_loss_weight": getattr(args, "prior_loss_weight", 1.0),
         "ss_num_batches_per_epoch": facts.batches_per_epoch,
         "ss_num_epochs": facts.num_epochs,
         "ss_gradient_checkpointing": args.gradient_checkpointing,

@@ -112,7 +112,7 @@ def ensure_embedded(plan, args, accelerator) -> None:
 
         with accelerator.main_process_first():
             (build_tiny_sdxl if getattr(args, "sdxl", False) else build_tiny_sd)(plan.model_path, seed=0)
-    if args.train_data_dir is None:
+    if args.train_data_dir is None and plan.subsets is None:
         from ..dataset_gen import make_dataset
 
         with accelerator.main_process_first():

@@ -42,19 +42,21 @@ class Plan:
     embedded: bool = False
     notes: list = field(default_factory=list)
     buckets: object = None  # library.buckets.Buckets with --enable_bucket
+    subsets: list | None = None  # library.dataset.Subset list: --dataset_config, or folders with --reg_data_dir
 
 
 def prepare(args) -> Plan:
     """Validate every user input before anything heavy happens. Raises UserError."""
     notes: list[str] = []
     _kohya_compat(args, notes)
+    config_subsets = _dataset_config(args, notes)
     _check_numbers(args)
     resolution = parse_resolution(args.resolution)
     module, net_kwargs = _network_module(args)
     cls, kwargs = _optimizer(args)
     _check_scheduler(args, cls, kwargs)
     model_path, embedded = _model(args, notes)
-    data_dir = _data(args, model_path, embedded, notes)
+    data_dir, subsets = _data(args, model_path, embedded, config_subsets, notes)
     if args.sample_prompts:
         from ..sample_prompts import load_prompts
 
@@ -66,7 +68,7 @@ def prepare(args) -> Plan:
     resume_state = read_resume_state(args.resume, cls, kwargs) if args.resume else None
     seed = _seed(args, resume_state, notes)
     return Plan(model_path, data_dir, resolution, module, net_kwargs, cls, kwargs, seed, resume_state, embedded,
-                notes, buckets)
+                notes, buckets, subsets)
 
 
 def parse_kv(items, what: str) -> dict:
@@ -307,9 +309,40 @@ def _looks_like_hub_id(value: str) -> bool:
     return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and "\\" not in value
 
 
-def _data(args, model_path: str, embedded: bool, notes: list) -> str:
-    """The data folder (every image verified now), or the generated dataset with the embedded model."""
+def _dataset_config(args, notes: list):
+    """``--dataset_config``: its subsets, with its dataset-level settings applied to ``args``."""
+    if not getattr(args, "dataset_config", None):
+        return None
+    from ..dataset_config import load_dataset_config
+
+    subsets, settings = load_dataset_config(args.dataset_config, args)
+    for option, value in settings.items():
+        setattr(args, option, value)
+    ignored = [f"--{k}" for k in ("train_data_dir", "reg_data_dir") if getattr(args, k, None)]
+    if ignored:
+        notes.append(f"--dataset_config given: {', '.join(ignored)} ignored, as in sd-scripts")
+    return subsets
+
+
+def _data(args, model_path: str, embedded: bool, subsets, notes: list):
+    """(data folder, subsets): the images to train on, every one verified now; the generated
+    dataset with the embedded model when nothing else is given."""
+    from ..captions import CaptionRules
+    from ..dataset import gather, kohya_subsets, scan, verify_images
+
     data_dir = args.train_data_dir
+    if subsets is None and getattr(args, "reg_data_dir", None):
+        options = dict(captions=CaptionRules.from_args(args), flip_aug=args.flip_aug, color_aug=args.color_aug,
+                       random_crop=args.random_crop)
+        subsets = (kohya_subsets(data_dir, args.caption_extension, **options)
+                   + kohya_subsets(args.reg_data_dir, args.caption_extension, is_reg=True, what="--reg_data_dir",
+                                   **options))
+    if subsets is not None:
+        items, _, reg = gather(subsets)
+        if not any(not it.is_reg for it in items):
+            raise UserError("the dataset holds no training images (only regularisation images or empty folders)")
+        notes.append(f"{verify_images(items)} images read and verified ({len(reg)} regularisation folder(s))")
+        return (data_dir if not getattr(args, "dataset_config", None) else None), subsets
     if data_dir is None and not embedded:
         raise UserError(f"--train_data_dir is required with --pretrained_model_name_or_path {model_path!r} "
                         "(the generated demo data goes only with the embedded tiny model)")
@@ -317,11 +350,9 @@ def _data(args, model_path: str, embedded: bool, notes: list) -> str:
         data_dir = os.path.join(cache_dir(), "demo-data")
         notes.append(f"no --train_data_dir: using a generated captioned dataset ({data_dir})")
     else:
-        from ..dataset import scan, verify_images
-
         items, _ = scan(data_dir, args.caption_extension)  # raises UserError when missing or empty
         notes.append(f"--train_data_dir: {verify_images(items)} images read and verified")
-    return data_dir
+    return data_dir, None
 
 
 def logging_dir(args) -> str | None:

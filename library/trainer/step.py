@@ -65,7 +65,8 @@ class DiffusionLoss:
                 time_ids = dataset.size_conditions(idx, flips).to(self.models.device, dtype)
                 extra = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
             pred = self.models.unet(noisy.to(dtype), timesteps, embeddings.to(dtype), added_cond_kwargs=extra).sample
-        return self.loss(pred, latents, noise, timesteps, global_step)
+        weights = dataset.loss_weights(idx, getattr(self.args, "prior_loss_weight", 1.0))
+        return self.loss(pred, latents, noise, timesteps, global_step, weights)
 
     def prompts(self, captions):
         """(hidden states, pooled embedding or None) of the captions: cached, or encoded now."""
@@ -117,7 +118,7 @@ class DiffusionLoss:
                 hidden, pooled = self.encode_prompts([caption])
                 self.cached_prompts[caption] = (hidden[0], pooled[0] if pooled is not None else None)
 
-    def loss(self, pred, latents, noise, timesteps, global_step: int) -> torch.Tensor:
+    def loss(self, pred, latents, noise, timesteps, global_step: int, weights=None) -> torch.Tensor:
         args, scheduler = self.args, self.models.noise_scheduler
         target = scheduler.get_velocity(latents, noise, timesteps) if args.v_parameterization else noise
         if args.min_snr_gamma:
@@ -125,9 +126,9 @@ class DiffusionLoss:
             snr = alphas / (1 - alphas)
             w = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1 if args.v_parameterization else snr)
             per = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
-            return (per * w).mean()
+            return (per * w * (weights.to(per.device) if weights is not None else 1)).mean()
         return compute_loss(pred, target, args.loss_type, global_step, args.huber_c, args.fourier_weight,
-                            args.fourier_warmup_steps, self.fourier_active)
+                            args.fourier_warmup_steps, self.fourier_active, weights)
 
 
 def _token_ids(tokenizer, captions, device, max_token_length: int | None = None) -> torch.Tensor:
