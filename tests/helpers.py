@@ -3,8 +3,37 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+from pathlib import Path
 
+import pytest
 import torch
+
+UPSTREAM_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "upstream" / "sd-scripts-48d368fa.tar.gz"
+
+
+def upstream_archive() -> Path:
+    """The real upstream sd-scripts archive, or skip (fail under CI, where it is expected)."""
+    if not UPSTREAM_ARCHIVE.is_file():
+        reason = f"upstream sd-scripts archive not found at {UPSTREAM_ARCHIVE}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set: it is expected there)")
+        pytest.skip(reason)
+    return UPSTREAM_ARCHIVE
+
+
+@contextlib.contextmanager
+def cache_dir_env(folder):
+    """HINA_CACHE_DIR pointing at ``folder`` for the duration (the embedded models and data live there)."""
+    old = os.environ.get("HINA_CACHE_DIR")
+    os.environ["HINA_CACHE_DIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if old is None:
+            os.environ.pop("HINA_CACHE_DIR", None)
+        else:
+            os.environ["HINA_CACHE_DIR"] = old
 
 
 def save_load(obj):

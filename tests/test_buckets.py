@@ -2,7 +2,6 @@
 kept, and training with --enable_bucket / a non-square --resolution on the embedded tiny model."""
 import ast
 import math
-import os
 import random
 import tarfile
 import types
@@ -14,12 +13,11 @@ from PIL import Image
 from safetensors import safe_open
 
 import train_network
+from helpers import upstream_archive
 from conftest_tiny import tiny_sd_path  # noqa: F401  (fixture used by name)
 from library.buckets import Buckets, bucket_resolutions, cover
 from library.dataset import FolderDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "upstream" / "sd-scripts-48d368fa.tar.gz"
 
 
 def _definition(source: str, name: str) -> str:
@@ -31,11 +29,7 @@ def _definition(source: str, name: str) -> str:
 @pytest.fixture(scope="module")
 def upstream():
     """sd-scripts' make_bucket_resolutions and BucketManager, executed from the real upstream files."""
-    if not ARCHIVE.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"upstream sd-scripts archive not found at {ARCHIVE} (CI is set: it is expected there)")
-        pytest.skip(f"upstream sd-scripts archive not found at {ARCHIVE}")
-    with tarfile.open(ARCHIVE) as tar:
+    with tarfile.open(upstream_archive()) as tar:
         model_util = tar.extractfile("sd-scripts/library/model_util.py").read().decode()
         train_util = tar.extractfile("sd-scripts/library/train_util.py").read().decode()
     ns = {"math": math, "np": np, "random": random, "Tuple": tuple, "logger": None}

@@ -4,29 +4,24 @@ spellings real configs use accepted."""
 import ast
 import os
 import tarfile
-from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 import train_network
+from helpers import upstream_archive
 from conftest_tiny import tiny_sd_path  # noqa: F401  (fixture used by name)
 from library.config_util import describe_unknown, suggest
-from library.sd_scripts_options import FILES, OPTIONS, UPSTREAM_REVISION
+from library.sd_scripts_options import FILES, OPTIONS
 from library.train_args import setup_parser
 
-ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "upstream" / f"sd-scripts-{UPSTREAM_REVISION}.tar.gz"
 KNOWN = [s[2:] for a in setup_parser()._actions for s in a.option_strings if s.startswith("--")]
 
 
 def test_the_upstream_option_list_is_what_sd_scripts_declares():
-    if not ARCHIVE.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"upstream sd-scripts archive not found at {ARCHIVE} (CI is set: it is expected there)")
-        pytest.skip(f"upstream sd-scripts archive not found at {ARCHIVE}")
+    archive = upstream_archive()
     names = set()
-    with tarfile.open(ARCHIVE) as tar:
+    with tarfile.open(archive) as tar:
         for rel in FILES:
             tree = ast.parse(tar.extractfile(f"sd-scripts/{rel}").read().decode())
             for node in ast.walk(tree):

@@ -14,10 +14,10 @@ from safetensors import safe_open
 
 import library.trainer as trainer_mod
 import train_network
+from helpers import cache_dir_env, upstream_archive
 from library.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "upstream" / "sd-scripts-48d368fa.tar.gz"
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,8 @@ def cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("cache")
     build_tiny_sdxl(str(d / "tiny-sdxl"), seed=0)
     make_dataset(str(d / "demo-data"), n_images=16, resolution=64, seed=0)
-    old = os.environ.get("HINA_CACHE_DIR")
-    os.environ["HINA_CACHE_DIR"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("HINA_CACHE_DIR", None)
-    else:
-        os.environ["HINA_CACHE_DIR"] = old
+    with cache_dir_env(d):
+        yield d
 
 
 def _argv(tmp_path, *extra, steps=3, name="x"):
@@ -143,10 +138,7 @@ def test_a_single_sd_file_is_refused_by_the_sdxl_script_and_back(tmp_path):
 
 # ------------------------------------------------ SDXL base as sd-scripts writes it, full size, meta device
 def test_sdxl_checkpoints_written_by_sd_scripts_load_into_our_architecture():
-    if not ARCHIVE.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"upstream sd-scripts archive not found at {ARCHIVE} (CI is set: it is expected there)")
-        pytest.skip(f"upstream sd-scripts archive not found at {ARCHIVE}")
+    archive = upstream_archive()
     import diffusers
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -156,7 +148,7 @@ def test_sdxl_checkpoints_written_by_sd_scripts_load_into_our_architecture():
                                      _classic_clip_names, build_models, open_clip_names, unet_to_ldm)
 
     ns = {"torch": torch, "math": math, "diffusers": diffusers}
-    with tarfile.open(ARCHIVE) as tar:
+    with tarfile.open(archive) as tar:
         for rel, names in (("library/model_util.py", {"reshape_weight_for_sd", "convert_vae_state_dict"}),
                            ("library/sdxl_model_util.py", {"make_unet_conversion_map", "convert_unet_state_dict",
                                                             "convert_diffusers_unet_state_dict_to_sdxl",

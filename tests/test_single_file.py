@@ -6,7 +6,6 @@ import ast
 import math
 import os
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +13,12 @@ from safetensors import safe_open
 
 import library.trainer as trainer_mod
 import train_network
+from helpers import upstream_archive
 from conftest_tiny import tiny_sd_path  # noqa: F401  (fixture used by name)
 from library.errors import UserError
 from library.single_file import (TEXT_ENCODER_CONFIGS, UNET_CONFIGS, VAE_CONFIG, _classic_clip_names, build_models,
                                  load_single_file, load_tokenizer, save_single_file, unet_to_ldm, vae_to_ldm)
 
-ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "upstream" / "sd-scripts-48d368fa.tar.gz"
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +143,7 @@ def test_the_tokenizer_comes_from_the_cache_folder_as_in_sd_scripts(tmp_path):
 
 # ------------------------------------------------ real layouts, full size, on the meta device
 def _upstream_converters():
-    if not ARCHIVE.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"upstream sd-scripts archive not found at {ARCHIVE} (CI is set: it is expected there)")
-        pytest.skip(f"upstream sd-scripts archive not found at {ARCHIVE}")
-    with tarfile.open(ARCHIVE) as tar:
+    with tarfile.open(upstream_archive()) as tar:
         source = tar.extractfile("sd-scripts/library/model_util.py").read().decode()
     tree = ast.parse(source)
     wanted = {"conv_transformer_to_linear", "convert_unet_state_dict_to_sd", "reshape_weight_for_sd",

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import library.trainer as trainer_mod
 import train_network
+from helpers import cache_dir_env
 from library.optimizers.registry import list_optimizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,13 +25,8 @@ def cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("cache")
     build_tiny_sd(str(d / "tiny-sd"), seed=0)
     make_dataset(str(d / "demo-data"), n_images=16, resolution=64, seed=0)  # what the trainer generates
-    old = os.environ.get("HINA_CACHE_DIR")
-    os.environ["HINA_CACHE_DIR"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("HINA_CACHE_DIR", None)
-    else:
-        os.environ["HINA_CACHE_DIR"] = old
+    with cache_dir_env(d):
+        yield d
 
 
 def run(tmp_path, *extra, steps=3, name="t", expect=0):

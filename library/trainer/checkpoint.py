@@ -122,7 +122,7 @@ class Checkpointer:
             return f"the emergency save failed ({type(e).__name__}: {e})"
         return f"saved {file} and {state_dir} (resume with --resume {state_dir})"
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, why: str = "--save_last_n_*") -> None:
         """Delete the file or state folder ``name`` under the output folder, if there (one log line)."""
         path = os.path.join(self.output_dir, name)
         if os.path.isdir(path):
@@ -131,16 +131,9 @@ class Checkpointer:
             os.remove(path)
         else:
             return
-        logger.info("removed %s (--save_last_n_*)", path)
+        logger.info("removed %s (%s)", path, why)
 
     def remove_stale_interrupted(self) -> None:
         """A run that finished supersedes the ``-interrupted`` LoRA and state an earlier stop left."""
-        for path in (os.path.join(self.output_dir, f"{self.output_name}-interrupted{self.ext}"),
-                     os.path.join(self.output_dir, f"{self.output_name}-interrupted-state")):
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.isfile(path):
-                os.remove(path)
-            else:
-                continue
-            logger.info("removed %s: this run finished after it", path)
+        for name in (f"{self.output_name}-interrupted{self.ext}", f"{self.output_name}-interrupted-state"):
+            self.remove(name, "this run finished after it")
