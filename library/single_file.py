@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from networks.names import ldm_unet_path, unet_ldm_prefixes
+
 from .errors import UserError
 
 logger = logging.getLogger("train_network")
@@ -328,34 +330,6 @@ def _usable(tokenizer, what: str):
 
 
 # ------------------------------------------------------------------ writing
-def _unet_ldm_names(config: dict) -> list[tuple[str, str]]:
-    """(diffusers prefix, LDM prefix) pairs for a UNet2DConditionModel config, most specific first."""
-    layers, levels = config["layers_per_block"], len(config["block_out_channels"])
-    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
-             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
-             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
-             ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
-             ("mid_block.resnets.1.", "middle_block.2.")]
-    for i in range(levels):
-        for j in range(layers):
-            block = (layers + 1) * i + j + 1
-            pairs += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0."),
-                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1.")]
-        if i < levels - 1:
-            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(layers + 1) * (i + 1)}.0.op."))
-        has_attention = "CrossAttn" in config["up_block_types"][i]
-        for j in range(layers + 1):
-            block = (layers + 1) * i + j
-            pairs += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{block}.0."),
-                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1.")]
-        if i < levels - 1:
-            last = (layers + 1) * i + layers
-            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{last}.{2 if has_attention else 1}."))
-    return pairs
-
-
-_UNET_RESNET_PARTS = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
-                      ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
 _VAE_ATTENTION_PARTS = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
                         ("to_out.0.", "proj_out.")]
 
@@ -369,16 +343,13 @@ def _rename(key: str, pairs) -> str | None:
 
 def unet_to_ldm(unet) -> dict:
     """A UNet2DConditionModel's weights under their LDM names (``model.diffusion_model.*``)."""
-    pairs, out = _unet_ldm_names(dict(unet.config)), {}
+    prefixes = unet_ldm_prefixes(dict(unet.config))
+    out = {}
     for key, value in unet.state_dict().items():
-        match = next(((new, old) for new, old in pairs if key.startswith(new)), None)
-        if match is None:
+        ldm = ldm_unet_path(key, prefixes)
+        if ldm is None:
             raise ValueError(f"no LDM name for the U-Net weight {key}")
-        new, old = match
-        tail = key[len(new):]
-        if ".resnets." in new:
-            tail = _rename(tail, _UNET_RESNET_PARTS) or tail
-        out[UNET_PREFIX + old + tail] = value
+        out[UNET_PREFIX + ldm] = value
     return out
 
 

@@ -1,4 +1,4 @@
-"""kohya-format LoRA network for Stable Diffusion 1.x / 2.x (and SDXL's two text encoders).
+"""kohya-format LoRA network for Stable Diffusion 1.x / 2.x and SDXL.
 
 The module implements the interface sd-scripts' ``train_network.py`` drives
 (``--network_module networks.lora``): ``create_network``, ``create_network_from_weights`` and a
@@ -9,6 +9,9 @@ files use kohya's key layout, so they load in the usual LoRA consumers::
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight   (lora_te1_/lora_te2_ for SDXL)
+
+For an SDXL U-Net (``text_time`` conditioning) the U-Net modules carry the original block names,
+as sd-scripts' SDXL LoRA files do: ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``.
 
 Targets (matched by class name, so diffusers / transformers versions with other module classes
 but the same names still work):
@@ -40,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.names import kohya_text_encoder_view
+from networks.names import kohya_text_encoder_view, sdxl_unet_names
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +326,7 @@ class LoRANetwork(nn.Module):
         if modules_dim is not None or conv_lora_dim:
             unet_targets += UNET_TARGET_MODULES_CONV2D_3X3
         self.unet_loras: list[LoRAModule] = (
-            self._create_modules(LORA_PREFIX_UNET, unet, unet_targets) if unet is not None else []
+            self._create_modules(LORA_PREFIX_UNET, unet, unet_targets, sdxl_unet_names(unet)) if unet is not None else []
         )
         logger.info(
             "LoRA: %d text encoder modules, %d U-Net modules", len(self.text_encoder_loras), len(self.unet_loras)
@@ -338,7 +341,10 @@ class LoRANetwork(nn.Module):
             # before the network is applied.
             self.add_module(lora.lora_name, lora)
 
-    def _create_modules(self, prefix: str, root: nn.Module, target_classes: Iterable[str]) -> list[LoRAModule]:
+    def _create_modules(self, prefix: str, root: nn.Module, target_classes: Iterable[str],
+                        rename=None) -> list[LoRAModule]:
+        """LoRA modules for the Linear / Conv2d layers inside ``target_classes``, named
+        ``<prefix>_<path with _>``; ``rename`` maps a path first (SDXL: the original block names)."""
         targets = set(target_classes)
         loras: dict[str, LoRAModule] = {}
         for name, module in root.named_modules():
@@ -350,7 +356,7 @@ class LoRANetwork(nn.Module):
                 if not (is_linear or is_conv) or not child_name:
                     continue
                 full = f"{name}.{child_name}" if name else child_name
-                lora_name = f"{prefix}.{full}".replace(".", "_")
+                lora_name = f"{prefix}.{rename(full) if rename else full}".replace(".", "_")
                 if lora_name in loras:
                     continue
                 if self._modules_dim is not None:  # from a weights file: exactly its modules

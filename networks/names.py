@@ -101,3 +101,59 @@ def kohya_text_encoder_view(text_encoder):
     ):
         return _TextModelView(text_encoder)
     return text_encoder
+
+
+# ----------------------------------------------------------------- the original (LDM) U-Net names
+def unet_ldm_prefixes(config: dict) -> list[tuple[str, str]]:
+    """(diffusers prefix, LDM prefix) pairs for a UNet2DConditionModel config, most specific first."""
+    layers, levels = config["layers_per_block"], len(config["block_out_channels"])
+    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
+             ("mid_block.resnets.1.", "middle_block.2.")]
+    for i in range(levels):
+        for j in range(layers):
+            block = (layers + 1) * i + j + 1
+            pairs += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0."),
+                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1.")]
+        if i < levels - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(layers + 1) * (i + 1)}.0.op."))
+        has_attention = "CrossAttn" in config["up_block_types"][i]
+        for j in range(layers + 1):
+            block = (layers + 1) * i + j
+            pairs += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{block}.0."),
+                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1.")]
+        if i < levels - 1:
+            last = (layers + 1) * i + layers
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{last}.{2 if has_attention else 1}."))
+    return pairs
+
+
+UNET_RESNET_PARTS = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+                      ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
+
+
+def ldm_unet_path(path: str, prefixes) -> str | None:
+    """The original (LDM) name of a diffusers U-Net weight or module path, e.g.
+    ``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in`` (SDXL's layout), with a
+    resnet's parts renamed (``norm1`` -> ``in_layers.0`` ...); None when it has none."""
+    key = path + "."
+    match = next(((new, old) for new, old in prefixes if key.startswith(new)), None)
+    if match is None:
+        return None
+    new, old = match
+    tail = key[len(new):]
+    if ".resnets." in new:
+        tail = next((o + tail[len(n):] for n, o in UNET_RESNET_PARTS if tail.startswith(n)), tail)
+    return (old + tail)[:-1]
+
+
+def sdxl_unet_names(unet):
+    """For an SDXL U-Net (``text_time`` conditioning): a function giving a module path its LDM name,
+    the names kohya's SDXL LoRA files use (``lora_unet_input_blocks_4_1_...``); None otherwise."""
+    config = getattr(unet, "config", None)
+    if config is None or getattr(config, "addition_embed_type", None) != "text_time":
+        return None
+    prefixes = unet_ldm_prefixes(dict(config))
+    return lambda path: ldm_unet_path(path, prefixes) or path

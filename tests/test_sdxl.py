@@ -67,7 +67,10 @@ def test_the_lora_loads_in_diffusers_sdxl_pipeline_and_changes_its_output(cache,
     _, keys = _metadata(out)
     modules = {k.split(".")[0] for k in keys}
     counts = {p: sum(m.startswith(p) for m in modules) for p in ("lora_unet_", "lora_te1_", "lora_te2_")}
-    assert all(counts.values()), counts  # kohya's SDXL names: lora_te1_ / lora_te2_ for the two encoders
+    assert all(counts.values()), counts  # kohya's SDXL names: lora_te1_ / lora_te2_ for the two encoders ...
+    unet_names = [m for m in modules if m.startswith("lora_unet_")]
+    assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for m in unet_names), unet_names[:3]  # ... and the original block names for the U-Net
     pipe = StableDiffusionXLPipeline.from_pretrained(str(cache / "tiny-sdxl"))
     pipe.set_progress_bar_config(disable=True)
 
