@@ -192,3 +192,10 @@ def test_sdxl_sample_images(cache, tmp_path):
            "--optimizer_type", "AdamW", steps=2)
     files = sorted(os.listdir(tmp_path / "sample"))
     assert [f.split("_")[1] for f in files] == ["000000", "000002"]
+
+
+def test_cached_text_encoder_outputs_refuse_changing_captions_and_keep_a_prefix(cache, tmp_path, capsys):
+    common = ["--network_train_unet_only", "--cache_text_encoder_outputs", "--optimizer_type", "AdamW"]
+    rc = train_network.main([*_argv(tmp_path / "a"), *common, "--shuffle_caption"], sdxl=True)
+    assert rc == 2 and "cannot go with captions that change" in capsys.readouterr().err
+    assert _train(tmp_path / "b", *common, "--caption_prefix", "sks")["steps"] == 3  # fixed: cached as prefixed

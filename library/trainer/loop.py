@@ -131,8 +131,9 @@ def set_up(args, plan: Plan) -> Run:
                                   train_text_encoder=not args.network_train_unet_only, autocast=accelerator.autocast)
     if args.cache_latents or args.cache_latents_to_disk:
         loss.cached_latents = cache_latents(dataset, models, to_disk=args.cache_latents_to_disk)
-    if getattr(args, "cache_text_encoder_outputs", False):
-        loss.cache_prompts([item.caption for item in dataset.items])
+    if getattr(args, "cache_text_encoder_outputs", False):  # fixed captions only (options.py): prefix / suffix
+        loss.cache_prompts([dataset.caption(it.caption, dataset.subsets[it.subset].captions, Augment())
+                            for it in dataset.items])
     draws = step_mod.Draws(state.noise_gen, accelerator.num_processes, accelerator.process_index)
     run = Run(args, plan, accelerator, models, dataset, accelerator.unwrap_model(network), optimizer, lr_scheduler,
               schedule, state, loss, draws, optimizer_name=opt_name, start_batch=start_batch, started=started)

@@ -57,6 +57,7 @@ def prepare(args) -> Plan:
     _check_scheduler(args, cls, kwargs)
     model_path, embedded = _model(args, notes)
     data_dir, subsets = _data(args, model_path, embedded, config_subsets, notes)
+    _check_cached_prompts(args, subsets)
     if args.sample_prompts:
         from ..sample_prompts import load_prompts
 
@@ -307,6 +308,19 @@ def _check_diffusers_folder(path: str, sdxl: bool) -> None:
 def _looks_like_hub_id(value: str) -> bool:
     parts = value.split("/")
     return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and "\\" not in value
+
+
+def _check_cached_prompts(args, subsets) -> None:
+    """Cached text-encoder outputs hold one encoding per caption: captions that change from step to
+    step (shuffled, dropped) cannot use them (sd-scripts has the same rule)."""
+    from ..captions import CaptionRules
+
+    if not getattr(args, "cache_text_encoder_outputs", False):
+        return
+    rules = [s.captions for s in subsets] if subsets else [CaptionRules.from_args(args)]
+    if any(r is not None and (r.random or r.dropout_every_n_epochs) for r in rules):
+        raise UserError("--cache_text_encoder_outputs cannot go with captions that change between steps "
+                        "(shuffle_caption, caption dropout, tag dropout): drop one or the other")
 
 
 def _dataset_config(args, notes: list):
