@@ -129,11 +129,6 @@ def check_family(path: str, family: str | None, v2: bool, sdxl: bool = False) ->
         raise UserError(f"{path} is an {FAMILY_NAMES[family]} checkpoint: " + ("add --v2" if family == "sd2" else "remove --v2"))
 
 
-def architecture(family: str, metadata: dict, path: str = "") -> dict:
-    """The diffusers configs (unet, vae, text_encoder, scheduler) a single file is loaded into."""
-    return _configs(path, family, metadata)
-
-
 def detect_family(state: dict) -> str | None:
     """``sd1`` / ``sd2`` / ``sdxl`` from the keys (None when the file is no SD checkpoint)."""
     if any(k.startswith("conditioner.embedders.") for k in state):
@@ -155,7 +150,9 @@ def _normalise_clip_keys(state: dict) -> dict:
     return out
 
 
-def _configs(path: str, family: str, metadata: dict) -> dict:
+def architecture(family: str, metadata: dict, path: str = "checkpoint") -> dict:
+    """The diffusers configs (unet, vae, text_encoder(_2), scheduler) a single file is loaded into:
+    the ones it carries in its metadata, else the family's fixed ones."""
     if CONFIG_METADATA_KEY in metadata:
         try:
             return json.loads(metadata[CONFIG_METADATA_KEY])
@@ -212,7 +209,7 @@ def build_models(state: dict, metadata: dict, family: str, path: str = "checkpoi
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     state = _normalise_clip_keys(state)
-    configs = _configs(path, family, metadata)
+    configs = architecture(family, metadata, path)
     unet = _empty(lambda: UNet2DConditionModel(**configs["unet"]))
     _load_strict(unet, convert_ldm_unet_checkpoint(state, dict(unet.config)), "U-Net", path)
     vae = load_vae_weights(_empty(lambda: AutoencoderKL(**configs["vae"])), state, path)

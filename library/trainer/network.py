@@ -1,7 +1,6 @@
 """The trained part: the LoRA / LoKr network, its optimizer with named parameter groups, and the schedule."""
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from dataclasses import dataclass
@@ -91,12 +90,10 @@ def build_lr_scheduler(args, optimizer, schedule: Schedule):
     own schedule when it sets its lr itself (``relative_step``), else diffusers' named schedules."""
     from diffusers.optimization import get_scheduler
 
-    from .options import scheduler_kwargs
+    from .options import scheduler_class, scheduler_kwargs
 
     if args.lr_scheduler_type:
-        module, _, name = args.lr_scheduler_type.rpartition(".")
-        cls = getattr(importlib.import_module(module or "torch.optim.lr_scheduler"), name)
-        return cls(optimizer, **scheduler_kwargs(args))
+        return scheduler_class(args)(optimizer, **scheduler_kwargs(args))
     if args.lr_scheduler == "adafactor" or _relative_step(optimizer):
         from transformers.optimization import AdafactorSchedule
 

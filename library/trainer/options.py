@@ -233,15 +233,21 @@ def _optimizer(args):
 def _check_scheduler(args, optimizer_cls, optimizer_kwargs: dict) -> None:
     """``--lr_scheduler_type`` importable with its ``--lr_scheduler_args``; ``adafactor`` only with Adafactor."""
     if args.lr_scheduler_type:
-        module, _, name = args.lr_scheduler_type.rpartition(".")
-        try:
-            getattr(importlib.import_module(module or "torch.optim.lr_scheduler"), name)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise UserError(f"--lr_scheduler_type {args.lr_scheduler_type!r} cannot be imported: {e}") from None
+        scheduler_class(args)
         scheduler_kwargs(args)
     if args.lr_scheduler == "adafactor" and optimizer_cls.__name__ != "Adafactor":
         raise UserError("--lr_scheduler adafactor goes with --optimizer_type Adafactor (relative_step=True), "
                         f"not {optimizer_cls.__name__}")
+
+
+def scheduler_class(args):
+    """The class ``--lr_scheduler_type`` names (``module.Class``; a bare name is looked up in
+    ``torch.optim.lr_scheduler``); one line when it cannot be imported."""
+    module, _, name = args.lr_scheduler_type.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module or "torch.optim.lr_scheduler"), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"--lr_scheduler_type {args.lr_scheduler_type!r} cannot be imported: {e}") from None
 
 
 def scheduler_kwargs(args) -> dict:
