@@ -125,15 +125,17 @@ def test_factored_second_moment_is_exact_for_rank1_squares():
         a = torch.rand(5, generator=gen) + 0.1
         g = torch.sqrt(torch.outer(a, col)) * torch.where(torch.rand(5, 7, generator=gen) > 0.5, 1.0, -1.0)
         sq = g * g
-        came.update_factored_(st["came_row"], st["came_col"], sq, 0.9)
+        approx = torch.empty(5, 7)
+        came.factored_list_([st["came_row"]], [st["came_col"]], [sq], [approx], 0.9)
         full = 0.9 * full + 0.1 * sq.double()
-    approx = 1.0 / came.factored_rsqrt(st["came_row"], st["came_col"], out=torch.empty(5, 7)).double() ** 2
+    approx = 1.0 / approx.double() ** 2
     assert torch.allclose(approx, full, rtol=1e-5)
     # and not exact for a general (rank > 1) square
     st2 = came.init_state(torch.zeros(5, 7))
     sq = torch.rand(5, 7, generator=gen) ** 4
-    came.update_factored_(st2["came_row"], st2["came_col"], sq, 0.0)
-    approx2 = 1.0 / came.factored_rsqrt(st2["came_row"], st2["came_col"], out=torch.empty(5, 7)) ** 2
+    approx2 = torch.empty(5, 7)
+    came.factored_list_([st2["came_row"]], [st2["came_col"]], [sq], [approx2], 0.0)
+    approx2 = 1.0 / approx2 ** 2
     assert not torch.allclose(approx2, sq, rtol=1e-2)
 
 
@@ -179,14 +181,15 @@ def test_zero_rows_and_zero_gradients_stay_finite():
 
 def test_rms_clip_and_confidence_use_updated_momentum():
     u = torch.full((4, 4), 3.0)
-    came.rms_clip_(u, 1.0)
+    came.rms_clip_list_([u], 1.0)
     assert torch.allclose(u, torch.ones(4, 4))
     u = torch.full((4, 4), 0.5)
-    came.rms_clip_(u, 1.0)
+    came.rms_clip_list_([u], 1.0)
     assert torch.allclose(u, torch.full((4, 4), 0.5))  # never scaled up
     st = came.init_state(torch.zeros(3, 3))
     u, m = torch.randn(3, 3), torch.randn(3, 3)
-    out = came.confidence(u, m, st, 0.0, 1e-16, out=torch.empty(3, 3))
+    out = torch.empty(3, 3)
+    came.confidence_list_([u], [m], [st], 0.0, 1e-16, [out])
     U = (u - m) ** 2 + 1e-16
     approx = torch.outer(U.mean(1), U.mean(0)) / U.mean(1).mean()
     assert torch.allclose(out, m / approx.sqrt(), rtol=1e-5)
@@ -196,17 +199,20 @@ def test_rms_clip_and_confidence_use_updated_momentum():
 def test_adabelief_residual_equation_and_vectors_in_came():
     x, m = torch.randn(6), torch.randn(6)
     s = torch.zeros(6)
-    res = adabelief.residual(x, m, 1e-16, out=torch.empty(6))
-    adabelief.update_residual_(s, res, 0.9)
+    res, d = torch.empty(6), torch.empty(6)
+    adabelief.residual_list_([res], [x], [m], 1e-16)
+    adabelief.update_residual_list_([s], [res], 0.9)
     assert torch.allclose(s, 0.1 * ((x - m) ** 2 + 1e-16))
-    d = adabelief.direction(m, s, math.sqrt(0.1), out=torch.empty(6))
+    adabelief.direction_list_([d], [m], [s], math.sqrt(0.1))
     assert torch.allclose(d, m / (x - m).abs(), rtol=1e-4)
     # unfactored confidence: official (no residual) gives s = m; with it, m / sqrt(res)
     st = came.init_state(torch.zeros(6))
     assert "came_res" not in st
-    assert torch.equal(came.confidence(x, m, st, 0.9, 1e-16, out=torch.empty(6)), m)
+    out = torch.empty(6)
+    came.confidence_list_([x], [m], [st], 0.9, 1e-16, [out])
+    assert torch.equal(out, m)
     st = came.init_state(torch.zeros(6), confidence_full=True)
-    out = came.confidence(x, m, st, 0.9, 1e-16, out=torch.empty(6), bc3=math.sqrt(0.1))
+    came.confidence_list_([x], [m], [st], 0.9, 1e-16, [out], bc3=math.sqrt(0.1))
     assert torch.allclose(out, m / (x - m).abs(), rtol=1e-4)
 
 
@@ -217,7 +223,7 @@ def test_momentum_decay_schedule():
     assert momentum_decay.beta_at(0.8, 0.9995, 0.4, 10_000) == 0.4
     assert momentum_decay.beta_at(0.3, 0.9995, 0.4, 50) == 0.3  # floor never raises beta
     m = torch.ones(3)
-    momentum_decay.momentum_(m, torch.zeros(3), 0.25)
+    momentum_decay.momentum_list_([m], [torch.zeros(3)], 0.25)
     assert torch.allclose(m, torch.full((3,), 0.25))
 
 
@@ -226,26 +232,33 @@ def test_adadecay_factor_equation_and_guards():
     g = torch.tensor([0.0, 1.0, -2.0, 3.0, -0.5])
     a = g.abs()
     z = (a - a.mean()) / a.std(correction=0)
-    out = adaptive_wd.factor(g, 4.0, out=torch.empty(5))
+    out = torch.empty(5)
+    adaptive_wd.factor_list_([out], [g], 4.0)
+    out = 2 * out
     assert torch.allclose(out, 2 * torch.sigmoid(4 * z), atol=1e-6)
     assert out.argmax() == 3 and out.argmin() == 0 and bool(((out > 0) & (out < 2)).all())
     for flat in (torch.full((4,), -0.7), torch.zeros(3, 3), torch.tensor([5.0])):
-        f = adaptive_wd.factor(flat, 4.0, out=torch.empty_like(flat))
-        assert torch.equal(f, torch.ones_like(flat))
+        f = torch.empty_like(flat)
+        adaptive_wd.factor_list_([f], [flat], 4.0)
+        assert torch.equal(2 * f, torch.ones_like(flat))
 
 
 # ------------------------------------------------------------ AdEMAMix slow momentum
 def test_slow_momentum_mix_normalised():
     assert ademamix.alpha_at(2.0, 5, 10) == 1.0 and ademamix.alpha_at(2.0, 50, 10) == 2.0
     m1, m2 = torch.full((3,), 1.0), torch.full((3,), 4.0)
-    assert torch.allclose(ademamix.mix(m1, m2, 2.0, out=torch.empty(3)), torch.full((3,), 3.0))
-    assert torch.equal(ademamix.mix(m1, m2, 0.0, out=torch.empty(3)), m1)
+    out = torch.empty(3)
+    ademamix.mix_list_([out], [m1], [m2], 2.0)
+    assert torch.allclose(out, torch.full((3,), 3.0))
+    ademamix.mix_list_([out], [m1], [m2], 0.0)
+    assert torch.equal(out, m1)
     x = torch.full((3,), 2.0)
     a, b = torch.zeros(3), torch.zeros(3)
     for _ in range(400):
-        ademamix.update_slow_(a, x, 0.99)
-        momentum_decay.momentum_(b, x, 0.9)
-    assert torch.allclose(ademamix.mix(b, a, 1.0, out=torch.empty(3)), x, rtol=0.02)  # consistent x: same scale
+        momentum_decay.momentum_list_([a], [x], 0.99)  # the slow EMA
+        momentum_decay.momentum_list_([b], [x], 0.9)
+    ademamix.mix_list_([out], [b], [a], 1.0)
+    assert torch.allclose(out, x, rtol=0.02)  # consistent x: same scale
 
 
 # ------------------------------------------------------------ C-Optim context

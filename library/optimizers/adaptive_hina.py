@@ -325,29 +325,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         return p not in self._adapters
 
     # ------------------------------------------------------------------- step
-    # Elements per multi-tensor chunk: on CPU a chunk's working set stays in cache between the
-    # passes; on accelerators fewer, larger launches win. Scratch memory is bounded by it.
-    chunk_elements = {"cpu": 1 << 18}
-    default_chunk_elements = 1 << 25
-
-    def _chunks(self, params):
-        """Consecutive runs of tensors that share a state layout, at most a chunk of elements."""
-        budget = self.chunk_elements.get(params[0].device.type, self.default_chunk_elements) if params else 0
-        out, cur, size, sig0 = [], [], 0, None
-        for p in params:
-            st = self.state[p]
-            sig = (st["step"], p.dtype, p.device, "exp_avg_f8" in st, "lr_mask" in st, "lr_mask_f8" in st,
-                   "anchor" in st, "lr_scale" in st)
-            n = p.numel()
-            if cur and (sig != sig0 or size + n > budget):
-                out.append(cur)
-                cur, size = [], 0
-            cur.append(p)
-            size += n
-            sig0 = sig
-        if cur:
-            out.append(cur)
-        return out
+    def _layout(self, p):
+        """What a chunk's tensors share: step count, dtype, device and state layout."""
+        st = self.state[p]
+        return (st["step"], p.dtype, p.device, "exp_avg_f8" in st, "lr_mask" in st, "lr_mask_f8" in st,
+                "anchor" in st, "lr_scale" in st)
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
         refresh = group["use_dynamic_adaptation"] and group["step_count"] % group["relationship_discovery_interval"] == 0
@@ -363,7 +345,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             self._pack_q8(group["params"])
             self._packed.add(id(group))
         feats = {} if refresh else None
-        for chunk in self._chunks(params):
+        for chunk in self._chunks(params, self._layout):
             self._update_chunk(chunk, group, feats)
         if refresh:
             self._discover()

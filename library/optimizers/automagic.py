@@ -77,10 +77,10 @@ from . import __version__, quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
 from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, nonfinite, tam
-from .techniques.agr import agr
-from .techniques.cautious import cautious_
-from .techniques.grams import grams_
-from .techniques.orthograd import orthograd_
+from .techniques.agr import agr_list_
+from .techniques.cautious import cautious_list_
+from .techniques.grams import grams_list_
+from .techniques.orthograd import orthograd_list_
 from .validation import check_betas, check_bool, check_int, check_lr, check_lr_bounds, check_real
 
 __all__ = [
@@ -204,8 +204,9 @@ def _mask_codec_range(lo: float, hi: float, start: float, bits: int = 8) -> tupl
     return lo, math.exp(math.log(lo) + levels * step)
 
 
-# element-sized fp32 state whose update the non-finite gate keeps exact (techniques/nonfinite.py)
-_GATED = ("exp_avg", "exp_avg_slow", "lr_mask")
+# fp32 state whose update the non-finite gate keeps exact (techniques/nonfinite.py); the rest is
+# copied before the step and put back for a skipped tensor
+_GATED = ("exp_avg", "exp_avg_slow", "lr_mask", "came_row", "came_col", "came_res_row", "came_res_col")
 
 
 class Automagic_CameAMP(HinaOptimizer):
@@ -358,177 +359,268 @@ class Automagic_CameAMP(HinaOptimizer):
         0-dim tensor, 0 for a skipped tensor) multiplies it."""
 
     # ------------------------------------------------------------------- step
+    # A step runs the stages below in order, each over a whole chunk (consecutive tensors of a
+    # group with the same step count and state layout) with multi-tensor operations. Per-tensor
+    # calls are left only where a quantity is per tensor: CAME's factored row/column means, the
+    # 8-bit codecs (each tensor has its own seeded rounding stream) and the refactored preset's hooks.
+    _STAGES = ("_gradient_stage", "_second_moment_stage", "_momentum_stage", "_confidence_stage",
+               "_direction_stage", "_lr_stage", "_decay_stage", "_apply_stage")
+
+    def _layout(self, p):
+        """What a chunk's tensors share: step count, dtype, device and state layout."""
+        st = self.state[p]
+        mask = st.get("lr_mask")
+        return (st["step"], p.dtype, p.device, "exp_avg_f8" in st, "came_row" in st, "came_res" in st,
+                "came_rms_f8" in st, "came_res_rms_f8" in st, "tam_s" in st, "lr_mask_lq" in st,
+                None if mask is None else mask.dtype)
+
+    def _hooked(self, name: str) -> bool:
+        """Does this class override the per-tensor hook ``name`` (the refactored preset does)?"""
+        return getattr(type(self), name) is not getattr(Automagic_CameAMP, name)
+
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        mult = None
-        sums = None
-        # per-tensor gradient norms for the whole group, one multi-tensor call each
+        for p in params:
+            st = self.state[p]
+            if "step" not in st:
+                self._init_state(p, st, group)
+        shared = self._group_quantities(group, params)
+        states = [self.state[p] for p in params]
+        saved = nonfinite.Guard(states, self._buffer_pool, gated=_GATED) if shared.gate is not None else None
+        position = {p: i for i, p in enumerate(params)}
+        for ps in self._chunks(self._by_shape(params), self._layout):
+            c = _Chunk(self, group, ps, [position[p] for p in ps], shared)
+            for stage in self._STAGES:
+                getattr(self, stage)(c)
+        if saved is not None:
+            saved.restore(states, shared.gate.ok)
+        if shared.agree_sums is not None:
+            total = sum(p.numel() for p in params)
+            context.observe_consistency(group["context"], torch.stack(shared.agree_sums).sum() / max(total, 1))
+
+    def _by_shape(self, params):
+        """``params`` with tensors of the same layout and shape brought together (each run where its
+        first member stood), so a chunk's same-shape tensors are computed as one batch."""
+        first: dict = {}
+        keys = [first.setdefault((self._layout(p), tuple(p.shape)), i) for i, p in enumerate(params)]
+        return [p for _, _, p in sorted(zip(keys, range(len(params)), params), key=lambda x: x[:2])]
+
+    def _group_quantities(self, group: dict, params) -> "_Group":
+        """What the whole group shares: the non-finite gate, AdaDecay's standardisers and COptim's
+        context multiplier, from per-tensor gradient norms (one multi-tensor call each)."""
+        out = _Group()
         grads = [p.grad for p in params]
         guard = group["skip_nonfinite"]
         adadecay = group["adaptive_weight_decay"] and group["weight_decay"] > 0.0 and group["lr"] > 0.0
         l1s = torch._foreach_norm(grads, 1) if adadecay else None
         l2s = torch._foreach_norm(grads, 2) if adadecay or self._coptim or guard else None
-        ok = None
         if guard:  # techniques/nonfinite.py: a bad tensor is skipped, the others see finite sums
             ok = nonfinite.flags(l2s)
             self._count_nonfinite(ok)
+            out.gate = nonfinite.Gate(ok)
             l2s = nonfinite.finite_norms(l2s, ok)
             l1s = nonfinite.finite_norms(l1s, ok) if l1s is not None else None
-            oks = ok.unbind(0)
         if self._coptim:
             ctx = group["context"]
-            gnorm = torch.linalg.vector_norm(torch.stack([n.float() for n in l2s]))
-            context.observe_gradient(ctx, gnorm, group)
-            mult = context.update_multiplier(ctx, group)
-            sums = []
-        kbs = None
-        if adadecay:  # AdaDecay's per-tensor standardisation, vectorised over the group
-            dev = params[0].device
-            same_dev = all(p.device == dev for p in params)
-            if same_dev:
-                numel = torch.tensor([float(max(p.numel(), 1)) for p in params], device=dev)
-                k, b = adaptive_wd.standardizers(torch.stack(l1s).float(), torch.stack(l2s).float(), numel,
-                                                 group["adadecay_alpha"])
-                kbs = list(zip(k.unbind(0), b.unbind(0)))
-        states = [self.state[p] for p in params]
-        for p, st in zip(params, states):
-            if "step" not in st:
-                self._init_state(p, st, group)
-        saved = nonfinite.Guard(states, self._buffer_pool, gated=_GATED) if guard else None
-        gate = nonfinite.Gate(ok) if guard else None
-        for i, (p, st) in enumerate(zip(params, states)):
-            grad = nonfinite.sanitize(p.grad, oks[i], self._buffer_pool.get(p, 13)) if guard else p.grad
-            self._update(p, grad, st, group, mult, sums, None if kbs is None else kbs[i], gate and (gate, i))
-        if saved is not None:
-            saved.restore(states, ok)
-        if sums:
-            total = sum(p.numel() for p in params)
-            context.observe_consistency(group["context"], torch.stack(sums).sum() / max(total, 1))
+            context.observe_gradient(ctx, torch.linalg.vector_norm(torch.stack([n.float() for n in l2s])), group)
+            out.mult = context.update_multiplier(ctx, group)
+            out.agree_sums = [None] * len(params)  # in group order, whatever the chunks' order
+        if adadecay and all(p.device == params[0].device for p in params):  # AdaDecay, vectorised
+            numel = torch.tensor([float(max(p.numel(), 1)) for p in params], device=params[0].device)
+            k, b = adaptive_wd.standardizers(torch.stack(l1s).float(), torch.stack(l2s).float(), numel,
+                                             group["adadecay_alpha"])
+            out.kb = (k.unbind(0), b.unbind(0))
+        return out
 
-    def _update(self, p, grad, st, group, mult, agree_sums, adadecay_kb=None, gated=None) -> None:
-        """One tensor's step; ``gated = (Gate, index)`` when non-finite gradients are skipped
-        (``grad`` is then sanitised, and the gated writes below leave a skipped tensor as it was)."""
-        gate, gi = gated or (None, 0)
-        pool = self._buffer_pool
-        t = st["step"] + 1
-        st["step"] = t
-        b1, b2, b3 = group["betas"]
-        e1, e2 = group["eps"]
-        warm = group["warmup_steps"]
-        early = 2 * t <= warm
-        eight = "exp_avg_f8" in st
-        seed = quant8.mix_seed(group["seed"], t, self.param_index(p)) if eight else None
-        p32 = p if p.dtype == torch.float32 else pool.get(p, 5).copy_(p)
-        tmp = pool.get(p, 2)
-
-        # 1. gradient transforms into a pooled fp32 buffer (p.grad is never modified)
-        g = pool.get(p, 0)
-        if group["use_agr"]:
-            g = agr(grad if grad.dtype == torch.float32 else g.copy_(grad), out=g, tmp=tmp)
+    def _gradient_stage(self, c: "_Chunk") -> None:
+        """1. The fp32 gradient in scratch (``p.grad`` is never modified): AGR (tensors of more than
+        one element), OrthoGrad while ``2t <= W`` (non-adapter tensors), the preset's transforms."""
+        group = c.group
+        g = c.buf("g")
+        agr_on = [i for i, p in enumerate(c.ps) if p.numel() > 1] if group["use_agr"] else []
+        if agr_on and len(agr_on) == len(c.ps) and all(x.dtype == torch.float32 for x in c.grads):
+            agr_list_(g, c.grads)  # out of place
         else:
-            g.copy_(grad)
-        if early and p.numel() > 1 and self._orthograd_on(p, group):
-            orthograd_(g, p32)
-        g = self._transform_grad(p, g, st, group, t)
+            torch._foreach_copy_(g, c.grads)
+            if agr_on:
+                sel = [g[i] for i in agr_on]
+                agr_list_(sel, sel, [c.buf("tmp")[i] for i in agr_on])
+        if 2 * c.t <= group["warmup_steps"]:
+            sel = [i for i, p in enumerate(c.ps) if p.numel() > 1 and self._orthograd_on(p, group)]
+            if sel:
+                orthograd_list_([g[i] for i in sel], [c.p32[i] for i in sel])
+        if self._hooked("_transform_grad"):
+            g = [self._transform_grad(p, x, st, group, c.t) for p, x, st in zip(c.ps, g, c.sts)]
+        c.g = g
 
-        # 2. CAME second moment, RMS clip
-        u = pool.get(p, 1)
-        v8 = quant8.load(st, "came_rms", out=pool.get(p, 8)).square_() if "came_rms_f8" in st else None
-        came.normalize(g, st, b2, e1, out=u, tmp=tmp, bc2=came.correction(b2, t, group["came_bias_correction"]), v=v8)
-        if v8 is not None:
-            quant8.store(st, "came_rms", v8.sqrt_(), signed=False, seed=seed)
-        came.rms_clip_(u, group["clip_threshold"])
-        u = self._momentum_input(p, u, st, group, t)
-
-        # 3. momentum: TAM early, momentum decay later; sign agreement with the previous momentum
-        m = quant8.load(st, "exp_avg", out=pool.get(p, 6)) if eight else st["exp_avg"]
-        adapting = group["use_lr_mask"] and t <= warm
-        agree = None
-        if adapting or agree_sums is not None:
-            agree = torch.mul(grad, m, out=pool.get(p, 4)).sign_()
-            if agree_sums is not None:
-                agree_sums.append(agree.sum())
-        if group["use_tam"] and early and t > 1:
-            d = tam.damping(st["tam_s"], tam.cosine(m, u), t - 1, group["tam_beta"])
-            tam.momentum_(m, u, d, b1, keep=gate and gate.keep(b1, gi))
-        else:
-            beta = b1 if early else momentum_decay.beta_at(b1, group["beta1_decay"], group["beta1_min"], t - 1 - warm // 2)
-            momentum_decay.momentum_(m, u, beta, keep=gate and gate.keep(beta, gi))
-        mm = m
-        if self._coptim:
-            ms = quant8.load(st, "exp_avg_slow", out=pool.get(p, 7)) if eight else st["exp_avg_slow"]
-            ademamix.update_slow_(ms, u, group["slow_beta"], keep=gate and gate.keep(group["slow_beta"], gi))
-            mm = ademamix.mix(m, ms, ademamix.alpha_at(group["slow_alpha"], t, warm), out=pool.get(p, 11))
-            if eight:
-                quant8.store(st, "exp_avg_slow", ms, signed=True, seed=seed)
-
-        # 4. CAME confidence (vectors: AdaBelief residual unless disabled)
-        res8 = quant8.load(st, "came_res_rms", out=pool.get(p, 9)).square_() if "came_res_rms_f8" in st else None
-        s = came.confidence(u, mm, st, b3, e2, out=pool.get(p, 3),
-                            bc3=came.correction(b3, t, group["came_bias_correction"]), res=res8)
-        if res8 is not None:
-            quant8.store(st, "came_res_rms", res8.sqrt_(), signed=False, seed=seed)
+    def _second_moment_stage(self, c: "_Chunk") -> None:
+        """2. CAME: u = g / sqrt(V^) from the second moment of g^2 + eps1 (factored for matrices),
+        RMS-clipped; then the preset's transform of u."""
+        group = c.group
+        b2 = group["betas"][1]
+        eight = "came_rms_f8" in c.sts[0]
+        v8 = c.load("came_rms", square=True) if eight else None
+        u = c.buf("u")
+        came.normalize_list_(c.g, c.sts, b2, group["eps"][0], u, c.buf("tmp"),
+                             bc2=came.correction(b2, c.t, group["came_bias_correction"]), vs=v8,
+                             keeps=c.keep(b2), oks=c.factors())
         if eight:
-            quant8.store(st, "exp_avg", m, signed=True, seed=seed)
+            c.store("came_rms", v8, signed=False, sqrt=True)
+        came.rms_clip_list_(u, group["clip_threshold"])
+        if self._hooked("_momentum_input"):
+            u = [self._momentum_input(p, x, st, group, c.t) for p, x, st in zip(c.ps, u, c.sts)]
+        c.u = u
 
-        # 5. direction: Grams blend (a = beta1_decay^t), Cautious on the rest (COptim / phases)
-        a = group["beta1_decay"] ** t if group["use_grams"] else 0.0
+    def _momentum_stage(self, c: "_Chunk") -> None:
+        """3. Sign agreement with the previous momentum (for the lr mask and COptim's consistency),
+        then the momentum of u: TAM while ``2t <= W``, momentum decay later [COptim: the slow EMA
+        mixed in]."""
+        group, t, u = c.group, c.t, c.u
+        b1 = group["betas"][0]
+        warm = group["warmup_steps"]
+        m = c.load("exp_avg") if c.eight else c.state("exp_avg")
+        c.adapting = group["use_lr_mask"] and t <= warm
+        if c.adapting or c.shared.agree_sums is not None:
+            c.agree = c.buf("agree")
+            lr_mask.agreement_list_(c.agree, c.grads, m)
+            sums = c.shared.agree_sums
+            if sums is not None:
+                for i, a in zip(c.idx, c.agree):
+                    sums[i] = a.sum()
+        if group["use_tam"] and 2 * t <= warm and t > 1:
+            d = tam.damping_list(c.state("tam_s"), tam.cosines(m, u), t - 1, group["tam_beta"])
+            tam.momentum_list_(m, u, d, b1, c.keep(b1))
+        else:
+            beta = b1 if 2 * t <= warm else momentum_decay.beta_at(b1, group["beta1_decay"], group["beta1_min"],
+                                                                    t - 1 - warm // 2)
+            momentum_decay.momentum_list_(m, u, beta, c.keep(beta))
+        c.m = c.mm = m
+        if self._coptim:
+            slow = c.load("exp_avg_slow") if c.eight else c.state("exp_avg_slow")
+            beta = group["slow_beta"]
+            momentum_decay.momentum_list_(slow, u, beta, c.keep(beta))
+            c.mm = c.buf("mix")
+            ademamix.mix_list_(c.mm, m, slow, ademamix.alpha_at(group["slow_alpha"], t, warm))
+            if c.eight:
+                c.store("exp_avg_slow", slow, signed=True)
+
+    def _confidence_stage(self, c: "_Chunk") -> None:
+        """4. CAME confidence s = m / sqrt(U^) (vectors: the AdaBelief residual unless disabled)."""
+        group = c.group
+        b3 = group["betas"][2]
+        eight = "came_res_rms_f8" in c.sts[0]
+        res8 = c.load("came_res_rms", square=True) if eight else None
+        c.s = c.buf("s")
+        came.confidence_list_(c.u, c.mm, c.sts, b3, group["eps"][1], c.s,
+                              bc3=came.correction(b3, c.t, group["came_bias_correction"]), ress=res8,
+                              keeps=c.keep(b3), oks=c.factors())
+        if eight:
+            c.store("came_res_rms", res8, signed=False, sqrt=True)
+        if c.eight:
+            c.store("exp_avg", c.m, signed=True)
+
+    def _direction_stage(self, c: "_Chunk") -> None:
+        """5. Grams blend ``a sign(g)|s| + (1 - a) s`` with ``a = beta1_decay^t``; Cautious on the
+        rest (COptim, the refactored preset's stable phase)."""
+        group = c.group
+        a = group["beta1_decay"] ** c.t if group["use_grams"] else 0.0
         gr = None
         if a > 0.0:
-            gr = grams_(pool.get(p, 10).copy_(s), g, tmp)
-        if self._use_cautious(group, t):
-            cautious_(s, g, tmp)
+            gr = c.buf("grams")
+            torch._foreach_copy_(gr, c.s)
+            grams_list_(gr, gr, c.g, c.buf("tmp"))
+        if self._use_cautious(group, c.t):
+            cautious_list_(c.s, c.s, c.g, c.buf("tmp"))
         if gr is not None:
-            s.lerp_(gr, a)
+            torch._foreach_lerp_(c.s, gr, a)
 
-        # 6. per-element lr: Automagic mask (scale of base_lr), ALLoRA rows
-        mask = None
+    def _lr_stage(self, c: "_Chunk") -> None:
+        """6. Per-element lr: the Automagic mask (a scale of the group lr, moving while
+        ``t <= W``), ALLoRA's row factor on LoRA factors."""
+        group = c.group
+        c.mask = None
         if group["use_lr_mask"]:
-            lq = "lr_mask_lq" in st
-            mask = quant8.load_log(st, "lr_mask", out=pool.get(p, 12)) if lq else st["lr_mask"]
-            r = self._mask_rate(group, t) if adapting else 0.0
+            lq = "lr_mask_lq" in c.sts[0]
+            c.mask = c.load_log("lr_mask") if lq else c.state("lr_mask")
+            r = self._mask_rate(group, c.t) if c.adapting else 0.0
             if r > 0.0:
-                lr_mask.scale_(mask, agree, r, *self._mask_bounds(group))
+                lr_mask.scale_list_(c.mask, c.agree, r, *self._mask_bounds(group))
                 if lq:
-                    clo, chi = st["lr_mask_lrange"]
-                    quant8.store_log(st, "lr_mask", mask, lo=clo, hi=chi, bits=8, seed=seed)
-            s.mul_(mask)
+                    c.store_log("lr_mask", c.mask)
+            torch._foreach_mul_(c.s, c.mask)
         eta = group["eta"]
-        if eta is not None and not group["full_finetune"] and p.ndim >= 2 and p in self._row_scaled_set():
-            s.mul_(allora.row_scale(p32, eta))
+        if eta is not None and not group["full_finetune"]:
+            rows = self._row_scaled_set()
+            for p, q, s in zip(c.ps, c.p32, c.s):
+                if p.ndim >= 2 and p in rows:
+                    s.mul_(allora.row_scale(q, eta))
 
-        # 7. decoupled (adaptive) weight decay with the same per-element lr
-        lr = group["lr"]
-        wd = group["weight_decay"]
+    def _decay_stage(self, c: "_Chunk") -> None:
+        """7. Decoupled (adaptive) weight decay with the same per-element lr: ``p <- p (1 - lr wd
+        theta mask [M])``, theta = 2 sigmoid(alpha z(|g|)) (AdaDecay)."""
+        group = c.group
+        lr, wd = group["lr"], group["weight_decay"]
         if wd > 0.0 and lr > 0.0:
             coef = lr * wd
             dec = None
             if group["adaptive_weight_decay"]:  # theta = 2 sigmoid(.): the 2 goes into coef
-                dec = adaptive_wd.factor(grad, group["adadecay_alpha"], out=pool.get(p, 4), kb=adadecay_kb, scale=1.0)
+                dec = c.buf("decay")
+                kb = None if c.shared.kb is None else ([c.shared.kb[0][i] for i in c.idx], [c.shared.kb[1][i] for i in c.idx])
+                adaptive_wd.factor_list_(dec, c.grads, group["adadecay_alpha"], kb)
                 coef *= 2.0
-            if mask is not None:
-                dec = mask if dec is None else dec.mul_(mask)
-            if mult is not None:
-                dec = mult if dec is None else (dec.mul_(mult) if dec is not mask else torch.mul(mask, mult, out=pool.get(p, 4)))
-            if gate is not None and dec is not None:  # a skipped tensor does not decay
-                if dec.dim() == 0:
-                    dec = dec * gate.factor(gi)
-                else:  # the mask is state: multiply a copy (slot 4 is free here)
-                    dec = torch.mul(dec, gate.factor(gi), out=pool.get(p, 4)) if dec is mask else dec.mul_(gate.factor(gi))
+            dec = self._decay_scales(c, dec)
             if dec is None:
-                p32.mul_(1.0 - coef if gate is None else gate.keep(1.0 - coef, gi))
+                keep = c.keep(1.0 - coef)
+                torch._foreach_mul_(c.p32, 1.0 - coef if keep is None else keep)
             else:
-                p32.addcmul_(p32, dec, value=-coef)
-        self._extra_decay(p, p32, st, group, t, lr, gate and gate.factor(gi))
+                torch._foreach_addcmul_(c.p32, c.p32, dec, value=-coef)
+        if self._hooked("_extra_decay"):
+            factors = c.factors()
+            for i, (p, q, st) in enumerate(zip(c.ps, c.p32, c.sts)):
+                self._extra_decay(p, q, st, group, c.t, lr, None if factors is None else factors[i])
 
-        # 8. the step (a skipped tensor's direction is zeroed: s * 1 is exact for the others)
-        if gate is not None:
-            s.mul_(gate.factor(gi))
+    @staticmethod
+    def _decay_scales(c: "_Chunk", dec):
+        """The per-element decay factor: AdaDecay's theta (or None) x mask x COptim's multiplier,
+        zeroed for a skipped tensor; None when it is 1 everywhere."""
+        mult, mask = c.shared.mult, c.mask
+        if mask is not None:
+            if dec is None:
+                dec = mask
+            else:
+                torch._foreach_mul_(dec, mask)
         if mult is not None:
-            p32.addcmul_(s, mult, value=-lr)
+            if dec is None:
+                dec = [mult] * len(c.ps)
+            elif dec is mask:  # in the mask's own dtype, as the per-tensor step did
+                dec = c.buf("decay")
+                torch._foreach_copy_(dec, torch._foreach_mul(mask, mult))
+            else:
+                torch._foreach_mul_(dec, mult)
+        factors = c.factors()
+        if factors is not None and dec is not None:  # a skipped tensor does not decay
+            if dec[0].dim() == 0:
+                dec = torch._foreach_mul(dec, factors)
+            else:
+                if dec is mask:  # the mask is state: scale a copy
+                    dec = c.buf("decay")
+                    torch._foreach_copy_(dec, mask)
+                torch._foreach_mul_(dec, factors)
+        return dec
+
+    def _apply_stage(self, c: "_Chunk") -> None:
+        """8. ``p <- p - lr s [M]`` (a skipped tensor's direction is zeroed: s * 1 is exact for the
+        others), written back to low-precision parameters."""
+        lr = c.group["lr"]
+        factors = c.factors()
+        if factors is not None:
+            torch._foreach_mul_(c.s, factors)
+        mult = c.shared.mult
+        if mult is not None:
+            torch._foreach_addcmul_(c.p32, c.s, [mult] * len(c.ps), value=-lr)
         else:
-            p32.add_(s, alpha=-lr)
-        if p32 is not p:
-            p.copy_(p32)
+            torch._foreach_add_(c.p32, c.s, alpha=-lr)
+        if c.p32 is not c.ps:
+            torch._foreach_copy_(c.ps, c.p32)
 
     def _end_step(self) -> None:
         if not self.defaults["verbose"]:
@@ -634,6 +726,93 @@ class Automagic_CameAMP(HinaOptimizer):
             out[f"optimizer/lr_multiplier_{i}"] = c["lr_multiplier"]
             out[f"optimizer/consistency_{i}"] = c["consistency"]
         return out
+
+
+class _Group:
+    """What a group's chunks share within one step (see ``Automagic_CameAMP._group_quantities``)."""
+
+    __slots__ = ("gate", "mult", "agree_sums", "kb")
+
+    def __init__(self):
+        self.gate = None  # nonfinite.Gate, when non-finite gradients are skipped
+        self.mult = None  # COptim's context multiplier (0-dim)
+        self.agree_sums = None  # COptim: per-tensor sums of the sign agreement
+        self.kb = None  # AdaDecay's standardisers (ks, bs), one 0-dim tensor each per tensor
+
+
+class _Chunk:
+    """One chunk's tensors, their state and scratch, and the values the stages hand on."""
+
+    def __init__(self, opt: Automagic_CameAMP, group: dict, ps: list, idx: list, shared: _Group):
+        self.group, self.ps, self.idx, self.shared = group, ps, idx, shared
+        self.pool = opt._buffer_pool
+        self.sts = [opt.state[p] for p in ps]
+        self.t = self.sts[0]["step"] + 1
+        for st in self.sts:
+            st["step"] = self.t
+        self.eight = "exp_avg_f8" in self.sts[0]
+        self.seeds = [quant8.mix_seed(group["seed"], self.t, opt.param_index(p)) for p in ps] if self.eight else None
+        self.grads = self._gradients()
+        self.p32 = ps
+        if ps[0].dtype != torch.float32:  # fp32 working copy of low-precision weights
+            self.p32 = self.buf("p32")
+            torch._foreach_copy_(self.p32, ps)
+        self.g = self.u = self.m = self.mm = self.s = self.agree = self.mask = None
+        self.adapting = False
+
+    def _gradients(self) -> list:
+        """``p.grad``, or with the non-finite gate ``ok * nan_to_num(p.grad)`` in fp32 scratch."""
+        grads = [p.grad for p in self.ps]
+        if self.shared.gate is None:
+            return grads
+        out = self.buf("grad")
+        oks = self.shared.gate.flags
+        for i, g, o in zip(self.idx, grads, out):
+            nonfinite.sanitize(g, oks[i], o)
+        return out
+
+    def buf(self, tag) -> list:
+        """One fp32 scratch view per tensor (a flat arena per tag, reused across steps)."""
+        return self.pool.views(self.ps, ("automagic", tag))
+
+    def state(self, key) -> list:
+        return [st[key] for st in self.sts]
+
+    def keep(self, value: float):
+        """The non-finite gate's ``value`` (1 for a skipped tensor) per tensor, or None."""
+        gate = self.shared.gate
+        return None if gate is None else [gate.keep(value, i) for i in self.idx]
+
+    def factors(self):
+        """1 (0 for a skipped tensor) per tensor, or None without the gate."""
+        gate = self.shared.gate
+        return None if gate is None else [gate.factor(i) for i in self.idx]
+
+    # 8-bit state: decoded into scratch, re-encoded with each tensor's own seeded rounding
+    def load(self, key: str, square: bool = False) -> list:
+        out = self.buf(key)
+        for st, o in zip(self.sts, out):
+            quant8.load(st, key, out=o)
+        if square:  # stored as the square root (half the dynamic range: nothing flushes to 0)
+            torch._foreach_pow_(out, 2.0)
+        return out
+
+    def store(self, key: str, xs, signed: bool, sqrt: bool = False) -> None:
+        if sqrt:
+            torch._foreach_sqrt_(xs)
+        for st, x, seed in zip(self.sts, xs, self.seeds):
+            quant8.store(st, key, x, signed=signed, seed=seed)
+
+    def load_log(self, key: str) -> list:
+        out = self.buf(key)
+        for st, o in zip(self.sts, out):
+            quant8.load_log(st, key, out=o)
+        return out
+
+    def store_log(self, key: str, xs) -> None:
+        for st, x, seed in zip(self.sts, xs, self.seeds):
+            lo, hi = st[key + "_lrange"]
+            quant8.store_log(st, key, x, lo=lo, hi=hi, bits=8, seed=seed)
 
 
 class Automagic_CameAMP8bit(Automagic_CameAMP):

@@ -202,6 +202,29 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._end_step()
         return loss
 
+    # Elements per multi-tensor chunk: on CPU a chunk's working set stays in cache between the
+    # passes; on accelerators fewer, larger launches win. Scratch memory is bounded by it.
+    chunk_elements = {"cpu": 1 << 18}
+    default_chunk_elements = 1 << 25
+
+    def _chunks(self, params, signature):
+        """Consecutive runs of ``params`` with the same ``signature(p)`` (a state layout), each at
+        most a chunk of elements (one tensor larger than that is a chunk of its own)."""
+        budget = self.chunk_elements.get(params[0].device.type, self.default_chunk_elements) if params else 0
+        out, cur, size, sig0 = [], [], 0, None
+        for p in params:
+            sig = signature(p)
+            n = p.numel()
+            if cur and (sig != sig0 or size + n > budget):
+                out.append(cur)
+                cur, size = [], 0
+            cur.append(p)
+            size += n
+            sig0 = sig
+        if cur:
+            out.append(cur)
+        return out
+
     def _begin_step(self) -> None:
         pass
 

@@ -16,22 +16,27 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["residual", "update_residual_", "direction"]
+__all__ = ["residual_list_", "update_residual_list_", "direction_list_"]
 
 
-def residual(x: torch.Tensor, m: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """``out = (x - m)^2 + eps``."""
-    return torch.sub(x, m, out=out).square_().add_(eps)
+def residual_list_(outs, xs, ms, eps: float) -> None:
+    """``out = (x - m)^2 + eps`` per tensor."""
+    torch._foreach_copy_(outs, xs)
+    torch._foreach_sub_(outs, ms)
+    torch._foreach_pow_(outs, 2.0)
+    torch._foreach_add_(outs, eps)
 
 
-def update_residual_(s: torch.Tensor, res: torch.Tensor, beta: float) -> torch.Tensor:
-    """``s <- b s + (1 - b) res`` with ``res`` from :func:`residual`."""
-    return s.mul_(beta).add_(res, alpha=1.0 - beta)
+def update_residual_list_(ss, res, beta: float) -> None:
+    """``s <- b s + (1 - b) res`` with ``res`` from :func:`residual_list_`."""
+    torch._foreach_mul_(ss, beta)
+    torch._foreach_add_(ss, res, alpha=1.0 - beta)
 
 
-def direction(m: torch.Tensor, s: torch.Tensor, bc: float, out: torch.Tensor) -> torch.Tensor:
+def direction_list_(outs, ms, ss, bc: float) -> None:
     """``out = m * rsqrt(s) * bc`` with ``bc = sqrt(1 - b^t)`` (1.0 for no bias correction)."""
-    torch.rsqrt(s, out=out).mul_(m)
+    torch._foreach_copy_(outs, ss)
+    torch._foreach_rsqrt_(outs)
+    torch._foreach_mul_(outs, ms)
     if bc != 1.0:
-        out.mul_(bc)
-    return out
+        torch._foreach_mul_(outs, bc)

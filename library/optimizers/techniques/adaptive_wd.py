@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["factor"]
+__all__ = ["standardizers", "factor_list_"]
 
 TINY = 1e-30
 
@@ -35,20 +35,21 @@ def standardizers(l1: torch.Tensor, l2: torch.Tensor, numel: torch.Tensor, alpha
     return k, -mean * k
 
 
-def factor(g: torch.Tensor, alpha: float, out: torch.Tensor, kb=None, scale: float = 2.0) -> torch.Tensor:
-    """``out = scale * sigmoid(alpha * z)`` with z the standardised |g| of this tensor
-    (``scale = 2`` gives theta; callers may fold the 2 into their own coefficient).
+def factor_list_(outs, gs, alpha: float, kb=None) -> None:
+    """``out = sigmoid(alpha * z)`` per tensor, z the standardised |g| of that tensor (theta / 2:
+    callers fold the 2 into their own coefficient).
 
-    ``kb = (k, b)`` from :func:`standardizers` may be passed precomputed (a whole group at
-    once); then the tensor costs four cheap elementwise ops: abs, mul, add, sigmoid.
+    ``kb = (ks, bs)``, one 0-dim tensor each per tensor from :func:`standardizers`, may be passed
+    precomputed (a whole group at once); then a tensor costs four cheap elementwise passes.
     """
     if kb is None:
-        flat = g.reshape(-1)
-        l1 = torch.linalg.vector_norm(flat, ord=1, dtype=torch.float32)
-        l2 = torch.linalg.vector_norm(flat, dtype=torch.float32)
-        kb = standardizers(l1, l2, torch.tensor(float(max(g.numel(), 1)), device=g.device), alpha)
-    k, b = kb
-    a = torch.abs(g, out=out) if g.dtype == out.dtype else out.copy_(g).abs_()
-    a.mul_(k).add_(b)  # alpha * (|g| - mean) / std  (2x faster than addcmul with 0-dim operands on CPU)
-    a.sigmoid_()
-    return a.mul_(scale) if scale != 1.0 else a
+        l1 = [torch.linalg.vector_norm(g.reshape(-1), ord=1, dtype=torch.float32) for g in gs]
+        l2 = [torch.linalg.vector_norm(g.reshape(-1), dtype=torch.float32) for g in gs]
+        numel = torch.tensor([float(max(g.numel(), 1)) for g in gs], device=gs[0].device)
+        k, b = standardizers(torch.stack(l1), torch.stack(l2), numel, alpha)
+        kb = (k.unbind(0), b.unbind(0))
+    torch._foreach_copy_(outs, gs)
+    torch._foreach_abs_(outs)
+    torch._foreach_mul_(outs, list(kb[0]))  # alpha * (|g| - mean) / std
+    torch._foreach_add_(outs, list(kb[1]))
+    torch._foreach_sigmoid_(outs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["alpha_at", "update_slow_", "mix"]
+__all__ = ["alpha_at", "mix_list_"]
 
 
 def alpha_at(alpha: float, t: int, warmup: int) -> float:
@@ -24,14 +24,11 @@ def alpha_at(alpha: float, t: int, warmup: int) -> float:
     return alpha * min(1.0, t / warmup)
 
 
-def update_slow_(m2: torch.Tensor, x: torch.Tensor, beta: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """``m2 <- beta m2 + (1 - beta) x`` (``keep``: as in momentum_decay.momentum_)."""
-    return m2.mul_(beta if keep is None else keep).add_(x, alpha=1.0 - beta)
-
-
-def mix(m1: torch.Tensor, m2: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
-    """``out = (m1 + alpha m2) / (1 + alpha)``."""
+def mix_list_(outs, m1s, m2s, alpha: float) -> None:
+    """``out = (m1 + alpha m2) / (1 + alpha)`` per tensor. The slow EMA itself is an EMA of fixed
+    beta: ``momentum_decay.momentum_list_``."""
+    torch._foreach_copy_(outs, m1s)
     if alpha == 0.0:
-        return out.copy_(m1)
-    torch.add(m1, m2, alpha=alpha, out=out)
-    return out.mul_(1.0 / (1.0 + alpha))
+        return
+    torch._foreach_add_(outs, m2s, alpha=alpha)
+    torch._foreach_mul_(outs, 1.0 / (1.0 + alpha))

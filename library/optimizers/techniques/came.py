@@ -34,8 +34,8 @@ without it the first step on a matrix moves every element by about
 matrices (0.11 lr at b1 = 0.9) and ``(1 - b1) * lr`` on vectors: both start small and
 ramp up as the momentum fills, the way ADOPT does. ``c = 1`` reproduces the official code.
 
-Every function works in fp32 on one tensor, writes into caller-provided buffers and never
-reads a value back to the host.
+Every function works in fp32 on lists of tensors (one entry per parameter, multi-tensor
+operations), writes into caller-provided buffers and never reads a value back to the host.
 """
 from __future__ import annotations
 
@@ -50,11 +50,10 @@ __all__ = [
     "is_factored",
     "init_state",
     "correction",
-    "factored_rsqrt",
-    "update_factored_",
-    "normalize",
-    "rms_clip_",
-    "confidence",
+    "factored_list_",
+    "normalize_list_",
+    "rms_clip_list_",
+    "confidence_list_",
     "reference_step",
 ]
 
@@ -101,73 +100,144 @@ def correction(beta: float, t: int, enabled: bool = True) -> float:
     return math.sqrt(1.0 - beta**t) if enabled else 1.0
 
 
-def factored_rsqrt(row: torch.Tensor, col: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``out[i, j] = rsqrt(row_i / mean(row)) * rsqrt(col_j) * scale`` = ``scale * rsqrt(V^_ij)``.
+def factored_list_(rows, cols, sqs, outs, beta: float, scale: float = 1.0, keeps=None, oks=None) -> None:
+    """Per tensor, on the (n, k) matrix views (n = ``row.numel()``, k = ``col.numel()``):
 
-    ``out`` is (n, k); ``scale`` (a bias correction) is folded into the n-vector, not the matrix.
+        row <- beta row + (1 - beta) rowmean(sq)      col <- beta col + (1 - beta) colmean(sq)
+        out[i, j] = rsqrt(row_i / mean(row)) * rsqrt(col_j) * scale   (= scale * rsqrt(V^_ij))
+
+    ``scale`` (a bias correction) is folded into the n-vector, not the matrix; ``outs`` may be
+    ``sqs``. ``keeps`` / ``oks`` (one 0-dim tensor each per tensor: beta and 1, or 1 and 0 for a
+    skipped tensor, techniques/nonfinite.py) leave a skipped tensor's statistics as they were.
+    Runs of same-shape tensors lying back to back in memory (chunk scratch) are computed as one
+    batch, with the same arithmetic as one tensor at a time.
     """
-    r = torch.rsqrt(row / row.mean())
-    if scale != 1.0:
-        r.mul_(scale)
-    c = torch.rsqrt(col)
-    return torch.mul(r.unsqueeze(1), c.unsqueeze(0), out=out)
+    for a, b in _runs(rows, cols, sqs, outs):
+        n, k = rows[a].numel(), cols[a].numel()
+        sq, out = _batch(sqs, a, b, n, k), _batch(outs, a, b, n, k)
+        R, C = torch.stack(rows[a:b]), torch.stack(cols[a:b])
+        mr, mc = sq.mean(dim=2), sq.mean(dim=1)
+        if oks is None:
+            R.mul_(beta)
+            C.mul_(beta)
+        else:
+            ok, keep = torch.stack(oks[a:b]).unsqueeze(1), torch.stack(keeps[a:b]).unsqueeze(1)
+            mr.mul_(ok)
+            mc.mul_(ok)
+            R.mul_(keep)
+            C.mul_(keep)
+        R.add_(mr, alpha=1.0 - beta)
+        C.add_(mc, alpha=1.0 - beta)
+        torch._foreach_copy_(rows[a:b], list(R.unbind(0)))
+        torch._foreach_copy_(cols[a:b], list(C.unbind(0)))
+        r = torch.rsqrt(R / R.mean(dim=1, keepdim=True))
+        if scale != 1.0:
+            r.mul_(scale)
+        torch.mul(r.unsqueeze(2), torch.rsqrt(C).unsqueeze(1), out=out)
 
 
-def update_factored_(row: torch.Tensor, col: torch.Tensor, sq: torch.Tensor, beta: float) -> None:
-    """EMA of the row and column means of the (n, k) tensor ``sq``."""
-    row.mul_(beta).add_(sq.mean(dim=1), alpha=1.0 - beta)
-    col.mul_(beta).add_(sq.mean(dim=0), alpha=1.0 - beta)
-
-
-def normalize(g: torch.Tensor, st: dict, beta2: float, eps1: float, out: torch.Tensor, tmp: torch.Tensor,
-              bc2: float = 1.0, v: torch.Tensor | None = None) -> torch.Tensor:
-    """Second-moment step: update the statistics with ``G = g^2 + eps1`` and return
-    ``u = g * rsqrt(V^) * bc2`` in ``out`` (``bc2 = sqrt(1 - b2^t)`` or 1).
-
-    ``g``, ``out`` and ``tmp`` share p's shape (fp32, contiguous). ``v`` overrides
-    ``st["came_v"]`` for unfactored tensors (the 8-bit presets pass a dequantised copy).
-    """
-    torch.mul(g, g, out=tmp).add_(eps1)
-    if "came_row" in st:
-        view = (st["came_row"].numel(), st["came_col"].numel())
-        update_factored_(st["came_row"], st["came_col"], tmp.view(view), beta2)
-        factored_rsqrt(st["came_row"], st["came_col"], out=out.view(view), scale=bc2)
-        return out.mul_(g)
-    v = st["came_v"] if v is None else v
-    v.mul_(beta2).add_(tmp, alpha=1.0 - beta2)
-    torch.rsqrt(v, out=out).mul_(g)
-    if bc2 != 1.0:
-        out.mul_(bc2)
+def _runs(rows, cols, *lists):
+    """``(a, b)`` index ranges of consecutive tensors with the same matrix view whose entries of
+    every list in ``lists`` lie back to back in one storage (so each is one (b - a, n, k) view)."""
+    out, a = [], 0
+    for i in range(1, len(rows) + 1):
+        if i < len(rows) and rows[i].numel() == rows[a].numel() and cols[i].numel() == cols[a].numel() \
+                and all(_adjacent(xs[i - 1], xs[i]) for xs in lists):
+            continue
+        out.append((a, i))
+        a = i
     return out
 
 
-def rms_clip_(u: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``u <- u / max(1, RMS(u) / threshold)`` (0-dim divisor, no host sync)."""
-    rms = torch.linalg.vector_norm(u.reshape(-1)) / math.sqrt(max(u.numel(), 1))
-    return u.div_((rms / threshold).clamp_(min=1.0))
+def _adjacent(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return (x.is_contiguous() and y.is_contiguous() and x.dtype == y.dtype
+            and x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+            and y.data_ptr() == x.data_ptr() + x.numel() * x.element_size())
 
 
-def confidence(u: torch.Tensor, m: torch.Tensor, st: dict, beta3: float, eps2: float, out: torch.Tensor,
-               bc3: float = 1.0, res: torch.Tensor | None = None) -> torch.Tensor:
-    """Confidence-guided direction ``s = m * rsqrt(U^) * bc3`` into ``out`` (factored tensors).
+def _batch(xs, a: int, b: int, n: int, k: int) -> torch.Tensor:
+    """The (b - a, n, k) view over ``xs[a:b]`` (adjacent in memory, see :func:`_runs`)."""
+    return xs[a].as_strided((b - a, n, k), (n * k, k, 1))
+
+
+def _gates(idx, keeps, oks):
+    """The gate entries of the tensors ``idx`` (``(None, None)`` without a gate)."""
+    if oks is None:
+        return None, None
+    return [keeps[i] for i in idx], [oks[i] for i in idx]
+
+
+def _split(sts, key):
+    """Indices of the factored tensors (``key`` in their state) and of the others."""
+    fac = [i for i, st in enumerate(sts) if key in st]
+    return fac, [i for i in range(len(sts)) if key not in sts[i]]
+
+
+def normalize_list_(gs, sts, beta2: float, eps1: float, outs, tmps, bc2: float = 1.0, vs=None, keeps=None,
+                    oks=None) -> None:
+    """Second-moment step per tensor: update the statistics in ``st`` with ``G = g^2 + eps1`` and
+    write ``u = g * rsqrt(V^) * bc2`` into ``outs`` (``bc2 = sqrt(1 - b2^t)`` or 1).
+
+    ``gs``, ``outs`` and ``tmps`` are fp32 and contiguous, shaped as the parameters. ``vs`` (one
+    entry per tensor, None for factored ones) overrides ``st["came_v"]`` for unfactored tensors
+    (the 8-bit presets pass dequantised copies). ``keeps`` / ``oks``: see :func:`factored_list_`
+    (they gate the factored statistics only; the caller restores full ones).
+    """
+    torch._foreach_copy_(tmps, gs)
+    torch._foreach_mul_(tmps, gs)
+    torch._foreach_add_(tmps, eps1)
+    fac, full = _split(sts, "came_row")
+    if fac:
+        factored_list_([sts[i]["came_row"] for i in fac], [sts[i]["came_col"] for i in fac], [tmps[i] for i in fac],
+                       [outs[i] for i in fac], beta2, bc2, *_gates(fac, keeps, oks))
+    if full:
+        v = [sts[i]["came_v"] if vs is None or vs[i] is None else vs[i] for i in full]
+        out = [outs[i] for i in full]
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_add_(v, [tmps[i] for i in full], alpha=1.0 - beta2)
+        torch._foreach_copy_(out, v)
+        torch._foreach_rsqrt_(out)
+    torch._foreach_mul_(outs, gs)
+    if full and bc2 != 1.0:
+        torch._foreach_mul_([outs[i] for i in full], bc2)
+
+
+def rms_clip_list_(us, threshold: float) -> None:
+    """``u <- u / max(1, RMS(u) / threshold)`` per tensor (0-dim divisors, no host sync)."""
+    rms = torch._foreach_norm(us)
+    torch._foreach_div_(rms, [math.sqrt(max(u.numel(), 1)) for u in us])
+    torch._foreach_div_(rms, threshold)
+    torch._foreach_clamp_min_(rms, 1.0)
+    torch._foreach_div_(us, rms)
+
+
+def confidence_list_(us, ms, sts, beta3: float, eps2: float, outs, bc3: float = 1.0, ress=None, keeps=None,
+                     oks=None) -> None:
+    """Confidence-guided direction ``s = m * rsqrt(U^) * bc3`` into ``outs`` (factored tensors).
 
     ``U = (u - m)^2 + eps2`` uses the already-updated ``m``. For unfactored tensors official
-    CAME has no confidence: ``s = m`` unless a full residual EMA is given (``res`` or
-    ``st["came_res"]``), in which case ``s = m * rsqrt(res) * bc3`` with
+    CAME has no confidence: ``s = m`` unless a full residual EMA is kept (``st["came_res"]``,
+    or the entry of ``ress``), in which case ``s = m * rsqrt(res) * bc3`` with
     ``res <- b3 res + (1 - b3) U`` (the AdaBelief-style residual, see :mod:`.adabelief`).
-    ``out`` may alias ``u``.
+    ``outs`` must not alias ``us`` or ``ms``; ``keeps`` / ``oks`` as in :func:`normalize_list_`.
     """
-    adabelief.residual(u, m, eps2, out=out)
-    if "came_res_row" in st:
-        view = (st["came_res_row"].numel(), st["came_res_col"].numel())
-        update_factored_(st["came_res_row"], st["came_res_col"], out.view(view), beta3)
-        factored_rsqrt(st["came_res_row"], st["came_res_col"], out=out.view(view), scale=bc3)
-        return out.mul_(m)
-    res = st.get("came_res") if res is None else res
-    if res is None:
-        return out.copy_(m)
-    adabelief.update_residual_(res, out, beta3)
-    return adabelief.direction(m, res, bc3, out=out)
+    adabelief.residual_list_(outs, us, ms, eps2)
+    fac, full = _split(sts, "came_res_row")
+    if fac:
+        out = [outs[i] for i in fac]
+        factored_list_([sts[i]["came_res_row"] for i in fac], [sts[i]["came_res_col"] for i in fac], out, out,
+                       beta3, bc3, *_gates(fac, keeps, oks))
+        torch._foreach_mul_(out, [ms[i] for i in fac])
+    res = [sts[i].get("came_res") if ress is None or ress[i] is None else ress[i] for i in full]
+    kept = [j for j, r in enumerate(res) if r is not None]
+    if kept:
+        idx = [full[j] for j in kept]
+        rs = [res[j] for j in kept]
+        adabelief.update_residual_list_(rs, [outs[i] for i in idx], beta3)
+        adabelief.direction_list_([outs[i] for i in idx], [ms[i] for i in idx], rs, bc3)
+    plain = [full[j] for j, r in enumerate(res) if r is None]
+    if plain:
+        torch._foreach_copy_([outs[i] for i in plain], [ms[i] for i in plain])
 
 
 def reference_step(p, g, st, lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0,
@@ -183,13 +253,13 @@ def reference_step(p, g, st, lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16),
     t = st["step"]
     g = g.float().contiguous()
     u, tmp = torch.empty_like(g), torch.empty_like(g)
-    normalize(g, st, b2, eps[0], u, tmp, bc2=correction(b2, t, bias_correction))
-    rms_clip_(u, clip_threshold)
+    normalize_list_([g], [st], b2, eps[0], [u], [tmp], bc2=correction(b2, t, bias_correction))
+    rms_clip_list_([u], clip_threshold)
     m = st["exp_avg"]
     m.mul_(b1).add_(u, alpha=1.0 - b1)
-    s = confidence(u, m, st, b3, eps[1], out=tmp, bc3=correction(b3, t, bias_correction))
+    confidence_list_([u], [m], [st], b3, eps[1], [tmp], bc3=correction(b3, t, bias_correction))
     with torch.no_grad():
         if weight_decay:
             p.mul_(1.0 - lr * weight_decay)
-        p.add_(s.to(p.dtype), alpha=-lr)
+        p.add_(tmp.to(p.dtype), alpha=-lr)
     return p

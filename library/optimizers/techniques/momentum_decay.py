@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["beta_at", "momentum_"]
+__all__ = ["beta_at", "momentum_list_"]
 
 
 def beta_at(beta0: float, decay: float, floor: float, k: int) -> float:
@@ -24,7 +24,9 @@ def beta_at(beta0: float, decay: float, floor: float, k: int) -> float:
     return max(beta0 * decay ** max(k, 0), min(floor, beta0))
 
 
-def momentum_(m: torch.Tensor, x: torch.Tensor, beta: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """``m <- beta m + (1 - beta) x``; ``keep`` (a 0-dim tensor: beta, or 1 for a skipped tensor
-    whose x is 0, see techniques/nonfinite.py) replaces the first beta."""
-    return m.mul_(beta if keep is None else keep).add_(x, alpha=1.0 - beta)
+def momentum_list_(ms, xs, beta: float, keeps=None) -> None:
+    """``m <- beta m + (1 - beta) x`` per tensor (any EMA of a fixed ``beta``); ``keeps`` (one 0-dim
+    tensor per m: beta, or 1 for a skipped tensor whose x is 0, see techniques/nonfinite.py)
+    replaces the first beta."""
+    torch._foreach_mul_(ms, beta if keeps is None else keeps)
+    torch._foreach_add_(ms, xs, alpha=1.0 - beta)

@@ -59,6 +59,7 @@ class Gate:
 
     def __init__(self, ok: torch.Tensor):
         self.ok = ok
+        self.flags = ok.unbind(0)  # per tensor, bool
         self._ones = ok.float().unbind(0)  # 1 where finite, 0 where not
         self._keeps: dict = {}
 
