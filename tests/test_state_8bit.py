@@ -6,6 +6,7 @@ from benchmarks.common import make_params, state_bytes
 from benchmarks.shapes import lokr_shapes, lora_shapes
 from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
 from library.optimizers.hina_adamw import HinaAdamWOptimizer
+from library.optimizers.state_store import Arenas
 from tests.helpers import forbid_host_sync, quadratic_params, run_quadratic, save_load
 
 ALL_OFF = dict(use_spd=False, use_cautious=False, use_orthogonal_grad=False, use_adopt_stability=False, use_grams=False,
@@ -140,7 +141,7 @@ def test_8bit_state_lives_in_arenas_and_the_copy_path_gives_the_same_bits(monkey
     bases = {k: {oa.state[p][k]._base.data_ptr() for p in a} for k in ("exp_avg_f8", "exp_avg_sq_root_f8",
                                                                         "lr_mask_f8", "exp_avg_absmax")}
     assert all(len(v) == 1 and None not in v for v in bases.values()), bases
-    monkeypatch.setattr(AdaptiveHinaAdamW, "_arena_slice", lambda self, tensors, align: None)
+    monkeypatch.setattr(Arenas, "slice", lambda self, tensors, align: None)
     _grads(b, gb)
     ob.step()
     monkeypatch.undo()
@@ -150,7 +151,7 @@ def test_8bit_state_lives_in_arenas_and_the_copy_path_gives_the_same_bits(monkey
         _grads(b, gb, skip)
         oa.step()
         with monkeypatch.context() as m:
-            m.setattr(AdaptiveHinaAdamW, "_arena_slice", lambda self, tensors, align: None)
+            m.setattr(Arenas, "slice", lambda self, tensors, align: None)
             ob.step()
     for p, q in zip(a, b):
         assert torch.equal(p, q)

@@ -12,15 +12,14 @@ All state lives in ``self.state[p]``; ``step()`` never reads a tensor back to th
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
 from . import __version__
 from . import quant8
-from .buffer_pool import _aligned_offsets
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
+from .state_store import Arenas
 from .techniques import adam, adopt, allora, hypergrad, tam
 from .techniques import agr as agr_t
 from .techniques import spd as spd_t
@@ -181,8 +180,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             stochastic_rounding=check_bool("stochastic_rounding", stochastic_rounding),
         )
         self._pairs = None
-        self._packed: set = set()  # ids of the groups whose 8-bit state sits in flat arenas
-        self._slices: dict = {}  # (id of a chunk's first stored tensor, count) -> (tensors, arena slice)
+        self._arenas = Arenas()  # where 8-bit state lives (state_store.py)
         super().__init__(params, defaults, param_names=param_names)
         for group in self.param_groups:
             self._check_group(group)
@@ -213,9 +211,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
     def _on_layout_changed(self) -> None:
         super()._on_layout_changed()
-        if hasattr(self, "_packed"):  # a load replaced the state tensors: pack them again
-            self._packed.clear()
-            self._slices.clear()
+        if hasattr(self, "_arenas"):  # a load replaced the state tensors: pack them again
+            self._arenas.reset()
         if getattr(self, "_pairs", None) is not None:
             self._discover()
 
@@ -341,9 +338,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 new = True
             elif group["use_hypergrad"] and "lr_scale" not in st:  # switched on after a load
                 st["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
-        if group["optim_bits"] == 8 and (new or id(group) not in self._packed):
-            self._pack_q8(group["params"])
-            self._packed.add(id(group))
+        if group["optim_bits"] == 8:
+            self._arenas.ensure(group, self.state, group["params"], [k for k, _ in self._Q8_KEYS] + ["lr_mask"], new)
         feats = {} if refresh else None
         for chunk in self._chunks(params, self._layout):
             self._update_chunk(chunk, group, feats)
@@ -584,97 +580,15 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 out[i] = one
         return out
 
-    # 8-bit state: the codes and block absmax values of a group live in flat arenas, one per
-    # state key, every tensor starting at a multiple of the block size, in group order;
-    # self.state[p] holds views into them. A chunk of consecutive tensors is then one arena
-    # slice, which the codec decodes from and encodes into in place, with no per-tensor copies.
-    # The fp32 working copies are block-aligned scratch with the same layout. A chunk that is
-    # not one slice (a tensor in between had no gradient this step) goes through scratch copies.
-    _Q8_KEYS = (("exp_avg", True, "m8"), ("exp_avg_sq_root", False, "v8"))
-
-    def _flat(self, tensors, tag, dtype, align):
-        return self._buffer_pool.aligned(tensors, tag, dtype, align)
-
-    # packing pays for itself in speed, but block padding costs memory: groups of many small
-    # tensors (small LoKr factors, say) keep standalone state and take the copying path
-    _PACK_MAX_PADDING = 0.02
-
-    def _pack_q8(self, params) -> None:
-        """Move the 8-bit state tensors of ``params`` into fresh flat arenas (on the first step,
-        when a tensor's state is created, and after a load), unless block padding would add
-        more than 2 % to the codes."""
-        self._slices.clear()
-        n = sum(p.numel() for p in params)
-        if _aligned_offsets(params, _BLOCK)[1] > n * (1 + self._PACK_MAX_PADDING):
-            return
-        names = [k for k, _, _ in self._Q8_KEYS] + ["lr_mask"]
-        keys = [(k + quant8.F8_SUFFIX, _BLOCK) for k in names] + [(k + quant8.ABSMAX_SUFFIX, 1) for k in names]
-        for key, align in keys:
-            runs: dict = {}
-            for p in params:
-                t = self.state[p].get(key) if p in self.state else None
-                if isinstance(t, torch.Tensor):
-                    runs.setdefault((t.dtype, t.device), []).append(p)
-            for (dtype, device), ps in runs.items():
-                ts = [self.state[p][key] for p in ps]
-                offsets, total = _aligned_offsets(ts, align)
-                arena = torch.zeros(total, dtype=dtype, device=device)
-                views = [arena[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, ts)]
-                torch._foreach_copy_(views, ts)
-                for p, v in zip(ps, views):
-                    self.state[p][key] = v
-
-    def _arena_slice(self, tensors, align):
-        """The arena slice holding ``tensors`` back to back (each at a multiple of ``align``), or None."""
-        key = (id(tensors[0]), len(tensors))
-        hit = self._slices.get(key)
-        if hit is not None and all(map(operator.is_, hit[0], tensors)):
-            return hit[1]
-        base = tensors[0]._base
-        if base is None or base.dim() != 1:
-            return None
-        b0 = base.storage_offset()
-        start = off = tensors[0].storage_offset() - b0
-        for t in tensors:
-            if t._base is not base or t.storage_offset() - b0 != off:
-                return None
-            off += -(-t.numel() // align) * align
-        flat = base[start:off]
-        if len(self._slices) >= 4096:
-            self._slices.clear()
-        self._slices[key] = (list(tensors), flat)
-        return flat
-
-    def _stored(self, sts, key, align, read: bool):
-        """``(flat, back)``: the chunk's stored tensors under ``key`` as one flat tensor: the arena
-        slice itself (``back`` None), or a scratch copy (``read``: filled from the state) that
-        ``torch._foreach_copy_(*back)`` writes back."""
-        ts = [st[key] for st in sts]
-        flat = self._arena_slice(ts, align)
-        if flat is not None:
-            return flat, None
-        flat, views = self._flat(ts, ("codes", key), ts[0].dtype, align)
-        if read:
-            torch._foreach_copy_(views, ts)
-        return flat, (ts, views)
+    # 8-bit state: codes in flat arenas (state_store.py), decoded per chunk into block-aligned
+    # fp32 scratch and encoded back after the update (one seeded stream per chunk)
+    _Q8_KEYS = (("exp_avg", "m8"), ("exp_avg_sq_root", "v8"))
 
     def _q8_keys(self, sts):
-        keys = self._Q8_KEYS
-        return keys + (("lr_mask", False, "mask8"),) if "lr_mask_f8" in sts[0] else keys
+        return self._Q8_KEYS + (("lr_mask", "mask8"),) if "lr_mask_f8" in sts[0] else self._Q8_KEYS
 
     def _load_q8(self, ps, sts, has_mask, group):
-        pool = self._buffer_pool
-        out = {}
-        for key, signed, tag in self._q8_keys(sts):
-            flat, views = self._flat(ps, tag, torch.float32, _BLOCK)
-            codes, back = self._stored(sts, key + quant8.F8_SUFFIX, _BLOCK, True)
-            absmax, _ = self._stored(sts, key + quant8.ABSMAX_SUFFIX, 1, True)
-            quant8.dequantize_float8(codes, absmax, signed=signed, block_size=_BLOCK, out=flat)
-            if back is not None:  # stale scratch codes in the padding: it must decode to 0
-                gaps = pool.gaps(ps, tag, torch.float32, _BLOCK)
-                if gaps:
-                    torch._foreach_zero_(gaps)
-            out[key] = (flat, views)
+        out = {key: self._arenas.decode(self._buffer_pool, ps, sts, key, tag) for key, tag in self._q8_keys(sts)}
         v_flat, vs = out["exp_avg_sq_root"]
         v_flat.mul_(v_flat)  # stored as sqrt(v); the padding stays 0
         masks = None
@@ -689,17 +603,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         """Requantise the chunk's 8-bit state (stochastic rounding; the stream is seeded by the
         chunk's first parameter index and the step, so a resumed run replays it exactly)."""
         seed = quant8.mix_seed(self.param_index(ps[0]), t)
-        for key, signed, tag in self._q8_keys(sts):
-            flat, _ = self._flat(ps, tag, torch.float32, _BLOCK)
+        pool = self._buffer_pool
+        for key, tag in self._q8_keys(sts):
             if key == "exp_avg_sq_root":
-                flat.sqrt_()
-            codes, back = self._stored(sts, key + quant8.F8_SUFFIX, _BLOCK, False)
-            absmax, a_back = self._stored(sts, key + quant8.ABSMAX_SUFFIX, 1, False)
-            quant8.quantize_float8(flat, signed=signed, block_size=_BLOCK, rounding="stochastic",
-                                   seed=quant8.mix_seed(seed, key), codes_out=codes, absmax_out=absmax)
-            for b in (back, a_back):
-                if b is not None:
-                    torch._foreach_copy_(*b)
+                pool.aligned(ps, tag, torch.float32, _BLOCK)[0].sqrt_()
+            self._arenas.encode(pool, ps, sts, key, tag, seed=seed)
 
     def _collect_features(self, ps, ms, step, feats: dict) -> None:
         """(gradient term, change rate, intrinsic term) per tensor, as vectors on device.

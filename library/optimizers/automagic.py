@@ -76,6 +76,7 @@ import torch
 from . import __version__, quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
+from .state_store import BLOCK, Arenas, same_log_range
 from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, nonfinite, tam
 from .techniques.agr import agr_list_
 from .techniques.cautious import cautious_list_
@@ -204,6 +205,10 @@ def _mask_codec_range(lo: float, hi: float, start: float, bits: int = 8) -> tupl
     return lo, math.exp(math.log(lo) + levels * step)
 
 
+# 8-bit storage of the second moments: their square roots (half the dynamic range, nothing flushes to 0)
+_STORED_AS = {"came_v": "came_rms", "came_res": "came_res_rms"}
+_EIGHT_BIT_KEYS = ("exp_avg", "exp_avg_slow", "came_rms", "came_res_rms")
+
 # fp32 state whose update the non-finite gate keeps exact (techniques/nonfinite.py); the rest is
 # copied before the step and put back for a skipped tensor
 _GATED = ("exp_avg", "exp_avg_slow", "lr_mask", "came_row", "came_col", "came_res_row", "came_res_col")
@@ -237,6 +242,7 @@ class Automagic_CameAMP(HinaOptimizer):
             raise ValueError(f"unknown argument {unknown[0]!r} for {name}{hint}")
         defaults = _validate({**self._DEFAULTS, **kwargs}, self._DEFAULTS)
         self._row_scaled = self._adapters = None
+        self._arenas = Arenas()  # where 8-bit state lives (state_store.py)
         super().__init__(params, defaults, param_names=param_names)
         for group in self.param_groups:
             self._check_group(group)
@@ -271,6 +277,8 @@ class Automagic_CameAMP(HinaOptimizer):
     def _on_layout_changed(self) -> None:
         super()._on_layout_changed()
         self._row_scaled = self._adapters = None
+        if hasattr(self, "_arenas"):  # a load replaced the state tensors: pack them again
+            self._arenas.reset()
 
     def _discover_adapters(self) -> None:
         """Adapter pairs (by name, else by shape and order): the ALLoRA rows; plus every tensor with
@@ -379,15 +387,20 @@ class Automagic_CameAMP(HinaOptimizer):
         return getattr(type(self), name) is not getattr(Automagic_CameAMP, name)
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        new = False
         for p in params:
             st = self.state[p]
             if "step" not in st:
                 self._init_state(p, st, group)
+                new = True
+        ordered = self._by_shape(params)
+        if self._eight_bit:
+            self._arenas.ensure(group, self.state, ordered, _EIGHT_BIT_KEYS, new, log_names=("lr_mask",))
         shared = self._group_quantities(group, params)
         states = [self.state[p] for p in params]
         saved = nonfinite.Guard(states, self._buffer_pool, gated=_GATED) if shared.gate is not None else None
         position = {p: i for i, p in enumerate(params)}
-        for ps in self._chunks(self._by_shape(params), self._layout):
+        for ps in self._chunks(ordered, self._layout):
             c = _Chunk(self, group, ps, [position[p] for p in ps], shared)
             for stage in self._STAGES:
                 getattr(self, stage)(c)
@@ -457,14 +470,12 @@ class Automagic_CameAMP(HinaOptimizer):
         RMS-clipped; then the preset's transform of u."""
         group = c.group
         b2 = group["betas"][1]
-        eight = "came_rms_f8" in c.sts[0]
-        v8 = c.load("came_rms", square=True) if eight else None
+        v = c.read("came_v")  # None for factored tensors
         u = c.buf("u")
         came.normalize_list_(c.g, c.sts, b2, group["eps"][0], u, c.buf("tmp"),
-                             bc2=came.correction(b2, c.t, group["came_bias_correction"]), vs=v8,
+                             bc2=came.correction(b2, c.t, group["came_bias_correction"]), vs=v,
                              keeps=c.keep(b2), oks=c.factors())
-        if eight:
-            c.store("came_rms", v8, signed=False, sqrt=True)
+        c.write("came_v", v)
         came.rms_clip_list_(u, group["clip_threshold"])
         if self._hooked("_momentum_input"):
             u = [self._momentum_input(p, x, st, group, c.t) for p, x, st in zip(c.ps, u, c.sts)]
@@ -477,7 +488,7 @@ class Automagic_CameAMP(HinaOptimizer):
         group, t, u = c.group, c.t, c.u
         b1 = group["betas"][0]
         warm = group["warmup_steps"]
-        m = c.load("exp_avg") if c.eight else c.state("exp_avg")
+        m = c.read("exp_avg")
         c.adapting = group["use_lr_mask"] and t <= warm
         if c.adapting or c.shared.agree_sums is not None:
             c.agree = c.buf("agree")
@@ -495,28 +506,24 @@ class Automagic_CameAMP(HinaOptimizer):
             momentum_decay.momentum_list_(m, u, beta, c.keep(beta))
         c.m = c.mm = m
         if self._coptim:
-            slow = c.load("exp_avg_slow") if c.eight else c.state("exp_avg_slow")
+            slow = c.read("exp_avg_slow")
             beta = group["slow_beta"]
             momentum_decay.momentum_list_(slow, u, beta, c.keep(beta))
             c.mm = c.buf("mix")
             ademamix.mix_list_(c.mm, m, slow, ademamix.alpha_at(group["slow_alpha"], t, warm))
-            if c.eight:
-                c.store("exp_avg_slow", slow, signed=True)
+            c.write("exp_avg_slow", slow)
 
     def _confidence_stage(self, c: "_Chunk") -> None:
         """4. CAME confidence s = m / sqrt(U^) (vectors: the AdaBelief residual unless disabled)."""
         group = c.group
         b3 = group["betas"][2]
-        eight = "came_res_rms_f8" in c.sts[0]
-        res8 = c.load("came_res_rms", square=True) if eight else None
+        res = c.read("came_res")  # None for factored tensors and without the AdaBelief residual
         c.s = c.buf("s")
         came.confidence_list_(c.u, c.mm, c.sts, b3, group["eps"][1], c.s,
-                              bc3=came.correction(b3, c.t, group["came_bias_correction"]), ress=res8,
+                              bc3=came.correction(b3, c.t, group["came_bias_correction"]), ress=res,
                               keeps=c.keep(b3), oks=c.factors())
-        if eight:
-            c.store("came_res_rms", res8, signed=False, sqrt=True)
-        if c.eight:
-            c.store("exp_avg", c.m, signed=True)
+        c.write("came_res", res)
+        c.write("exp_avg", c.m)
 
     def _direction_stage(self, c: "_Chunk") -> None:
         """5. Grams blend ``a sign(g)|s| + (1 - a) s`` with ``a = beta1_decay^t``; Cautious on the
@@ -539,13 +546,11 @@ class Automagic_CameAMP(HinaOptimizer):
         group = c.group
         c.mask = None
         if group["use_lr_mask"]:
-            lq = "lr_mask_lq" in c.sts[0]
-            c.mask = c.load_log("lr_mask") if lq else c.state("lr_mask")
+            c.mask = c.read("lr_mask")
             r = self._mask_rate(group, c.t) if c.adapting else 0.0
             if r > 0.0:
                 lr_mask.scale_list_(c.mask, c.agree, r, *self._mask_bounds(group))
-                if lq:
-                    c.store_log("lr_mask", c.mask)
+                c.write("lr_mask", c.mask)
             torch._foreach_mul_(c.s, c.mask)
         eta = group["eta"]
         if eta is not None and not group["full_finetune"]:
@@ -745,13 +750,13 @@ class _Chunk:
 
     def __init__(self, opt: Automagic_CameAMP, group: dict, ps: list, idx: list, shared: _Group):
         self.group, self.ps, self.idx, self.shared = group, ps, idx, shared
-        self.pool = opt._buffer_pool
+        self.pool, self.arenas = opt._buffer_pool, opt._arenas
         self.sts = [opt.state[p] for p in ps]
         self.t = self.sts[0]["step"] + 1
         for st in self.sts:
             st["step"] = self.t
-        self.eight = "exp_avg_f8" in self.sts[0]
-        self.seeds = [quant8.mix_seed(group["seed"], self.t, opt.param_index(p)) for p in ps] if self.eight else None
+        eight = "exp_avg_f8" in self.sts[0]
+        self.seeds = [quant8.mix_seed(group["seed"], self.t, opt.param_index(p)) for p in ps] if eight else None
         self.grads = self._gradients()
         self.p32 = ps
         if ps[0].dtype != torch.float32:  # fp32 working copy of low-precision weights
@@ -788,31 +793,47 @@ class _Chunk:
         gate = self.shared.gate
         return None if gate is None else [gate.factor(i) for i in self.idx]
 
-    # 8-bit state: decoded into scratch, re-encoded with each tensor's own seeded rounding
-    def load(self, key: str, square: bool = False) -> list:
-        out = self.buf(key)
-        for st, o in zip(self.sts, out):
-            quant8.load(st, key, out=o)
-        if square:  # stored as the square root (half the dynamic range: nothing flushes to 0)
-            torch._foreach_pow_(out, 2.0)
-        return out
+    # element-sized state, whatever its storage: ``read`` gives fp32 (or the mask's own dtype)
+    # tensors to update in place, ``write`` stores them back (a no-op for plain tensors)
+    def read(self, key: str):
+        """The chunk's state ``key`` as working tensors, or None where the state has no such key."""
+        st0 = self.sts[0]
+        if key in st0:
+            return self.state(key)
+        name = _STORED_AS.get(key, key)
+        if name + quant8.F8_SUFFIX in st0:
+            flat, views = self.arenas.decode(self.pool, self.ps, self.sts, name, ("automagic8", name))
+            if name != key:
+                flat.square_()
+            return views
+        if name + quant8.LOG_SUFFIX in st0:  # lr masks: the 8-bit log codec
+            if same_log_range(self.sts, name):
+                return self.arenas.decode_log(self.pool, self.ps, self.sts, name, ("automagic8", name))
+            out = self.buf(name)
+            for st, o in zip(self.sts, out):
+                quant8.load_log(st, name, out=o)
+            return out
+        return None
 
-    def store(self, key: str, xs, signed: bool, sqrt: bool = False) -> None:
-        if sqrt:
-            torch._foreach_sqrt_(xs)
-        for st, x, seed in zip(self.sts, xs, self.seeds):
-            quant8.store(st, key, x, signed=signed, seed=seed)
-
-    def load_log(self, key: str) -> list:
-        out = self.buf(key)
-        for st, o in zip(self.sts, out):
-            quant8.load_log(st, key, out=o)
-        return out
-
-    def store_log(self, key: str, xs) -> None:
-        for st, x, seed in zip(self.sts, xs, self.seeds):
-            lo, hi = st[key + "_lrange"]
-            quant8.store_log(st, key, x, lo=lo, hi=hi, bits=8, seed=seed)
+    def write(self, key: str, xs) -> None:
+        """Store ``xs`` (what :meth:`read` gave, updated) back: 8-bit with each tensor's own seeded
+        stochastic rounding, so a chunk's codes are those of its tensors stored one by one."""
+        st0 = self.sts[0]
+        if xs is None or key in st0:
+            return
+        name = _STORED_AS.get(key, key)
+        if name + quant8.F8_SUFFIX in st0:
+            tag = ("automagic8", name)
+            if name != key:
+                self.pool.aligned(self.ps, tag, torch.float32, BLOCK)[0].sqrt_()
+            self.arenas.encode(self.pool, self.ps, self.sts, name, tag, seeds=self.seeds)
+        elif name + quant8.LOG_SUFFIX in st0:
+            if same_log_range(self.sts, name):
+                self.arenas.encode_log(self.pool, self.ps, self.sts, name, ("automagic8", name), self.seeds)
+                return
+            for st, x, seed in zip(self.sts, xs, self.seeds):
+                lo, hi = st[name + quant8.RANGE_SUFFIX]
+                quant8.store_log(st, name, x, lo=lo, hi=hi, bits=8, seed=seed)
 
 
 class Automagic_CameAMP8bit(Automagic_CameAMP):

@@ -196,6 +196,32 @@ def _noise_offset(seed: int) -> int:
     return _splitmix64(int(seed) & _MASK64) & ((1 << _NOISE_BITS) - 1)
 
 
+def segment_windows(table: torch.Tensor, bits: int, segments, total: int) -> torch.Tensor:
+    """Per-element noise for ``total`` flat elements holding several tensors, each with its own
+    stream: ``segments`` = ``[(start, length, offset), ...]``; element j of a segment gets
+    ``table[(offset + j) mod 2^bits]`` (the entry a single-tensor call with that offset uses), and
+    elements outside every segment (padding) get 0. ``table`` holds 2^bits entries plus one chunk
+    of wrap-around."""
+    mask = (1 << bits) - 1
+    pieces, pos = [], 0
+    for start, length, offset in segments:
+        if start > pos:
+            pieces.append(torch.zeros(start - pos, dtype=table.dtype, device=table.device))
+        for j in range(0, length, _CHUNK):
+            first = (offset + j) & mask
+            pieces.append(table[first:first + min(_CHUNK, length - j)])
+        pos = start + length
+    if total > pos:
+        pieces.append(torch.zeros(total - pos, dtype=table.dtype, device=table.device))
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def log_segment_noise(segments, total: int, device) -> torch.Tensor:
+    """:func:`segment_windows` for the table codecs (log lr masks): ``segments`` carry seeds."""
+    return segment_windows(_noise_table(device), _NOISE_BITS,
+                           [(a, n, _noise_offset(seed)) for a, n, seed in segments], total)
+
+
 class _Work:
     """Views of a scratch for chunks of ``n`` elements (``n`` even for 8-bit codes)."""
 
@@ -318,13 +344,15 @@ def _check_rounding(rounding: str, seed) -> bool:
     return rounding == "nearest"
 
 
-def _run(fill, n: int, device, meta, tabs, nearest: bool, seed, out: torch.Tensor, pad: float) -> None:
+def _run(fill, n: int, device, meta, tabs, nearest: bool, seed, out: torch.Tensor, pad: float,
+         given: torch.Tensor | None = None) -> None:
     """Encode n values chunk by chunk: ``fill(dst, c0, c1)`` writes the fp32 inputs of
-    elements [c0, c1) into ``dst``; codes go to the flat contiguous ``out``."""
+    elements [c0, c1) into ``dst``; codes go to the flat contiguous ``out``. ``given`` (n + 1
+    uniforms, :func:`log_segment_noise`) replaces the seed's stream."""
     eight = meta[3] == 256
     s = _scratch(device, n)
-    noise = None if nearest else _noise_table(device)
-    offset = 0 if nearest else _noise_offset(seed)
+    noise = None if nearest or given is not None else _noise_table(device)
+    offset = 0 if noise is None else _noise_offset(seed)
     aligned = eight and out.storage_offset() % 2 == 0
     for c0 in range(0, n, _CHUNK):
         c1 = min(c0 + _CHUNK, n)
@@ -337,7 +365,9 @@ def _run(fill, n: int, device, meta, tabs, nearest: bool, seed, out: torch.Tenso
         else:
             fill(w.v, c0, c1)
         u = None
-        if noise is not None:
+        if given is not None:
+            u = given[c0:c0 + w.v.numel()]
+        elif noise is not None:
             start = (offset + c0) & ((1 << _NOISE_BITS) - 1)
             u = noise[start:start + w.v.numel()]
         dst = out if m == n else out[c0:c1]

@@ -60,6 +60,20 @@ def _f8_noise(m: int, device) -> torch.Tensor:
     return _cached(("f8noise", m, E._CHUNK), device, build)[0]
 
 
+def _noise_offset(seed: int) -> int:
+    """Where ``seed``'s stream starts in the noise table (element i uses entry offset + i)."""
+    return _splitmix64(int(seed) & _MASK64) & ((1 << _F8_NOISE_BITS) - 1)
+
+
+def segment_noise(signed: bool, segments, total: int, device) -> torch.Tensor:
+    """Stochastic-rounding noise for ``total`` flat elements holding several tensors, each with
+    its own stream: ``segments`` = ``[(start, length, seed), ...]``; element j of a segment gets
+    the noise :func:`quantize_float8` with ``seed`` gives element j of that tensor alone, so a
+    chunk encoded at once has the codes of its tensors encoded one by one (padding gets 0)."""
+    return E.segment_windows(_f8_noise(_F8_M[bool(signed)], device), _F8_NOISE_BITS,
+                             [(a, n, _noise_offset(seed)) for a, n, seed in segments], total)
+
+
 def prepare_float8(device=None) -> None:
     """Build the float8 codec's noise tables for ``device`` now (they are otherwise built on first
     use, on the host, and copied: optimizers call this at construction so step() never does)."""
@@ -100,6 +114,7 @@ def quantize_float8(
     *,
     codes_out: Optional[torch.Tensor] = None,
     absmax_out: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise ``x`` blockwise to the float8 map (see "float8 codec" in the module docstring).
 
@@ -107,8 +122,11 @@ def quantize_float8(
     (int8 when signed, uint8 otherwise, unless ``codes_out`` of the other 8-bit dtype is given),
     fp32 absmax per block, ``"nearest"`` or ``"stochastic"`` rounding (then ``seed`` is
     required; element i uses noise entry ``(offset(seed) + i) mod 2^20``). Unsigned codes store
-    |x|. A block holding NaN or inf decodes to NaN.
+    |x|. A block holding NaN or inf decodes to NaN. ``noise`` (int32, one entry per element, from
+    :func:`segment_noise`) replaces the seed's stream for stochastic rounding.
     """
+    if noise is not None:
+        rounding, seed = "stochastic", 0
     block_size, nearest, flat, absmax = _encode_setup(x, block_size, rounding, seed, absmax_out)
     signed = bool(signed)
     shape, device, n = x.shape, x.device, flat.numel()
@@ -127,8 +145,8 @@ def quantize_float8(
     if body < n:
         _absmax(flat[body:].view(1, n - body), True, absmax[full:])
     m = _F8_M[signed]
-    noise = None if nearest else _f8_noise(m, device)
-    offset = 0 if nearest else _splitmix64(int(seed) & _MASK64) & ((1 << _F8_NOISE_BITS) - 1)
+    given, noise = noise, None if nearest else _f8_noise(m, device)
+    offset = 0 if nearest else _noise_offset(seed)
     rows = max(E._CHUNK // block_size, 1)
     step = rows * block_size
     s = _scratch(device, min(step, n))
@@ -138,6 +156,8 @@ def quantize_float8(
         t_all = torch.empty(min(step, n), dtype=torch.int32, device=device)
 
     def rng(c0, length):
+        if given is not None:
+            return given[c0:c0 + length]
         if noise is None:
             return 1 << (22 - m)
         out, pos = [], c0

@@ -88,6 +88,7 @@ def quantize_log(
     seed: Optional[int] = None,
     *,
     out: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Codes of a strictly positive tensor on ``2**bits`` geometric levels spanning [lo, hi].
 
@@ -95,10 +96,14 @@ def quantize_log(
     ``rounding="stochastic"`` (needs ``seed``) picks the level below or above x with
     linear-domain probabilities (unbiased); ``"nearest"`` picks the closer one (ties down).
     NaN -> lo, +inf -> hi, values outside [lo, hi] clamp. ``out`` (contiguous, x's numel, the
-    codes' dtype) receives the codes in place and is returned.
+    codes' dtype) receives the codes in place and is returned. ``noise`` (``numel + 1`` uniforms
+    from ``_engine.log_segment_noise``) replaces the seed's stream: a chunk of tensors encoded at
+    once then gets the codes of each tensor encoded alone with its own seed.
     """
     lo, hi = _check_range(lo, hi)
     bits = _check_bits(bits)
+    if noise is not None:
+        rounding, seed = "stochastic", 0
     nearest = _check_rounding(rounding, seed)
     device = x.device
     code_dtype = torch.uint8 if bits == 8 else torch.int16
@@ -121,7 +126,7 @@ def quantize_log(
             dst.nan_to_num_(nan=lo32)
 
         meta, tabs = _log_grid(lo, hi, bits, device)
-        _run(fill, n, device, meta, tabs, nearest, seed, codes, lo32)
+        _run(fill, n, device, meta, tabs, nearest, seed, codes, lo32, noise)
     return out if out is not None else codes.view(x.shape)
 
 

@@ -1,0 +1,173 @@
+"""Where 8-bit optimizer state lives, kept apart from the math (torchao's low-bit optimizers are
+the model: the update works on plain fp32 tensors, the storage decodes before and encodes after).
+
+Layout. The float8 codes and block absmax values of a param group live in flat arenas, one per
+state key (and dtype, device), every tensor starting at a multiple of the block size, in the
+order the optimizer steps them; ``self.state[p]`` holds views into them, so ``state_dict`` and
+every reader still see one plain tensor per key. A chunk of consecutive tensors is then one
+arena slice, which the codec decodes from and encodes into in place, with no per-tensor copies.
+The fp32 working copies are block-aligned scratch with the same layout. A chunk that is not one
+slice (a tensor in between had no gradient this step) goes through scratch copies with the same
+bits.
+
+Streams. Stochastic rounding is seeded either per chunk (one seed, element i of the chunk's
+flat layout uses entry ``offset(seed) + i``) or per tensor (one seed each, the tensor's element j
+uses ``offset(seed_i) + j``, exactly as storing that tensor alone would): both replay on resume.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from . import quant8
+from .buffer_pool import _aligned_offsets
+from .quant8._engine import log_segment_noise
+from .quant8.float8 import segment_noise
+
+__all__ = ["Arenas", "BLOCK", "same_log_range"]
+
+BLOCK = quant8.DEFAULT_BLOCK_SIZE
+
+
+class Arenas:
+    """The arenas of an optimizer's 8-bit groups: pack them, then decode / encode chunks."""
+
+    #: packing pays for itself in speed, but block padding costs memory: groups of many small
+    #: tensors (small LoKr factors, say) keep standalone state and take the copying path
+    MAX_PADDING = 0.02
+
+    def __init__(self):
+        self._packed: set = set()  # ids of the groups whose state sits in arenas
+        self._slices: dict = {}  # (id of a chunk's first stored tensor, count) -> (tensors, arena slice)
+
+    def reset(self) -> None:
+        """Forget every arena (a load replaced the state tensors: they are packed again)."""
+        self._packed.clear()
+        self._slices.clear()
+
+    def ensure(self, group: dict, state, params, names, new: bool, log_names=()) -> None:
+        """Pack ``group``'s float8 state ``names`` and log-coded state ``log_names`` (in ``params``
+        order) on its first step, when a tensor's state was just created (``new``), and after a load."""
+        if new or id(group) not in self._packed:
+            self.pack(state, params, names, log_names)
+            self._packed.add(id(group))
+
+    def pack(self, state, params, names, log_names=()) -> None:
+        """Move the codes (and absmax values) stored under ``names`` / ``log_names`` for ``params``
+        into fresh flat arenas, unless block padding would add more than 2 % to the codes."""
+        self._slices.clear()
+        n = sum(p.numel() for p in params)
+        if _aligned_offsets(params, BLOCK)[1] > n * (1 + self.MAX_PADDING):
+            return
+        keys = [(k + quant8.F8_SUFFIX, BLOCK) for k in names] + [(k + quant8.ABSMAX_SUFFIX, 1) for k in names]
+        keys += [(k + quant8.LOG_SUFFIX, 1) for k in log_names]
+        for key, align in keys:
+            runs: dict = {}
+            for p in params:
+                t = state[p].get(key) if p in state else None
+                if isinstance(t, torch.Tensor):
+                    runs.setdefault((t.dtype, t.device), []).append(p)
+            for (dtype, device), ps in runs.items():
+                ts = [state[p][key] for p in ps]
+                offsets, total = _aligned_offsets(ts, align)
+                arena = torch.zeros(total, dtype=dtype, device=device)
+                views = [arena[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, ts)]
+                torch._foreach_copy_(views, ts)
+                for p, v in zip(ps, views):
+                    state[p][key] = v
+
+    def slice(self, tensors, align: int):
+        """The arena slice holding ``tensors`` back to back (each at a multiple of ``align``), or None."""
+        key = (id(tensors[0]), len(tensors))
+        hit = self._slices.get(key)
+        if hit is not None and all(map(operator.is_, hit[0], tensors)):
+            return hit[1]
+        base = tensors[0]._base
+        if base is None or base.dim() != 1:
+            return None
+        b0 = base.storage_offset()
+        start = off = tensors[0].storage_offset() - b0
+        for t in tensors:
+            if t._base is not base or t.storage_offset() - b0 != off:
+                return None
+            off += -(-t.numel() // align) * align
+        flat = base[start:off]
+        if len(self._slices) >= 4096:
+            self._slices.clear()
+        self._slices[key] = (list(tensors), flat)
+        return flat
+
+    def _stored(self, pool, sts, key: str, align: int, read: bool):
+        """``(flat, back)``: the chunk's stored tensors under ``key`` as one flat tensor: the arena
+        slice itself (``back`` None), or a scratch copy (``read``: filled from the state) that
+        ``torch._foreach_copy_(*back)`` writes back."""
+        ts = [st[key] for st in sts]
+        flat = self.slice(ts, align)
+        if flat is not None:
+            return flat, None
+        flat, views = pool.aligned(ts, ("codes", key), ts[0].dtype, align)
+        if read:
+            torch._foreach_copy_(views, ts)
+        return flat, (ts, views)
+
+    def decode(self, pool, ps, sts, name: str, tag) -> tuple[torch.Tensor, list]:
+        """``(flat, views)``: the chunk's state ``name`` decoded into block-aligned fp32 scratch
+        ``tag`` (the padding between tensors decodes to 0)."""
+        flat, views = pool.aligned(ps, tag, torch.float32, BLOCK)
+        codes, back = self._stored(pool, sts, name + quant8.F8_SUFFIX, BLOCK, True)
+        absmax, _ = self._stored(pool, sts, name + quant8.ABSMAX_SUFFIX, 1, True)
+        quant8.dequantize_float8(codes, absmax, signed=codes.dtype == torch.int8, block_size=BLOCK, out=flat)
+        if back is not None:  # stale scratch codes in the padding: it must decode to 0
+            gaps = pool.gaps(ps, tag, torch.float32, BLOCK)
+            if gaps:
+                torch._foreach_zero_(gaps)
+        return flat, views
+
+    def encode(self, pool, ps, sts, name: str, tag, seed: int | None = None, seeds=None) -> None:
+        """Encode scratch ``tag`` (filled by :meth:`decode`) back into the state ``name`` with
+        stochastic rounding: one stream for the chunk (``seed``) or one per tensor (``seeds``)."""
+        flat, views = pool.aligned(ps, tag, torch.float32, BLOCK)
+        codes, back = self._stored(pool, sts, name + quant8.F8_SUFFIX, BLOCK, False)
+        absmax, a_back = self._stored(pool, sts, name + quant8.ABSMAX_SUFFIX, 1, False)
+        signed = codes.dtype == torch.int8
+        noise = None
+        if seeds is not None:
+            base = flat.storage_offset()
+            segments = [(v.storage_offset() - base, v.numel(), quant8.mix_seed(s, name)) for v, s in zip(views, seeds)]
+            noise = segment_noise(signed, segments, flat.numel(), flat.device)
+        else:
+            seed = quant8.mix_seed(seed, name)
+        quant8.quantize_float8(flat, signed=signed, block_size=BLOCK, rounding="stochastic", seed=seed,
+                               codes_out=codes, absmax_out=absmax, noise=noise)
+        for b in (back, a_back):
+            if b is not None:
+                torch._foreach_copy_(*b)
+
+    def decode_log(self, pool, ps, sts, name: str, tag) -> list:
+        """The chunk's log-coded state ``name`` (legacy lr masks; one ``(lo, hi)`` range for the
+        chunk) decoded into fp32 scratch ``tag``, one view per tensor."""
+        flat, views = pool.aligned(ps, tag, torch.float32, 1)
+        codes, _ = self._stored(pool, sts, name + quant8.LOG_SUFFIX, 1, True)
+        lo, hi = sts[0][name + quant8.RANGE_SUFFIX]
+        quant8.dequantize_log(codes, lo, hi, out=flat)
+        return views
+
+    def encode_log(self, pool, ps, sts, name: str, tag, seeds) -> None:
+        """Encode scratch ``tag`` back into the log-coded state ``name``, each tensor with its own
+        seeded stochastic rounding (the codes of storing each tensor alone)."""
+        flat, views = pool.aligned(ps, tag, torch.float32, 1)
+        codes, back = self._stored(pool, sts, name + quant8.LOG_SUFFIX, 1, False)
+        lo, hi = sts[0][name + quant8.RANGE_SUFFIX]
+        base = flat.storage_offset()
+        segments = [(v.storage_offset() - base, v.numel(), quant8.mix_seed(s, name)) for v, s in zip(views, seeds)]
+        noise = log_segment_noise(segments, flat.numel() + 1, flat.device)
+        quant8.quantize_log(flat, lo, hi, bits=8, out=codes, noise=noise)
+        if back is not None:
+            torch._foreach_copy_(*back)
+
+
+def same_log_range(sts, name: str) -> bool:
+    """Do the chunk's log-coded tensors share one ``(lo, hi)`` range (so they decode as one)?"""
+    first = sts[0][name + quant8.RANGE_SUFFIX]
+    return all(st[name + quant8.RANGE_SUFFIX] == first for st in sts)
