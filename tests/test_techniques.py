@@ -341,3 +341,49 @@ def test_nonfinite_guard_restores_every_dtype_bit_for_bit():
     assert torch.equal(states[0]["codes"], before[0]["codes"]) and torch.equal(states[0]["row"], before[0]["row"])
     assert not torch.equal(states[1]["codes"], before[1]["codes"])  # finite: the update stays
     assert torch.equal(states[1]["mask"], changed_mask)  # gated keys are never copied back
+
+
+# ------------------------------------------------------------------ multi-tensor ops on flat scratch
+def test_ops_on_flat_scratch_give_the_bits_of_foreach():
+    """techniques/ops.py runs a multi-tensor operation once on the flat tensor that chunk scratch
+    tiles (odd sizes, 0-dim tensors, runs of equal sizes); the result must equal the per-tensor
+    torch._foreach_* call bit for bit, including one value per tensor broadcast over a run."""
+    from library.optimizers.buffer_pool import BufferPool
+    from library.optimizers.techniques import ops
+
+    shapes = [(), (3,), (7,), (16, 5), (16, 5), (5, 16), (1,), (33,), (33,), (33,), (4, 4, 3)]
+    gen = torch.Generator().manual_seed(0)
+    pool = BufferPool()
+
+    def lists():
+        xs, ys = pool.views([torch.empty(s) for s in shapes], "x"), pool.views([torch.empty(s) for s in shapes], "y")
+        for x, y in zip(xs, ys):
+            x.copy_(torch.randn(x.shape, generator=gen) * 3)
+            y.copy_(torch.rand(y.shape, generator=gen) + 0.5)
+        return xs, ys
+
+    cases = {
+        "mul_ scalar": lambda xs, ys: ops.mul_(xs, 0.37),
+        "mul_ list": lambda xs, ys: ops.mul_(xs, ys),
+        "add_ alpha": lambda xs, ys: ops.add_(xs, ys, alpha=-0.3),
+        "sub_": lambda xs, ys: ops.sub_(xs, ys),
+        "div_ per tensor": lambda xs, ys: ops.div_(xs, [y.reshape(-1)[0].clone() for y in ys]),
+        "mul_ per tensor": lambda xs, ys: ops.mul_(xs, [y.reshape(-1)[0].clone() for y in ys]),
+        "add_ per tensor": lambda xs, ys: ops.add_(xs, [y.reshape(-1)[0].clone() for y in ys]),
+        "pow_": lambda xs, ys: ops.pow_(xs, 2.0),
+        "lerp_": lambda xs, ys: ops.lerp_(xs, ys, 0.1),
+        "addcmul_": lambda xs, ys: ops.addcmul_(xs, ys, ys, value=-0.01),
+        "addcdiv_": lambda xs, ys: ops.addcdiv_(xs, ys, ys, value=0.5),
+        "clamp": lambda xs, ys: (ops.clamp_min_(xs, -1.0), ops.clamp_max_(xs, 1.0)),
+        "unary": lambda xs, ys: (ops.abs_(xs), ops.sqrt_(xs), ops.exp_(xs), ops.sigmoid_(xs), ops.rsqrt_(xs)),
+        "sign_": lambda xs, ys: ops.sign_(xs),
+        "copy_": lambda xs, ys: ops.copy_(xs, ys),
+    }
+    for name, op in cases.items():
+        xs, ys = lists()
+        assert hasattr(xs, "flat") and hasattr(ys, "flat")
+        plain_x, plain_y = [x.clone() for x in xs], [y.clone() for y in ys]
+        op(xs, ys)  # one operation on the flat tensors
+        op(plain_x, plain_y)  # plain lists: torch._foreach_*
+        for a, b in zip(xs, plain_x):
+            assert torch.equal(a, b), name

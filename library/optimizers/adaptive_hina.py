@@ -31,6 +31,7 @@ from .techniques.stochastic_round import round_to_bf16_
 from .techniques.weight_decay import dynamic_multiplier
 from .validation import (check_betas, check_bool, check_choice, check_eps, check_int, check_lr, check_lr_bounds,
                          check_real)
+from .techniques import ops
 
 __all__ = ["AdaptiveHinaAdamW"]
 
@@ -49,23 +50,23 @@ def _fold_decay_(us, scales, ps, decays, tmp) -> list[float]:
     s0, c0 = scales[0], decays[0]
     if s0 != 0.0 and all(s == s0 for s in scales) and all(c == c0 for c in decays):
         if c0 != 0.0:
-            torch._foreach_add_(us, ps, alpha=c0 / s0)
+            ops.add_(us, ps, alpha=c0 / s0)
         return scales
-    torch._foreach_mul_(us, scales)
+    ops.mul_(us, scales)
     if any(c != 0.0 for c in decays):
-        torch._foreach_copy_(tmp, ps)
-        torch._foreach_mul_(tmp, decays)
-        torch._foreach_add_(us, tmp)
+        ops.copy_(tmp, ps)
+        ops.mul_(tmp, decays)
+        ops.add_(us, tmp)
     return [1.0] * len(us)
 
 
 def _axpy_(ys, xs, alphas) -> bool:
     """y <- y + alpha * x per tensor; returns True when ``xs`` was scaled in place."""
     if all(a == alphas[0] for a in alphas):
-        torch._foreach_add_(ys, xs, alpha=alphas[0])
+        ops.add_(ys, xs, alpha=alphas[0])
         return False
-    torch._foreach_mul_(xs, alphas)
-    torch._foreach_add_(ys, xs)
+    ops.mul_(xs, alphas)
+    ops.add_(ys, xs)
     return True
 
 
@@ -374,12 +375,12 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         grads = [p.grad for p in ps]
         if any(g.dtype != torch.float32 for g in grads):
             g32 = pool.views(ps, 0)
-            torch._foreach_copy_(g32, grads)
+            ops.copy_(g32, grads)
             grads = g32
         p32 = ps
         if not fp32:  # fp32 master copy of low-precision weights
             p32_flat, p32 = pool.aligned(ps, "p32", torch.float32, 1)
-            torch._foreach_copy_(p32, ps)
+            ops.copy_(p32, ps)
         # SPD quantities before the step (raw gradient, pre-step weights)
         use_spd = group["use_spd"] and group["spd_lambda"] > 0
         if use_spd:
@@ -411,7 +412,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 agr_t.agr_list_(slot0, xs)  # out of place: p.grad is never modified
             else:
                 if xs is not slot0:
-                    torch._foreach_copy_(slot0, xs)
+                    ops.copy_(slot0, xs)
                 if agr_on:
                     sel = [slot0[i] for i in agr_on]
                     agr_t.agr_list_(sel, sel, [tmp[i] for i in agr_on],
@@ -420,7 +421,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if oks is not None:  # tensors AGR did not scale by ok
             rest = [i for i in range(len(ps)) if i not in set(agr_on)] if agr_on else range(len(ps))
             if rest:
-                torch._foreach_mul_([xs[i] for i in rest], [oks[i] for i in rest])
+                ops.mul_([xs[i] for i in rest], [oks[i] for i in rest])
         if group["use_orthogonal_grad"]:
             sel = [i for i, p in enumerate(ps) if p.ndim >= 1 and p.numel() > 1]
             if sel:
@@ -450,9 +451,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             d = tam.damping_list([st["tam_s"] for st in sts], cos, n_cos, group["tam_beta"], ok)
             tam.momentum_list_(ms, inputs, d, beta1, keep1)
         elif ok is None:
-            torch._foreach_lerp_(ms, inputs, 1.0 - beta1)
+            ops.lerp_(ms, inputs, 1.0 - beta1)
         else:
-            torch._foreach_lerp_(ms, inputs, list((okf * (1.0 - beta1)).unbind(0)))
+            ops.lerp_(ms, inputs, list((okf * (1.0 - beta1)).unbind(0)))
         if use_adopt:
             adopt.update_second_moment_list_(vs, xs, k, beta2, keep2)
             if k == 0:  # ADOPT's first call only initialises v
@@ -476,12 +477,12 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             r = self._mask_rate(group, t)
             if mask32 is not None:  # compact storage: work on an fp32 copy
                 stored, masks = masks, mask32
-                torch._foreach_copy_(masks, stored)
+                ops.copy_(masks, stored)
             if r > 0:
                 lr_mask.scale_list_(masks, agree, r, *self._mask_range(group),
                                     None if okf is None else list(okf.unbind(0)))
                 if masks is not stored:
-                    torch._foreach_copy_(stored, masks)
+                    ops.copy_(stored, masks)
 
         # 5. direction rule, into us (from the momentum for ADOPT, in place for Adam)
         grams, cautious = group["use_grams"], group["use_cautious"]
@@ -494,7 +495,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         elif cautious:
             cautious_list_(us, src_dir, xs, tmp)
         elif src_dir is not us:
-            torch._foreach_copy_(us, src_dir)
+            ops.copy_(us, src_dir)
 
         # 6. per-element lr: lr * step_scale * ratio * [mask] * [row scale] * [factor]
         if group["allora_eta"] is not None:
@@ -516,32 +517,32 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 factors = oks if factors is None else torch._foreach_mul(factors, oks)
             coef = _fold_decay_(us, scales, p32, decays, tmp)
             if has_mask:
-                torch._foreach_mul_(us, masks)
+                ops.mul_(us, masks)
             if factors is not None:
                 step_coef = torch._foreach_mul(factors, coef)
-                torch._foreach_addcmul_(p32, us, step_coef, value=-1.0)
+                ops.addcmul_(p32, us, step_coef, value=-1.0)
             else:
                 step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-c for c in coef]) else coef
         else:  # AdamW's operation order (the all-off configuration matches torch.optim.AdamW)
             if any(c != 0.0 for c in decays):
                 if oks is None:
-                    torch._foreach_mul_(p32, [1.0 - c for c in decays])
+                    ops.mul_(p32, [1.0 - c for c in decays])
                 else:  # 1 - c where the gradient is finite, 1 where it is not
                     keep, keeps = pool.scalars(len(ps), okf.device, "keep_decay")
                     if all(c == decays[0] for c in decays):
                         keep.copy_(okf).mul_(-decays[0]).add_(1.0)
                     else:
                         keep.copy_(torch.tensor(decays, dtype=torch.float32)).mul_(okf).neg_().add_(1.0)
-                    torch._foreach_mul_(p32, keeps)
+                    ops.mul_(p32, keeps)
             if oks is None:
                 step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-s for s in scales]) else scales
             else:
                 if all(s_ == scales[0] for s_ in scales):
-                    torch._foreach_addcmul_(p32, us, oks, value=-scales[0])
+                    ops.addcmul_(p32, us, oks, value=-scales[0])
                     step_coef = scales
                 else:
-                    torch._foreach_mul_(us, [-s_ for s_ in scales])
-                    torch._foreach_addcmul_(p32, us, oks)
+                    ops.mul_(us, [-s_ for s_ in scales])
+                    ops.addcmul_(p32, us, oks)
                     step_coef = [1.0] * len(ps)
 
         # 9. SPD projection toward the anchor
@@ -552,7 +553,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             if group["stochastic_rounding"] and ps[0].dtype == torch.bfloat16:
                 noise = pool.aligned(ps, "sr_noise", torch.int32, 1)[0]
                 round_to_bf16_(p32_flat, noise, quant8.mix_seed(self.param_index(ps[0]), t, "bf16"))
-            torch._foreach_copy_(ps, p32)
+            ops.copy_(ps, p32)
         if q8:
             self._commit(ps, sts, ms, vs, masks, t)
         if feats is not None:
@@ -674,8 +675,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             mean = (imp[ia_t] + imp[ib_t]) * 0.5
             imp = imp.index_copy(0, ia_t, mean).index_copy(0, ib_t, mean)
         factor = (1.0 + group["adaptation_strength"] * (imp - 1.0)).clamp(_FACTOR_MIN, _FACTOR_MAX)
-        torch._foreach_copy_([st["importance"] for st in stats], list(imp.unbind(0)))
-        torch._foreach_copy_([st["lr_factor"] for st in stats], list(factor.unbind(0)))
+        ops.copy_([st["importance"] for st in stats], list(imp.unbind(0)))
+        ops.copy_([st["lr_factor"] for st in stats], list(factor.unbind(0)))
 
     # ------------------------------------------------------------ diagnostics
     def _feature_flags(self) -> dict:

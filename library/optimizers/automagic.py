@@ -83,6 +83,7 @@ from .techniques.cautious import cautious_list_
 from .techniques.grams import grams_list_
 from .techniques.orthograd import orthograd_list_
 from .validation import check_betas, check_bool, check_int, check_lr, check_lr_bounds, check_real
+from .techniques import ops
 
 __all__ = [
     "Automagic_CameAMP",
@@ -208,6 +209,7 @@ def _mask_codec_range(lo: float, hi: float, start: float, bits: int = 8) -> tupl
 # 8-bit storage of the second moments: their square roots (half the dynamic range, nothing flushes to 0)
 _STORED_AS = {"came_v": "came_rms", "came_res": "came_res_rms"}
 _EIGHT_BIT_KEYS = ("exp_avg", "exp_avg_slow", "came_rms", "came_res_rms")
+_PLAIN_KEYS = ("exp_avg", "exp_avg_slow", "lr_mask", "came_v", "came_res")  # element-sized, in arenas too
 
 # fp32 state whose update the non-finite gate keeps exact (techniques/nonfinite.py); the rest is
 # copied before the step and put back for a skipped tensor
@@ -394,8 +396,7 @@ class Automagic_CameAMP(HinaOptimizer):
                 self._init_state(p, st, group)
                 new = True
         ordered = self._by_shape(params)
-        if self._eight_bit:
-            self._arenas.ensure(group, self.state, ordered, _EIGHT_BIT_KEYS, new, log_names=("lr_mask",))
+        self._arenas.ensure(group, self.state, ordered, _EIGHT_BIT_KEYS, new, ("lr_mask",), _PLAIN_KEYS)
         shared = self._group_quantities(group, params)
         states = [self.state[p] for p in params]
         saved = nonfinite.Guard(states, self._buffer_pool, gated=_GATED) if shared.gate is not None else None
@@ -441,7 +442,7 @@ class Automagic_CameAMP(HinaOptimizer):
             numel = torch.tensor([float(max(p.numel(), 1)) for p in params], device=params[0].device)
             k, b = adaptive_wd.standardizers(torch.stack(l1s).float(), torch.stack(l2s).float(), numel,
                                              group["adadecay_alpha"])
-            out.kb = (k.unbind(0), b.unbind(0))
+            out.kb = (k, b)
         return out
 
     def _gradient_stage(self, c: "_Chunk") -> None:
@@ -453,7 +454,7 @@ class Automagic_CameAMP(HinaOptimizer):
         if agr_on and len(agr_on) == len(c.ps) and all(x.dtype == torch.float32 for x in c.grads):
             agr_list_(g, c.grads)  # out of place
         else:
-            torch._foreach_copy_(g, c.grads)
+            ops.copy_(g, c.grads)
             if agr_on:
                 sel = [g[i] for i in agr_on]
                 agr_list_(sel, sel, [c.buf("tmp")[i] for i in agr_on])
@@ -533,12 +534,12 @@ class Automagic_CameAMP(HinaOptimizer):
         gr = None
         if a > 0.0:
             gr = c.buf("grams")
-            torch._foreach_copy_(gr, c.s)
+            ops.copy_(gr, c.s)
             grams_list_(gr, gr, c.g, c.buf("tmp"))
         if self._use_cautious(group, c.t):
             cautious_list_(c.s, c.s, c.g, c.buf("tmp"))
         if gr is not None:
-            torch._foreach_lerp_(c.s, gr, a)
+            ops.lerp_(c.s, gr, a)
 
     def _lr_stage(self, c: "_Chunk") -> None:
         """6. Per-element lr: the Automagic mask (a scale of the group lr, moving while
@@ -551,7 +552,7 @@ class Automagic_CameAMP(HinaOptimizer):
             if r > 0.0:
                 lr_mask.scale_list_(c.mask, c.agree, r, *self._mask_bounds(group))
                 c.write("lr_mask", c.mask)
-            torch._foreach_mul_(c.s, c.mask)
+            ops.mul_(c.s, c.mask)
         eta = group["eta"]
         if eta is not None and not group["full_finetune"]:
             rows = self._row_scaled_set()
@@ -569,15 +570,15 @@ class Automagic_CameAMP(HinaOptimizer):
             dec = None
             if group["adaptive_weight_decay"]:  # theta = 2 sigmoid(.): the 2 goes into coef
                 dec = c.buf("decay")
-                kb = None if c.shared.kb is None else ([c.shared.kb[0][i] for i in c.idx], [c.shared.kb[1][i] for i in c.idx])
+                kb = None if c.shared.kb is None else tuple(v.index_select(0, c.index) for v in c.shared.kb)
                 adaptive_wd.factor_list_(dec, c.grads, group["adadecay_alpha"], kb)
                 coef *= 2.0
             dec = self._decay_scales(c, dec)
             if dec is None:
                 keep = c.keep(1.0 - coef)
-                torch._foreach_mul_(c.p32, 1.0 - coef if keep is None else keep)
+                ops.mul_(c.p32, 1.0 - coef if keep is None else keep)
             else:
-                torch._foreach_addcmul_(c.p32, c.p32, dec, value=-coef)
+                ops.addcmul_(c.p32, c.p32, dec, value=-coef)
         if self._hooked("_extra_decay"):
             factors = c.factors()
             for i, (p, q, st) in enumerate(zip(c.ps, c.p32, c.sts)):
@@ -592,40 +593,40 @@ class Automagic_CameAMP(HinaOptimizer):
             if dec is None:
                 dec = mask
             else:
-                torch._foreach_mul_(dec, mask)
+                ops.mul_(dec, mask)
         if mult is not None:
             if dec is None:
                 dec = [mult] * len(c.ps)
             elif dec is mask:  # in the mask's own dtype, as the per-tensor step did
                 dec = c.buf("decay")
-                torch._foreach_copy_(dec, torch._foreach_mul(mask, mult))
+                ops.copy_(dec, torch._foreach_mul(mask, mult))
             else:
-                torch._foreach_mul_(dec, mult)
-        factors = c.factors()
-        if factors is not None and dec is not None:  # a skipped tensor does not decay
+                ops.mul_(dec, mult)
+        oks = c.ok_vec()
+        if oks is not None and dec is not None:  # a skipped tensor does not decay
             if dec[0].dim() == 0:
-                dec = torch._foreach_mul(dec, factors)
+                dec = torch._foreach_mul(dec, c.factors())
             else:
                 if dec is mask:  # the mask is state: scale a copy
                     dec = c.buf("decay")
-                    torch._foreach_copy_(dec, mask)
-                torch._foreach_mul_(dec, factors)
+                    ops.copy_(dec, mask)
+                ops.per_tensor_("mul_", dec, oks)
         return dec
 
     def _apply_stage(self, c: "_Chunk") -> None:
         """8. ``p <- p - lr s [M]`` (a skipped tensor's direction is zeroed: s * 1 is exact for the
         others), written back to low-precision parameters."""
         lr = c.group["lr"]
-        factors = c.factors()
-        if factors is not None:
-            torch._foreach_mul_(c.s, factors)
+        oks = c.ok_vec()
+        if oks is not None:
+            ops.per_tensor_("mul_", c.s, oks)
         mult = c.shared.mult
         if mult is not None:
-            torch._foreach_addcmul_(c.p32, c.s, [mult] * len(c.ps), value=-lr)
+            ops.addcmul_(c.p32, c.s, [mult] * len(c.ps), value=-lr)
         else:
-            torch._foreach_add_(c.p32, c.s, alpha=-lr)
+            ops.add_(c.p32, c.s, alpha=-lr)
         if c.p32 is not c.ps:
-            torch._foreach_copy_(c.ps, c.p32)
+            ops.copy_(c.ps, c.p32)
 
     def _end_step(self) -> None:
         if not self.defaults["verbose"]:
@@ -742,7 +743,7 @@ class _Group:
         self.gate = None  # nonfinite.Gate, when non-finite gradients are skipped
         self.mult = None  # COptim's context multiplier (0-dim)
         self.agree_sums = None  # COptim: per-tensor sums of the sign agreement
-        self.kb = None  # AdaDecay's standardisers (ks, bs), one 0-dim tensor each per tensor
+        self.kb = None  # AdaDecay's standardisers (k, b), one entry each per tensor of the group
 
 
 class _Chunk:
@@ -757,11 +758,12 @@ class _Chunk:
             st["step"] = self.t
         eight = "exp_avg_f8" in self.sts[0]
         self.seeds = [quant8.mix_seed(group["seed"], self.t, opt.param_index(p)) for p in ps] if eight else None
+        self.index = torch.tensor(idx, device=ps[0].device)  # positions in the group
         self.grads = self._gradients()
         self.p32 = ps
         if ps[0].dtype != torch.float32:  # fp32 working copy of low-precision weights
             self.p32 = self.buf("p32")
-            torch._foreach_copy_(self.p32, ps)
+            ops.copy_(self.p32, ps)
         self.g = self.u = self.m = self.mm = self.s = self.agree = self.mask = None
         self.adapting = False
 
@@ -771,9 +773,9 @@ class _Chunk:
         if self.shared.gate is None:
             return grads
         out = self.buf("grad")
-        oks = self.shared.gate.flags
-        for i, g, o in zip(self.idx, grads, out):
-            nonfinite.sanitize(g, oks[i], o)
+        ops.copy_(out, grads)
+        out.flat.nan_to_num_(0.0, 0.0, 0.0)
+        ops.per_tensor_("mul_", out, self.ok_vec())
         return out
 
     def buf(self, tag) -> list:
@@ -788,6 +790,11 @@ class _Chunk:
         gate = self.shared.gate
         return None if gate is None else [gate.keep(value, i) for i in self.idx]
 
+    def ok_vec(self):
+        """1 (0 for a skipped tensor) per tensor as one vector, or None without the gate."""
+        gate = self.shared.gate
+        return None if gate is None else gate.okf.index_select(0, self.index)
+
     def factors(self):
         """1 (0 for a skipped tensor) per tensor, or None without the gate."""
         gate = self.shared.gate
@@ -799,7 +806,7 @@ class _Chunk:
         """The chunk's state ``key`` as working tensors, or None where the state has no such key."""
         st0 = self.sts[0]
         if key in st0:
-            return self.state(key)
+            return self.arenas.tiled(self.state(key))
         name = _STORED_AS.get(key, key)
         if name + quant8.F8_SUFFIX in st0:
             flat, views = self.arenas.decode(self.pool, self.ps, self.sts, name, ("automagic8", name))

@@ -12,6 +12,27 @@ from __future__ import annotations
 import torch
 
 
+class FlatList(list):
+    """Views that tile ``flat`` back to back, in order (scratch for a chunk): multi-tensor
+    operations on them can run as one operation on ``flat`` (techniques/ops.py). ``runs``:
+    ``(first, end, offset, numel)`` for each run of consecutive views with the same number of
+    elements, so one value per tensor broadcasts over a run as a ``(end - first, numel)`` view."""
+
+    __slots__ = ("flat", "runs")
+
+    def __init__(self, views, flat):
+        super().__init__(views)
+        self.flat = flat
+        self.runs = []
+        first = offset = 0
+        for i in range(1, len(views) + 1):
+            if i == len(views) or views[i].numel() != views[first].numel():
+                n = views[first].numel()
+                self.runs.append((first, i, offset, n))
+                offset += n * (i - first)
+                first = i
+
+
 class BufferPool:
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -58,6 +79,8 @@ class BufferPool:
             self.allocations += 1
         flat = arena[:total]
         views = [flat[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, tensors)]
+        if align == 1:  # no padding: the views tile the flat slice exactly
+            views = FlatList(views, flat)
         gaps = [flat[o + t.numel():e] for o, t, e in zip(offsets, tensors, offsets[1:] + [total])]
         gaps = [g for g in gaps if g.numel()]
         if len(self._views) >= 1 << 14:  # chunk layouts changed many times: start over

@@ -21,7 +21,7 @@ import operator
 import torch
 
 from . import quant8
-from .buffer_pool import _aligned_offsets
+from .buffer_pool import FlatList, _aligned_offsets
 from .quant8._engine import log_segment_noise
 from .quant8.float8 import segment_noise
 
@@ -46,22 +46,24 @@ class Arenas:
         self._packed.clear()
         self._slices.clear()
 
-    def ensure(self, group: dict, state, params, names, new: bool, log_names=()) -> None:
-        """Pack ``group``'s float8 state ``names`` and log-coded state ``log_names`` (in ``params``
-        order) on its first step, when a tensor's state was just created (``new``), and after a load."""
+    def ensure(self, group: dict, state, params, names, new: bool, log_names=(), plain=()) -> None:
+        """Pack ``group``'s float8 state ``names``, log-coded state ``log_names`` and plain tensors
+        ``plain`` (in ``params`` order) on its first step, when a tensor's state was just created
+        (``new``), and after a load."""
         if new or id(group) not in self._packed:
-            self.pack(state, params, names, log_names)
+            self.pack(state, params, names, log_names, plain)
             self._packed.add(id(group))
 
-    def pack(self, state, params, names, log_names=()) -> None:
-        """Move the codes (and absmax values) stored under ``names`` / ``log_names`` for ``params``
-        into fresh flat arenas, unless block padding would add more than 2 % to the codes."""
+    def pack(self, state, params, names=(), log_names=(), plain=()) -> None:
+        """Move what is stored under ``names`` (codes and absmax values), ``log_names`` (codes) and
+        ``plain`` (the tensors themselves) for ``params`` into fresh flat arenas; 8-bit codes stay
+        where they are when block padding would add more than 2 % to them."""
         self._slices.clear()
         n = sum(p.numel() for p in params)
-        if _aligned_offsets(params, BLOCK)[1] > n * (1 + self.MAX_PADDING):
-            return
-        keys = [(k + quant8.F8_SUFFIX, BLOCK) for k in names] + [(k + quant8.ABSMAX_SUFFIX, 1) for k in names]
-        keys += [(k + quant8.LOG_SUFFIX, 1) for k in log_names]
+        keys = [(k, 1) for k in plain]
+        if _aligned_offsets(params, BLOCK)[1] <= n * (1 + self.MAX_PADDING):
+            keys += [(k + quant8.F8_SUFFIX, BLOCK) for k in names] + [(k + quant8.ABSMAX_SUFFIX, 1) for k in names]
+            keys += [(k + quant8.LOG_SUFFIX, 1) for k in log_names]
         for key, align in keys:
             runs: dict = {}
             for p in params:
@@ -97,6 +99,12 @@ class Arenas:
             self._slices.clear()
         self._slices[key] = (list(tensors), flat)
         return flat
+
+    def tiled(self, tensors) -> list:
+        """``tensors`` as a FlatList over their arena slice when they are one (multi-tensor
+        operations then run once on it), else as they are."""
+        flat = self.slice(tensors, 1)
+        return tensors if flat is None else FlatList(tensors, flat)
 
     def _stored(self, pool, sts, key: str, align: int, read: bool):
         """``(flat, back)``: the chunk's stored tensors under ``key`` as one flat tensor: the arena

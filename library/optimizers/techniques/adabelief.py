@@ -14,29 +14,29 @@ update (floor eps / (1 - b)); the residual is of the normalised gradient, not th
 """
 from __future__ import annotations
 
-import torch
+from . import ops
 
 __all__ = ["residual_list_", "update_residual_list_", "direction_list_"]
 
 
 def residual_list_(outs, xs, ms, eps: float) -> None:
     """``out = (x - m)^2 + eps`` per tensor."""
-    torch._foreach_copy_(outs, xs)
-    torch._foreach_sub_(outs, ms)
-    torch._foreach_pow_(outs, 2.0)
-    torch._foreach_add_(outs, eps)
+    ops.copy_(outs, xs)
+    ops.sub_(outs, ms)
+    ops.pow_(outs, 2.0)
+    ops.add_(outs, eps)
 
 
 def update_residual_list_(ss, res, beta: float) -> None:
     """``s <- b s + (1 - b) res`` with ``res`` from :func:`residual_list_`."""
-    torch._foreach_mul_(ss, beta)
-    torch._foreach_add_(ss, res, alpha=1.0 - beta)
+    ops.mul_(ss, beta)
+    ops.add_(ss, res, alpha=1.0 - beta)
 
 
 def direction_list_(outs, ms, ss, bc: float) -> None:
     """``out = m * rsqrt(s) * bc`` with ``bc = sqrt(1 - b^t)`` (1.0 for no bias correction)."""
-    torch._foreach_copy_(outs, ss)
-    torch._foreach_rsqrt_(outs)
-    torch._foreach_mul_(outs, ms)
+    ops.copy_(outs, ss)
+    ops.rsqrt_(outs)
+    ops.mul_(outs, ms)
     if bc != 1.0:
-        torch._foreach_mul_(outs, bc)
+        ops.mul_(outs, bc)

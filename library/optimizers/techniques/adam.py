@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import math
 
-import torch
+from . import ops
 
 
 def update_second_moment_list_(vs, gs, beta2: float, decay=None) -> None:
     """v <- b2 v + (1 - b2) g^2; ``decay`` (one 0-dim tensor per v) replaces b2 as the
     multiplier when given (1 keeps a skipped tensor's v unchanged, its g being zero)."""
-    torch._foreach_mul_(vs, beta2 if decay is None else decay)
-    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+    ops.mul_(vs, beta2 if decay is None else decay)
+    ops.addcmul_(vs, gs, gs, value=1.0 - beta2)
 
 
 def denominator_list_(dens, vs, step: int, beta2: float, eps: float) -> None:
     """``den = sqrt(v)/sqrt(1-b2^t) + eps`` into ``dens`` (same op order as torch's AdamW)."""
-    torch._foreach_copy_(dens, vs)
-    torch._foreach_sqrt_(dens)
-    torch._foreach_div_(dens, math.sqrt(1.0 - beta2**step))
-    torch._foreach_add_(dens, eps)
+    ops.copy_(dens, vs)
+    ops.sqrt_(dens)
+    ops.div_(dens, math.sqrt(1.0 - beta2**step))
+    ops.add_(dens, eps)
 
 
 def quotient_list_(outs, nums, dens) -> None:
     """``out = num / den`` exactly (0 + num/den), into preallocated ``outs``."""
-    torch._foreach_zero_(outs)
-    torch._foreach_addcdiv_(outs, nums, dens)
+    ops.zero_(outs)
+    ops.addcdiv_(outs, nums, dens)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 __all__ = ["standardizers", "factor_list_"]
 
 TINY = 1e-30
@@ -39,17 +41,16 @@ def factor_list_(outs, gs, alpha: float, kb=None) -> None:
     """``out = sigmoid(alpha * z)`` per tensor, z the standardised |g| of that tensor (theta / 2:
     callers fold the 2 into their own coefficient).
 
-    ``kb = (ks, bs)``, one 0-dim tensor each per tensor from :func:`standardizers`, may be passed
+    ``kb = (k, b)``, 1-D with one entry per tensor from :func:`standardizers`, may be passed
     precomputed (a whole group at once); then a tensor costs four cheap elementwise passes.
     """
     if kb is None:
         l1 = [torch.linalg.vector_norm(g.reshape(-1), ord=1, dtype=torch.float32) for g in gs]
         l2 = [torch.linalg.vector_norm(g.reshape(-1), dtype=torch.float32) for g in gs]
         numel = torch.tensor([float(max(g.numel(), 1)) for g in gs], device=gs[0].device)
-        k, b = standardizers(torch.stack(l1), torch.stack(l2), numel, alpha)
-        kb = (k.unbind(0), b.unbind(0))
-    torch._foreach_copy_(outs, gs)
-    torch._foreach_abs_(outs)
-    torch._foreach_mul_(outs, list(kb[0]))  # alpha * (|g| - mean) / std
-    torch._foreach_add_(outs, list(kb[1]))
-    torch._foreach_sigmoid_(outs)
+        kb = standardizers(torch.stack(l1), torch.stack(l2), numel, alpha)
+    ops.copy_(outs, gs)
+    ops.abs_(outs)
+    ops.per_tensor_("mul_", outs, kb[0])  # alpha * (|g| - mean) / std
+    ops.per_tensor_("add_", outs, kb[1])
+    ops.sigmoid_(outs)

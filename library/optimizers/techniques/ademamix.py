@@ -13,7 +13,7 @@ half-life schedule matters for b3 = 0.9999 over long runs; adapter runs are shor
 """
 from __future__ import annotations
 
-import torch
+from . import ops
 
 __all__ = ["alpha_at", "mix_list_"]
 
@@ -27,8 +27,8 @@ def alpha_at(alpha: float, t: int, warmup: int) -> float:
 def mix_list_(outs, m1s, m2s, alpha: float) -> None:
     """``out = (m1 + alpha m2) / (1 + alpha)`` per tensor. The slow EMA itself is an EMA of fixed
     beta: ``momentum_decay.momentum_list_``."""
-    torch._foreach_copy_(outs, m1s)
+    ops.copy_(outs, m1s)
     if alpha == 0.0:
         return
-    torch._foreach_add_(outs, m2s, alpha=alpha)
-    torch._foreach_mul_(outs, 1.0 / (1.0 + alpha))
+    ops.add_(outs, m2s, alpha=alpha)
+    ops.mul_(outs, 1.0 / (1.0 + alpha))

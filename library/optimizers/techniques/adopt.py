@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 def clip_value(k: int) -> float:
     return float(k) ** 0.25
 
@@ -22,10 +24,10 @@ def normalize_list_(outs, gs, vs, k: int, eps: float) -> None:
     """``out = clip(g / max(sqrt(v), eps), -k^(1/4), k^(1/4))``, computed as
     ``g * rsqrt(max(v, eps^2))`` (the same value)."""
     c = clip_value(k)
-    torch._foreach_copy_(outs, vs)
-    torch._foreach_clamp_min_(outs, max(eps * eps, _FLOOR))
-    torch._foreach_rsqrt_(outs)
-    torch._foreach_mul_(outs, gs)
+    ops.copy_(outs, vs)
+    ops.clamp_min_(outs, max(eps * eps, _FLOOR))
+    ops.rsqrt_(outs)
+    ops.mul_(outs, gs)
     for x in outs:
         x.clamp_(-c, c)
 
@@ -33,11 +35,11 @@ def normalize_list_(outs, gs, vs, k: int, eps: float) -> None:
 def update_second_moment_list_(vs, gs, k: int, beta2: float, decay=None) -> None:
     """See ``adam.update_second_moment_list_`` for ``decay``."""
     if k == 0:
-        torch._foreach_copy_(vs, gs)
-        torch._foreach_mul_(vs, gs)
+        ops.copy_(vs, gs)
+        ops.mul_(vs, gs)
     else:
-        torch._foreach_mul_(vs, beta2 if decay is None else decay)
-        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        ops.mul_(vs, beta2 if decay is None else decay)
+        ops.addcmul_(vs, gs, gs, value=1.0 - beta2)
 
 
 def normalize(g: torch.Tensor, v: torch.Tensor, k: int, eps: float, out: torch.Tensor) -> torch.Tensor:

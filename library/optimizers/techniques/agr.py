@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 TINY = 1e-30
 
 
@@ -18,17 +20,17 @@ def agr_list_(outs, gs, tmps=None, weights=None) -> None:
     ``weights`` (0 zeroes a skipped tensor in the same pass). ``outs`` may be ``gs`` (then
     ``tmps`` is scratch). Callers leave single-element tensors out (AGR would zero them)."""
     w = tmps if outs is gs else outs
-    torch._foreach_copy_(w, gs)
-    torch._foreach_abs_(w)
+    ops.copy_(w, gs)
+    ops.abs_(w)
     totals = torch.stack([x.sum(dtype=torch.float32) for x in w]).clamp_min_(TINY)
     if weights is None:
-        torch._foreach_div_(w, list(totals.neg_().unbind(0)))
-        torch._foreach_add_(w, 1.0)
+        ops.per_tensor_("div_", w, totals.neg_())
+        ops.add_(w, 1.0)
     else:
         wv = torch.stack(weights)
-        torch._foreach_mul_(w, list((-wv / totals).unbind(0)))
-        torch._foreach_add_(w, weights)
-    torch._foreach_mul_(outs, w if outs is gs else gs)
+        ops.per_tensor_("mul_", w, -wv / totals)
+        ops.per_tensor_("add_", w, wv)
+    ops.mul_(outs, w if outs is gs else gs)
 
 
 def agr(g: torch.Tensor, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None) -> torch.Tensor:

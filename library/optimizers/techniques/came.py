@@ -44,6 +44,7 @@ import math
 import torch
 
 from . import adabelief
+from . import ops
 
 __all__ = [
     "matrix_shape",
@@ -128,8 +129,8 @@ def factored_list_(rows, cols, sqs, outs, beta: float, scale: float = 1.0, keeps
             C.mul_(keep)
         R.add_(mr, alpha=1.0 - beta)
         C.add_(mc, alpha=1.0 - beta)
-        torch._foreach_copy_(rows[a:b], list(R.unbind(0)))
-        torch._foreach_copy_(cols[a:b], list(C.unbind(0)))
+        ops.copy_(rows[a:b], list(R.unbind(0)))
+        ops.copy_(cols[a:b], list(C.unbind(0)))
         r = torch.rsqrt(R / R.mean(dim=1, keepdim=True))
         if scale != 1.0:
             r.mul_(scale)
@@ -138,11 +139,13 @@ def factored_list_(rows, cols, sqs, outs, beta: float, scale: float = 1.0, keeps
 
 def _runs(rows, cols, *lists):
     """``(a, b)`` index ranges of consecutive tensors with the same matrix view whose entries of
-    every list in ``lists`` lie back to back in one storage (so each is one (b - a, n, k) view)."""
+    every list in ``lists`` lie back to back in one storage (so each is one (b - a, n, k) view;
+    chunk scratch, a FlatList, always does)."""
+    tiled = all(hasattr(xs, "flat") for xs in lists)
     out, a = [], 0
     for i in range(1, len(rows) + 1):
         if i < len(rows) and rows[i].numel() == rows[a].numel() and cols[i].numel() == cols[a].numel() \
-                and all(_adjacent(xs[i - 1], xs[i]) for xs in lists):
+                and (tiled or all(_adjacent(xs[i - 1], xs[i]) for xs in lists)):
             continue
         out.append((a, i))
         a = i
@@ -158,6 +161,11 @@ def _adjacent(x: torch.Tensor, y: torch.Tensor) -> bool:
 def _batch(xs, a: int, b: int, n: int, k: int) -> torch.Tensor:
     """The (b - a, n, k) view over ``xs[a:b]`` (adjacent in memory, see :func:`_runs`)."""
     return xs[a].as_strided((b - a, n, k), (n * k, k, 1))
+
+
+def _pick(xs, idx):
+    """``xs`` at the indices ``idx``: ``xs`` itself (a FlatList stays one) when that is all of it."""
+    return xs if len(idx) == len(xs) else [xs[i] for i in idx]
 
 
 def _gates(idx, keeps, oks):
@@ -183,32 +191,30 @@ def normalize_list_(gs, sts, beta2: float, eps1: float, outs, tmps, bc2: float =
     (the 8-bit presets pass dequantised copies). ``keeps`` / ``oks``: see :func:`factored_list_`
     (they gate the factored statistics only; the caller restores full ones).
     """
-    torch._foreach_copy_(tmps, gs)
-    torch._foreach_mul_(tmps, gs)
-    torch._foreach_add_(tmps, eps1)
+    ops.copy_(tmps, gs)
+    ops.mul_(tmps, gs)
+    ops.add_(tmps, eps1)
     fac, full = _split(sts, "came_row")
     if fac:
-        factored_list_([sts[i]["came_row"] for i in fac], [sts[i]["came_col"] for i in fac], [tmps[i] for i in fac],
-                       [outs[i] for i in fac], beta2, bc2, *_gates(fac, keeps, oks))
+        factored_list_([sts[i]["came_row"] for i in fac], [sts[i]["came_col"] for i in fac], _pick(tmps, fac),
+                       _pick(outs, fac), beta2, bc2, *_gates(fac, keeps, oks))
     if full:
         v = [sts[i]["came_v"] if vs is None or vs[i] is None else vs[i] for i in full]
         out = [outs[i] for i in full]
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_add_(v, [tmps[i] for i in full], alpha=1.0 - beta2)
-        torch._foreach_copy_(out, v)
-        torch._foreach_rsqrt_(out)
-    torch._foreach_mul_(outs, gs)
+        ops.mul_(v, beta2)
+        ops.add_(v, [tmps[i] for i in full], alpha=1.0 - beta2)
+        ops.copy_(out, v)
+        ops.rsqrt_(out)
+    ops.mul_(outs, gs)
     if full and bc2 != 1.0:
-        torch._foreach_mul_([outs[i] for i in full], bc2)
+        ops.mul_([outs[i] for i in full], bc2)
 
 
 def rms_clip_list_(us, threshold: float) -> None:
     """``u <- u / max(1, RMS(u) / threshold)`` per tensor (0-dim divisors, no host sync)."""
-    rms = torch._foreach_norm(us)
-    torch._foreach_div_(rms, [math.sqrt(max(u.numel(), 1)) for u in us])
-    torch._foreach_div_(rms, threshold)
-    torch._foreach_clamp_min_(rms, 1.0)
-    torch._foreach_div_(us, rms)
+    rms = torch.stack(torch._foreach_norm(us))
+    rms.div_(torch.tensor([math.sqrt(max(u.numel(), 1)) for u in us], dtype=rms.dtype, device=rms.device))
+    ops.per_tensor_("div_", us, rms.div_(threshold).clamp_min_(1.0))
 
 
 def confidence_list_(us, ms, sts, beta3: float, eps2: float, outs, bc3: float = 1.0, ress=None, keeps=None,
@@ -224,10 +230,10 @@ def confidence_list_(us, ms, sts, beta3: float, eps2: float, outs, bc3: float = 
     adabelief.residual_list_(outs, us, ms, eps2)
     fac, full = _split(sts, "came_res_row")
     if fac:
-        out = [outs[i] for i in fac]
+        out = _pick(outs, fac)
         factored_list_([sts[i]["came_res_row"] for i in fac], [sts[i]["came_res_col"] for i in fac], out, out,
                        beta3, bc3, *_gates(fac, keeps, oks))
-        torch._foreach_mul_(out, [ms[i] for i in fac])
+        ops.mul_(out, [ms[i] for i in fac])
     res = [sts[i].get("came_res") if ress is None or ress[i] is None else ress[i] for i in full]
     kept = [j for j, r in enumerate(res) if r is not None]
     if kept:
@@ -237,7 +243,7 @@ def confidence_list_(us, ms, sts, beta3: float, eps2: float, outs, bc3: float = 
         adabelief.direction_list_([outs[i] for i in idx], [ms[i] for i in idx], rs, bc3)
     plain = [full[j] for j, r in enumerate(res) if r is None]
     if plain:
-        torch._foreach_copy_([outs[i] for i in plain], [ms[i] for i in plain])
+        ops.copy_([outs[i] for i in plain], [ms[i] for i in plain])
 
 
 def reference_step(p, g, st, lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0,

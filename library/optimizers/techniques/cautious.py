@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 FLOOR = 1e-3
 
 
 def agreement_list_(phis, us, gs) -> torch.Tensor:
     """phi = 1[u g > 0] into ``phis``; return max(mean(phi), FLOOR) per tensor as a vector."""
-    torch._foreach_copy_(phis, us)
-    torch._foreach_mul_(phis, gs)
-    torch._foreach_sign_(phis)
-    torch._foreach_clamp_min_(phis, 0.0)
+    ops.copy_(phis, us)
+    ops.mul_(phis, gs)
+    ops.sign_(phis)
+    ops.clamp_min_(phis, 0.0)
     return _means(phis, 1.0).clamp_min_(FLOOR)
 
 
 def _means(xs, scale: float) -> torch.Tensor:
     """scale * mean(x) per tensor as one fp32 vector (no host round trip)."""
     sums = [x.sum(dtype=torch.float32) for x in xs]
-    torch._foreach_mul_(sums, [scale / max(x.numel(), 1) for x in xs])
+    ops.mul_(sums, [scale / max(x.numel(), 1) for x in xs])
     return torch.stack(sums)
 
 
@@ -33,8 +35,8 @@ def cautious_list_(outs, us, gs, tmps=None) -> None:
     ``tmps`` is scratch)."""
     w = tmps if outs is us else outs
     mean = agreement_list_(w, us, gs)
-    torch._foreach_mul_(outs, w if outs is us else us)
-    torch._foreach_div_(outs, list(mean.unbind(0)))
+    ops.mul_(outs, w if outs is us else us)
+    ops.per_tensor_("div_", outs, mean)
 
 
 def cautious_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 
 def _signs_(outs, us, gs) -> None:
     """outs <- sign(u g)."""
-    torch._foreach_copy_(outs, us)
-    torch._foreach_mul_(outs, gs)
-    torch._foreach_sign_(outs)
+    ops.copy_(outs, us)
+    ops.mul_(outs, gs)
+    ops.sign_(outs)
 
 
 def grams_list_(outs, us, gs, tmps=None) -> None:
     """outs <- sign(g) |u| (= u sign(u g)); ``outs`` may be ``us`` (then ``tmps`` is scratch)."""
     w = tmps if outs is us else outs
     _signs_(w, us, gs)
-    torch._foreach_mul_(outs, w if outs is us else us)
+    ops.mul_(outs, w if outs is us else us)
 
 
 def grams_cautious_list_(outs, us, gs, tmps=None) -> None:
@@ -43,13 +45,13 @@ def grams_cautious_list_(outs, us, gs, tmps=None) -> None:
     _signs_(w, us, gs)  # s
     counts = [x.sum(dtype=torch.float32) for x in w]
     nonzero = torch._foreach_norm(w)  # s in {-1, 0, 1}: ||s||^2 counts the nonzero entries
-    torch._foreach_mul_(nonzero, nonzero)
-    torch._foreach_add_(counts, nonzero)
-    torch._foreach_mul_(counts, [0.5 / max(x.numel(), 1) for x in w])  # mean(phi)
+    ops.mul_(nonzero, nonzero)
+    ops.add_(counts, nonzero)
+    ops.mul_(counts, [0.5 / max(x.numel(), 1) for x in w])  # mean(phi)
     a = torch.stack(counts).clamp_min_(FLOOR).reciprocal_().mul_(0.5).add_(0.5)
-    torch._foreach_mul_(w, list(a.unbind(0)))
-    torch._foreach_clamp_min_(w, -0.5)
-    torch._foreach_mul_(outs, us if outs is not us else w)
+    ops.per_tensor_("mul_", w, a)
+    ops.clamp_min_(w, -0.5)
+    ops.mul_(outs, us if outs is not us else w)
 
 
 def grams_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:

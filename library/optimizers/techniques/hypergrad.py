@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 
 def scale_list_(scales, cos: torch.Tensor, rate: float, lo: float, hi: float, ok=None) -> None:
     """``h <- clamp(h * exp(rate * c), lo, hi)`` for each 0-dim fp32 scale in ``scales``, with
@@ -37,4 +39,4 @@ def scale_list_(scales, cos: torch.Tensor, rate: float, lo: float, hi: float, ok
     new.clamp_(lo, hi)
     if ok is not None:
         new = torch.where(ok, new, old)
-    torch._foreach_copy_(scales, list(new.unbind(0)))
+    ops.copy_(scales, list(new.unbind(0)))

@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from . import ops
+
 
 def bounds(base_lr: float, floor: float, ceiling: float, min_lr: float | None = None,
            max_lr: float | None = None) -> tuple[float, float]:
@@ -59,21 +61,21 @@ def rate(lr_mask_rate: float, lr_bump: float | None, base_lr: float) -> float:
 
 def agreement_list_(outs, grads, moms) -> None:
     """``outs <- sign(g * m_prev)`` per tensor (call before the momentum update)."""
-    torch._foreach_copy_(outs, grads)
-    torch._foreach_mul_(outs, moms)
-    torch._foreach_sign_(outs)
+    ops.copy_(outs, grads)
+    ops.mul_(outs, moms)
+    ops.sign_(outs)
 
 
 def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> None:
     """``s <- clamp(s * exp(r a), lo, hi)``; ``agree`` (fp32, -1/0/+1) is consumed as scratch.
     ``weights`` (one 0-dim tensor per mask, 0 or 1) leaves a skipped tensor's mask as it is."""
     if weights is not None:
-        torch._foreach_mul_(agree, weights)
-    torch._foreach_mul_(agree, r)
-    torch._foreach_exp_(agree)
-    torch._foreach_mul_(masks, agree)
-    torch._foreach_clamp_min_(masks, lo)
-    torch._foreach_clamp_max_(masks, hi)
+        ops.mul_(agree, weights)
+    ops.mul_(agree, r)
+    ops.exp_(agree)
+    ops.mul_(masks, agree)
+    ops.clamp_min_(masks, lo)
+    ops.clamp_max_(masks, hi)
 
 
 def scale_(mask: torch.Tensor, agree: torch.Tensor, r: float, lo: float, hi: float) -> None:

@@ -14,7 +14,7 @@ counted from the step the decay starts, so b is continuous there):
 """
 from __future__ import annotations
 
-import torch
+from . import ops
 
 __all__ = ["beta_at", "momentum_list_"]
 
@@ -28,5 +28,5 @@ def momentum_list_(ms, xs, beta: float, keeps=None) -> None:
     """``m <- beta m + (1 - beta) x`` per tensor (any EMA of a fixed ``beta``); ``keeps`` (one 0-dim
     tensor per m: beta, or 1 for a skipped tensor whose x is 0, see techniques/nonfinite.py)
     replaces the first beta."""
-    torch._foreach_mul_(ms, beta if keeps is None else keeps)
-    torch._foreach_add_(ms, xs, alpha=1.0 - beta)
+    ops.mul_(ms, beta if keeps is None else keeps)
+    ops.add_(ms, xs, alpha=1.0 - beta)

@@ -59,8 +59,8 @@ class Gate:
 
     def __init__(self, ok: torch.Tensor):
         self.ok = ok
-        self.flags = ok.unbind(0)  # per tensor, bool
-        self._ones = ok.float().unbind(0)  # 1 where finite, 0 where not
+        self.okf = ok.float()  # 1 where finite, 0 where not
+        self._ones = self.okf.unbind(0)
         self._keeps: dict = {}
 
     def factor(self, i: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
+
 EPS = 1e-30
 PARALLEL_TOL = 1e-4
 
@@ -28,10 +30,10 @@ def orthograd_list_(gs, ws, tol: float = PARALLEL_TOL) -> None:
     w_sq = dots(ws, ws)
     proj = dots(gs, ws) / (w_sq + EPS)
     w32 = [w if w.dtype == g.dtype else w.to(g.dtype) for w, g in zip(ws, gs)]
-    torch._foreach_addcmul_(gs, w32, list(proj.neg().unbind(0)))
+    ops.addcmul_(gs, w32, list(proj.neg().unbind(0)))
     perp = torch.stack(torch._foreach_norm(gs)).float()
     scale = torch.where(perp > tol * g_norms, g_norms / perp.clamp_min(EPS), torch.zeros_like(g_norms))
-    torch._foreach_mul_(gs, list(scale.unbind(0)))
+    ops.mul_(gs, list(scale.unbind(0)))
 
 
 def orthograd_(g: torch.Tensor, w: torch.Tensor, tol: float = PARALLEL_TOL) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .orthograd import dots
+from . import ops
 
 EPS = 1e-12
 
@@ -20,8 +21,8 @@ EPS = 1e-12
 def _deviations(ps, anchors, tmps):
     if anchors is None:
         return ps
-    torch._foreach_copy_(tmps, ps)
-    torch._foreach_sub_(tmps, anchors)
+    ops.copy_(tmps, ps)
+    ops.sub_(tmps, anchors)
     return tmps
 
 
@@ -44,9 +45,9 @@ def project_list_(ps, anchors, moving_away, old_norms, lam: float, tmps) -> None
     r = ((new_norms - old_norms) / new_norms.clamp_min(EPS)).clamp_(0.0, 1.0)
     s = r * moving_away.to(r.dtype) * lam
     if anchors is None:
-        torch._foreach_mul_(ps, list((1.0 - s).unbind(0)))
+        ops.mul_(ps, list((1.0 - s).unbind(0)))
     else:
-        torch._foreach_addcmul_(ps, devs, list(s.unbind(0)), value=-1.0)
+        ops.addcmul_(ps, devs, list(s.unbind(0)), value=-1.0)
 
 
 def pre_step(p: torch.Tensor, g: torch.Tensor, anchor: torch.Tensor | None, tmp: torch.Tensor):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .orthograd import dots
+from . import ops
 
 EPS = 1e-30
 
@@ -33,15 +34,15 @@ def damping_list(ss, cos: torch.Tensor, count: int, gamma: float, ok=None) -> to
     s = old.mul(gamma).add_(cos, alpha=1.0 - gamma)
     if ok is not None:
         s = torch.where(ok, s, old)
-    torch._foreach_copy_(ss, list(s.unbind(0)))
+    ops.copy_(ss, list(s.unbind(0)))
     return s.mul_(0.5 / (1.0 - gamma**count)).add_(0.5)
 
 
 def momentum_list_(ms, xs, d: torch.Tensor, beta1: float, decay=None) -> None:
     """m <- b1 m + (1 - b1) d x, with ``d`` one value per tensor (``decay``: as in
     ``adam.update_second_moment_list_``)."""
-    torch._foreach_mul_(ms, beta1 if decay is None else decay)
-    torch._foreach_addcmul_(ms, xs, list(d.unbind(0)), value=1.0 - beta1)
+    ops.mul_(ms, beta1 if decay is None else decay)
+    ops.addcmul_(ms, xs, list(d.unbind(0)), value=1.0 - beta1)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
