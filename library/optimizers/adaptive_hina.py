@@ -12,6 +12,7 @@ All state lives in ``self.state[p]``; ``step()`` never reads a tensor back to th
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -68,6 +69,65 @@ def _axpy_(ys, xs, alphas) -> bool:
     ops.mul_(xs, alphas)
     ops.add_(ys, xs)
     return True
+
+
+def _real(**bounds):
+    return partial(check_real, **bounds)
+
+
+# every constructor argument that lands in the param groups, with its check, in group-key order
+_ARGUMENT_CHECKS = {
+    "lr": check_lr,
+    "betas": check_betas,
+    "eps": check_eps,
+    "weight_decay": _real(lo=0.0),
+    "use_spd": check_bool,
+    "spd_lambda": _real(lo=0.0, hi=1.0),
+    "use_cautious": check_bool,
+    "use_orthogonal_grad": check_bool,
+    "use_adopt_stability": check_bool,
+    "use_grams": check_bool,
+    "use_agr": check_bool,
+    "use_tam": check_bool,
+    "tam_beta": _real(lo=0.0, hi=1.0, hi_open=True),
+    "use_dynamic_adaptation": check_bool,
+    "adaptation_strength": _real(lo=0.0, hi=10.0),
+    "relationship_discovery_interval": partial(check_int, lo=1),
+    "importance_decay": _real(lo=0.0, hi=1.0, hi_open=True),
+    "compatibility_threshold": _real(lo=0.0, hi=1.0),
+    "use_lr_mask": check_bool,
+    "lr_mask_rate": _real(lo=0.0, hi=1.0),
+    "lr_mask_floor": _real(lo=0.0, lo_open=True, hi=1.0),
+    "lr_mask_ceiling": _real(lo=1.0, hi=1e4),
+    "lr_bump": _real(lo=0.0, allow_none=True),
+    "min_lr": None,  # checked as a pair with max_lr
+    "max_lr": None,
+    "warmup_steps": partial(check_int, lo=0),
+    "lr_mask_post_warmup_ratio": _real(lo=0.0, hi=1.0),
+    "use_hypergrad": check_bool,
+    "hypergrad_rate": _real(lo=0.0, hi=2.0),
+    "hypergrad_floor": _real(lo=0.0, lo_open=True, hi=1.0),
+    "hypergrad_ceiling": _real(lo=1.0, hi=1e4),
+    "dynamic_weight_decay": check_bool,
+    "wd_transition_steps": partial(check_int, lo=1),
+    "wd_decay_factor": _real(lo=0.0, hi=1.0),
+    "wd_min_ratio": _real(lo=0.0, hi=1.0),
+    "lora_plus_ratio": _real(lo=0.0, lo_open=True),
+    "allora_eta": _real(lo=0.0, lo_open=True, allow_none=True),
+    "spd_anchor": lambda name, v: check_choice(name, v, {"auto", "zero", "init"}),
+    "optim_bits": lambda name, v: check_choice(name, check_int(name, v), {8, 32}),
+    "skip_nonfinite": check_bool,
+    "stochastic_rounding": check_bool,
+}
+
+
+def _checked_defaults(args: dict) -> dict:
+    """The param-group defaults from the constructor's arguments, each checked (one-line errors)."""
+    out = {}
+    for name, check in _ARGUMENT_CHECKS.items():
+        out[name] = args[name] if check is None else check(name, args[name])
+    out["min_lr"], out["max_lr"] = check_lr_bounds(args["min_lr"], args["max_lr"])
+    return out
 
 
 class AdaptiveHinaAdamW(HinaOptimizer):
@@ -127,59 +187,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         stochastic_rounding: bool = True,
         param_names=None,
     ):
-        lr = check_lr("lr", lr)
-        betas = check_betas("betas", betas)
-        eps = check_eps("eps", eps)
-        weight_decay = check_real("weight_decay", weight_decay, lo=0.0)
-        min_lr, max_lr = check_lr_bounds(min_lr, max_lr)
-        optim_bits = check_int("optim_bits", optim_bits)
-        check_choice("optim_bits", optim_bits, {8, 32})
-        allora_eta = check_real("allora_eta", allora_eta, lo=0.0, lo_open=True, allow_none=True)
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            use_spd=check_bool("use_spd", use_spd),
-            spd_lambda=check_real("spd_lambda", spd_lambda, lo=0.0, hi=1.0),
-            use_cautious=check_bool("use_cautious", use_cautious),
-            use_orthogonal_grad=check_bool("use_orthogonal_grad", use_orthogonal_grad),
-            use_adopt_stability=check_bool("use_adopt_stability", use_adopt_stability),
-            use_grams=check_bool("use_grams", use_grams),
-            use_agr=check_bool("use_agr", use_agr),
-            use_tam=check_bool("use_tam", use_tam),
-            tam_beta=check_real("tam_beta", tam_beta, lo=0.0, hi=1.0, hi_open=True),
-            use_dynamic_adaptation=check_bool("use_dynamic_adaptation", use_dynamic_adaptation),
-            adaptation_strength=check_real("adaptation_strength", adaptation_strength, lo=0.0, hi=10.0),
-            relationship_discovery_interval=check_int(
-                "relationship_discovery_interval", relationship_discovery_interval, lo=1
-            ),
-            importance_decay=check_real("importance_decay", importance_decay, lo=0.0, hi=1.0, hi_open=True),
-            compatibility_threshold=check_real("compatibility_threshold", compatibility_threshold, lo=0.0, hi=1.0),
-            use_lr_mask=check_bool("use_lr_mask", use_lr_mask),
-            lr_mask_rate=check_real("lr_mask_rate", lr_mask_rate, lo=0.0, hi=1.0),
-            lr_mask_floor=check_real("lr_mask_floor", lr_mask_floor, lo=0.0, lo_open=True, hi=1.0),
-            lr_mask_ceiling=check_real("lr_mask_ceiling", lr_mask_ceiling, lo=1.0, hi=1e4),
-            lr_bump=check_real("lr_bump", lr_bump, lo=0.0, allow_none=True),
-            min_lr=min_lr,
-            max_lr=max_lr,
-            warmup_steps=check_int("warmup_steps", warmup_steps, lo=0),
-            lr_mask_post_warmup_ratio=check_real("lr_mask_post_warmup_ratio", lr_mask_post_warmup_ratio, lo=0.0, hi=1.0),
-            use_hypergrad=check_bool("use_hypergrad", use_hypergrad),
-            hypergrad_rate=check_real("hypergrad_rate", hypergrad_rate, lo=0.0, hi=2.0),
-            hypergrad_floor=check_real("hypergrad_floor", hypergrad_floor, lo=0.0, lo_open=True, hi=1.0),
-            hypergrad_ceiling=check_real("hypergrad_ceiling", hypergrad_ceiling, lo=1.0, hi=1e4),
-            dynamic_weight_decay=check_bool("dynamic_weight_decay", dynamic_weight_decay),
-            wd_transition_steps=check_int("wd_transition_steps", wd_transition_steps, lo=1),
-            wd_decay_factor=check_real("wd_decay_factor", wd_decay_factor, lo=0.0, hi=1.0),
-            wd_min_ratio=check_real("wd_min_ratio", wd_min_ratio, lo=0.0, hi=1.0),
-            lora_plus_ratio=check_real("lora_plus_ratio", lora_plus_ratio, lo=0.0, lo_open=True),
-            allora_eta=allora_eta,
-            spd_anchor=check_choice("spd_anchor", spd_anchor, {"auto", "zero", "init"}),
-            optim_bits=optim_bits,
-            skip_nonfinite=check_bool("skip_nonfinite", skip_nonfinite),
-            stochastic_rounding=check_bool("stochastic_rounding", stochastic_rounding),
-        )
+        defaults = _checked_defaults(dict(locals()))
         self._pairs = None
         self._arenas = Arenas()  # where 8-bit state lives (state_store.py)
         super().__init__(params, defaults, param_names=param_names)
@@ -348,216 +356,248 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             self._discover()
             self._refresh_importance(group, params, [feats[p] for p in params])
 
+    # A chunk's step runs these stages in order (spec/algorithms.md section 17), each over the
+    # whole chunk with multi-tensor operations; the values one stage hands to the next live on
+    # the chunk object (``_AdamChunk``).
+    _STAGES = ("_gradient_stage", "_transform_stage", "_moment_stage", "_mask_stage", "_direction_stage",
+               "_step_stage", "_spd_stage")
+
     def _update_chunk(self, ps: list[torch.Tensor], group: dict, feats: dict | None) -> None:
         """One step for tensors with the same step count and state layout, multi-tensor."""
-        pool = self._buffer_pool
-        sts = [self.state[p] for p in ps]
-        k = sts[0]["step"]
-        t = k + 1
-        for st in sts:
-            st["step"] = t
-        beta1, beta2 = group["betas"]
-        eps, lr = group["eps"], group["lr"]
-        use_adopt = group["use_adopt_stability"]
-        q8 = "exp_avg_f8" in sts[0]
-        has_mask = "lr_mask" in sts[0] or "lr_mask_f8" in sts[0]
-        if q8:  # dequantise the whole chunk at once into block-aligned scratch; see _commit
-            ms, vs, masks = self._load_q8(ps, sts, has_mask, group)
-        else:
-            ms, vs = [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]
-            masks = [st["lr_mask"] for st in sts] if has_mask else None
-        anchors = [st["anchor"] for st in sts] if "anchor" in sts[0] else None
-        mask32 = pool.views(ps, 8) if has_mask and masks[0].dtype != torch.float32 else None
-        fp32 = ps[0].dtype == torch.float32
-        tmp = pool.views(ps, 2)
+        c = self._open_chunk(ps, group, feats)
+        for stage in self._STAGES:
+            getattr(self, stage)(c)
+            if c.initialising:  # ADOPT's first call only initialises v
+                break
+        self._close_chunk(c)
 
-        # 1. fp32 gradients; transforms write into scratch, never into p.grad
+    def _open_chunk(self, ps, group, feats) -> "_AdamChunk":
+        """Advance the step counters and load the chunk's state (8-bit: decoded into scratch)."""
+        c = _AdamChunk(ps, group, feats, self._buffer_pool, [self.state[p] for p in ps])
+        sts = c.sts
+        c.k = sts[0]["step"]
+        c.t = c.k + 1
+        for st in sts:
+            st["step"] = c.t
+        c.q8 = "exp_avg_f8" in sts[0]
+        c.has_mask = "lr_mask" in sts[0] or "lr_mask_f8" in sts[0]
+        if c.q8:  # dequantise the whole chunk at once into block-aligned scratch; see _commit
+            c.ms, c.vs, c.masks = self._load_q8(ps, sts, c.has_mask, group)
+        else:
+            c.ms, c.vs = [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]
+            c.masks = [st["lr_mask"] for st in sts] if c.has_mask else None
+        c.anchors = [st["anchor"] for st in sts] if "anchor" in sts[0] else None
+        # compact (fp16) masks are worked on as an fp32 copy; its scratch is taken on the first step
+        c.mask32 = c.pool.views(ps, 8) if c.has_mask and c.masks[0].dtype != torch.float32 else None
+        c.fp32 = ps[0].dtype == torch.float32
+        c.tmp = c.pool.views(ps, 2)
+        return c
+
+    def _gradient_stage(self, c: "_AdamChunk") -> None:
+        """1. fp32 gradients (transforms write into scratch, never into p.grad), the fp32 master
+        copy of low-precision weights, SPD's pre-step quantities, and the non-finite gate: a
+        tensor whose gradient holds NaN/inf gets a zero gradient, moments that decay by 1, lr
+        factor 0 and a mask that does not move, so it and its state stay as they were (no host sync)."""
+        ps, pool, group = c.ps, c.pool, c.group
         grads = [p.grad for p in ps]
         if any(g.dtype != torch.float32 for g in grads):
             g32 = pool.views(ps, 0)
             ops.copy_(g32, grads)
             grads = g32
-        p32 = ps
-        if not fp32:  # fp32 master copy of low-precision weights
-            p32_flat, p32 = pool.aligned(ps, "p32", torch.float32, 1)
-            ops.copy_(p32, ps)
-        # SPD quantities before the step (raw gradient, pre-step weights)
-        use_spd = group["use_spd"] and group["spd_lambda"] > 0
-        if use_spd:
-            moving_away, old_norms = spd_t.pre_step_list(p32, grads, anchors, tmp, dots_out := [])
-
-        # non-finite gradients: such a tensor is skipped without a host sync. Its gradient is
-        # replaced by zeros, its moments decay by 1 instead of beta, its lr factor is 0 and its
-        # mask does not move, so it and its state are left as they were.
-        ok = okf = oks = keep1 = keep2 = None
-        xs = grads
+        c.p32 = ps
+        if not c.fp32:
+            c.p32_flat, c.p32 = pool.aligned(ps, "p32", torch.float32, 1)
+            ops.copy_(c.p32, ps)
+        c.use_spd = group["use_spd"] and group["spd_lambda"] > 0
+        dots = []
+        if c.use_spd:  # SPD quantities before the step (raw gradient, pre-step weights)
+            c.moving_away, c.old_norms = spd_t.pre_step_list(c.p32, grads, c.anchors, c.tmp, dots)
+        c.xs = grads
         if group["skip_nonfinite"]:
-            ok = (dots_out[0] if use_spd else torch.stack(torch._foreach_norm(grads)).float()).isfinite()
-            n, dev = len(ps), ok.device
-            okf, oks = pool.scalars(n, dev, "ok")
-            okf.copy_(ok)
-            k1, keep1 = pool.scalars(n, dev, "keep1")
-            k1.copy_(okf).mul_(beta1 - 1.0).add_(1.0)  # beta where finite, 1 where not
-            k2, keep2 = pool.scalars(n, dev, "keep2")
-            k2.copy_(okf).mul_(beta2 - 1.0).add_(1.0)
-            self._count_nonfinite(ok)
-            xs = pool.views(ps, 0)
-            for g, out in zip(grads, xs):  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
+            c.ok = (dots[0] if c.use_spd else torch.stack(torch._foreach_norm(grads)).float()).isfinite()
+            beta1, beta2 = group["betas"]
+            n, dev = len(ps), c.ok.device
+            c.okf, c.oks = pool.scalars(n, dev, "ok")
+            c.okf.copy_(c.ok)
+            k1, c.keep1 = pool.scalars(n, dev, "keep1")
+            k1.copy_(c.okf).mul_(beta1 - 1.0).add_(1.0)  # beta where finite, 1 where not
+            k2, c.keep2 = pool.scalars(n, dev, "keep2")
+            k2.copy_(c.okf).mul_(beta2 - 1.0).add_(1.0)
+            self._count_nonfinite(c.ok)
+            c.xs = pool.views(ps, 0)
+            for g, out in zip(grads, c.xs):  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
                 torch.nan_to_num(g, 0.0, 0.0, 0.0, out=out)
 
+    def _transform_stage(self, c: "_AdamChunk") -> None:
+        """Gradient transforms (AGR, OrthoGrad) into scratch slot 0, and the lr mask's agreement
+        sign(g_t * m_{t-1}) before the momentum moves."""
+        ps, pool, group, oks = c.ps, c.pool, c.group, c.oks
         agr_on = [i for i, p in enumerate(ps) if p.numel() > 1] if group["use_agr"] else []
         if agr_on or group["use_orthogonal_grad"]:
             slot0 = pool.views(ps, 0)
-            if len(agr_on) == len(ps) and xs is not slot0:
-                agr_t.agr_list_(slot0, xs)  # out of place: p.grad is never modified
+            if len(agr_on) == len(ps) and c.xs is not slot0:
+                agr_t.agr_list_(slot0, c.xs)  # out of place: p.grad is never modified
             else:
-                if xs is not slot0:
-                    ops.copy_(slot0, xs)
+                if c.xs is not slot0:
+                    ops.copy_(slot0, c.xs)
                 if agr_on:
                     sel = [slot0[i] for i in agr_on]
-                    agr_t.agr_list_(sel, sel, [tmp[i] for i in agr_on],
-                                    None if oks is None else [oks[i] for i in agr_on])
-            xs = slot0
+                    agr_t.agr_list_(sel, sel, [c.tmp[i] for i in agr_on], None if oks is None else [oks[i] for i in agr_on])
+            c.xs = slot0
         if oks is not None:  # tensors AGR did not scale by ok
             rest = [i for i in range(len(ps)) if i not in set(agr_on)] if agr_on else range(len(ps))
             if rest:
-                ops.mul_([xs[i] for i in rest], [oks[i] for i in rest])
+                ops.mul_([c.xs[i] for i in rest], [oks[i] for i in rest])
         if group["use_orthogonal_grad"]:
             sel = [i for i, p in enumerate(ps) if p.ndim >= 1 and p.numel() > 1]
             if sel:
-                orthograd_list_([xs[i] for i in sel], [p32[i] for i in sel])
+                orthograd_list_([c.xs[i] for i in sel], [c.p32[i] for i in sel])
+        if c.has_mask:
+            c.agree = pool.views(ps, 3)
+            lr_mask.agreement_list_(c.agree, c.xs, c.ms)
 
-        # lr-mask agreement sign(g_t * m_{t-1}), before the momentum moves
-        agree = None
-        if has_mask:
-            agree = pool.views(ps, 3)
-            lr_mask.agreement_list_(agree, xs, ms)
-
-        # 2-3. second moment and momentum; u = the direction before the lr
-        us = pool.views(ps, 1)
-        if use_adopt:
-            adopt.normalize_list_(us, xs, vs, k, eps)
-            n_cos = k - 1  # cosines available: the momentum is non-zero from k = 2 on
-            inputs = us
+    def _moment_stage(self, c: "_AdamChunk") -> None:
+        """2-3. Second moment (Adam, or ADOPT) and momentum (EMA, TAM damping of the incoming
+        gradient), the hypergradient lr scale from the same cosine; u = the direction before the lr."""
+        group, k, xs = c.group, c.k, c.xs
+        beta1, beta2 = group["betas"]
+        c.us = c.pool.views(c.ps, 1)
+        if group["use_adopt_stability"]:
+            adopt.normalize_list_(c.us, xs, c.vs, k, group["eps"])
+            n_cos, inputs = k - 1, c.us  # cosines available: the momentum is non-zero from k = 2 on
         else:
-            inputs = xs
-            n_cos = k
+            n_cos, inputs = k, xs
         use_hg = group["use_hypergrad"] and group["hypergrad_rate"] > 0 and n_cos >= 1
-        cos = tam.cosines(ms, inputs) if n_cos >= 1 and (group["use_tam"] or use_hg) else None
+        cos = tam.cosines(c.ms, inputs) if n_cos >= 1 and (group["use_tam"] or use_hg) else None
         if use_hg:  # cos(m_{t-1}, x_t): the tensor's lr grows while its gradient keeps the last direction
-            hypergrad.scale_list_([st["lr_scale"] for st in sts], cos, group["hypergrad_rate"],
-                                  *self._hypergrad_range(group), ok)
+            hypergrad.scale_list_([st["lr_scale"] for st in c.sts], cos, group["hypergrad_rate"],
+                                  *self._hypergrad_range(group), c.ok)
         if group["use_tam"] and n_cos >= 1:
-            d = tam.damping_list([st["tam_s"] for st in sts], cos, n_cos, group["tam_beta"], ok)
-            tam.momentum_list_(ms, inputs, d, beta1, keep1)
-        elif ok is None:
-            ops.lerp_(ms, inputs, 1.0 - beta1)
+            d = tam.damping_list([st["tam_s"] for st in c.sts], cos, n_cos, group["tam_beta"], c.ok)
+            tam.momentum_list_(c.ms, inputs, d, beta1, c.keep1)
+        elif c.ok is None:
+            ops.lerp_(c.ms, inputs, 1.0 - beta1)
         else:
-            ops.lerp_(ms, inputs, list((okf * (1.0 - beta1)).unbind(0)))
-        if use_adopt:
-            adopt.update_second_moment_list_(vs, xs, k, beta2, keep2)
-            if k == 0:  # ADOPT's first call only initialises v
-                if q8:
-                    self._commit(ps, sts, ms, vs, masks, t)
-                if feats is not None:
-                    self._collect_features(ps, ms, None, feats)
-                return
-            step_scale = 1.0
-            src_dir = ms  # ADOPT: the direction is the momentum itself
+            ops.lerp_(c.ms, inputs, list((c.okf * (1.0 - beta1)).unbind(0)))
+        if group["use_adopt_stability"]:
+            adopt.update_second_moment_list_(c.vs, xs, k, beta2, c.keep2)
+            c.initialising = k == 0
+            c.step_scale, c.src_dir = 1.0, c.ms  # ADOPT: the direction is the momentum itself
         else:
-            adam.update_second_moment_list_(vs, xs, beta2, keep2)
-            adam.denominator_list_(tmp, vs, t, beta2, eps)
-            adam.quotient_list_(us, ms, tmp)
-            step_scale = 1.0 / (1.0 - beta1**t)
-            src_dir = us
+            adam.update_second_moment_list_(c.vs, xs, beta2, c.keep2)
+            adam.denominator_list_(c.tmp, c.vs, c.t, beta2, group["eps"])
+            adam.quotient_list_(c.us, c.ms, c.tmp)
+            c.step_scale, c.src_dir = 1.0 / (1.0 - beta1**c.t), c.us
 
-        # 4. lr mask: x e^r where the gradient agrees with the momentum, x e^-r where it opposes it
-        if has_mask:
-            stored = masks
-            r = self._mask_rate(group, t)
-            if mask32 is not None:  # compact storage: work on an fp32 copy
-                stored, masks = masks, mask32
-                ops.copy_(masks, stored)
-            if r > 0:
-                lr_mask.scale_list_(masks, agree, r, *self._mask_range(group),
-                                    None if okf is None else list(okf.unbind(0)))
-                if masks is not stored:
-                    ops.copy_(stored, masks)
+    def _mask_stage(self, c: "_AdamChunk") -> None:
+        """4. lr mask: x e^r where the gradient agrees with the momentum, x e^-r where it opposes it."""
+        if not c.has_mask:
+            return
+        group = c.group
+        stored = c.masks
+        r = self._mask_rate(group, c.t)
+        if c.mask32 is not None:  # compact storage: work on an fp32 copy
+            c.masks = c.mask32
+            ops.copy_(c.masks, stored)
+        if r > 0:
+            lr_mask.scale_list_(c.masks, c.agree, r, *self._mask_range(group),
+                                None if c.okf is None else list(c.okf.unbind(0)))
+            if c.masks is not stored:
+                ops.copy_(stored, c.masks)
 
-        # 5. direction rule, into us (from the momentum for ADOPT, in place for Adam)
-        grams, cautious = group["use_grams"], group["use_cautious"]
+    def _direction_stage(self, c: "_AdamChunk") -> None:
+        """5. Direction rule into u (from the momentum for ADOPT, in place for Adam): Grams and/or
+        Cautious."""
+        grams, cautious = c.group["use_grams"], c.group["use_cautious"]
+        us, src = c.us, c.src_dir
         if grams and cautious:
-            out = pool.views(ps, 4) if src_dir is us else us
-            grams_cautious_list_(out, src_dir, xs, tmp)
-            us = out
+            out = c.pool.views(c.ps, 4) if src is us else us
+            grams_cautious_list_(out, src, c.xs, c.tmp)
+            c.us = out
         elif grams:
-            grams_list_(us, src_dir, xs, tmp)
+            grams_list_(us, src, c.xs, c.tmp)
         elif cautious:
-            cautious_list_(us, src_dir, xs, tmp)
-        elif src_dir is not us:
-            ops.copy_(us, src_dir)
+            cautious_list_(us, src, c.xs, c.tmp)
+        elif src is not us:
+            ops.copy_(us, src)
 
-        # 6. per-element lr: lr * step_scale * ratio * [mask] * [row scale] * [factor]
+    def _step_stage(self, c: "_AdamChunk") -> None:
+        """6-8. Per-element lr (lr x step scale x LoRA+ ratio x [mask] x [ALLoRA row scale] x
+        [importance x hypergradient factor]), decoupled (dynamic) weight decay with the same lr,
+        and the step."""
+        ps, group = c.ps, c.group
+        lr = group["lr"]
         if group["allora_eta"] is not None:
-            for p, q, u in zip(ps, p32, us):
+            for p, q, u in zip(ps, c.p32, c.us):
                 if p in self._row_scaled and p.ndim >= 1:
                     u.mul_(allora.row_scale(q, group["allora_eta"]))
         ratios = [self._ratio.get(p, 1.0) for p in ps] if self._ratio else [1.0] * len(ps)
-        factors = self._factors(ps, sts)
-        oks = None if okf is None else list(okf.unbind(0))
+        factors = self._factors(ps, c.sts)
         wd = group["weight_decay"]
-        wdm = self._wd_multipliers(ps, t, group) if group["dynamic_weight_decay"] else [1.0] * len(ps)
-        scales = [lr * step_scale * r for r in ratios]
+        wdm = self._wd_multipliers(ps, c.t, group) if group["dynamic_weight_decay"] else [1.0] * len(ps)
+        scales = [lr * c.step_scale * r for r in ratios]
         decays = [lr * r * wd * w for r, w in zip(ratios, wdm)]
+        if c.has_mask or factors is not None:
+            self._scaled_step(c, scales, decays, factors)
+        else:
+            self._adamw_step(c, scales, decays)
 
-        # 7-8. decoupled (dynamic) weight decay with the same per-element lr, then the step
-        if has_mask or factors is not None:
-            # p <- p - ok * factor * coef * mask * (u + decay/scale * p): decay and step in one pass
-            if oks is not None:
-                factors = oks if factors is None else torch._foreach_mul(factors, oks)
-            coef = _fold_decay_(us, scales, p32, decays, tmp)
-            if has_mask:
-                ops.mul_(us, masks)
-            if factors is not None:
-                step_coef = torch._foreach_mul(factors, coef)
-                ops.addcmul_(p32, us, step_coef, value=-1.0)
-            else:
-                step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-c for c in coef]) else coef
-        else:  # AdamW's operation order (the all-off configuration matches torch.optim.AdamW)
-            if any(c != 0.0 for c in decays):
-                if oks is None:
-                    ops.mul_(p32, [1.0 - c for c in decays])
-                else:  # 1 - c where the gradient is finite, 1 where it is not
-                    keep, keeps = pool.scalars(len(ps), okf.device, "keep_decay")
-                    if all(c == decays[0] for c in decays):
-                        keep.copy_(okf).mul_(-decays[0]).add_(1.0)
-                    else:
-                        keep.copy_(torch.tensor(decays, dtype=torch.float32)).mul_(okf).neg_().add_(1.0)
-                    ops.mul_(p32, keeps)
+    def _scaled_step(self, c: "_AdamChunk", scales, decays, factors) -> None:
+        """p <- p - ok * factor * coef * mask * (u + decay/scale * p): decay and step in one pass."""
+        oks = None if c.okf is None else list(c.okf.unbind(0))
+        if oks is not None:
+            factors = oks if factors is None else torch._foreach_mul(factors, oks)
+        coef = _fold_decay_(c.us, scales, c.p32, decays, c.tmp)
+        if c.has_mask:
+            ops.mul_(c.us, c.masks)
+        if factors is not None:
+            c.step_coef = torch._foreach_mul(factors, coef)
+            ops.addcmul_(c.p32, c.us, c.step_coef, value=-1.0)
+        else:
+            c.step_coef = [1.0] * len(c.ps) if _axpy_(c.p32, c.us, [-x for x in coef]) else coef
+
+    def _adamw_step(self, c: "_AdamChunk", scales, decays) -> None:
+        """AdamW's operation order (the all-off configuration matches torch.optim.AdamW)."""
+        p32, us, okf = c.p32, c.us, c.okf
+        oks = None if okf is None else list(okf.unbind(0))
+        if any(x != 0.0 for x in decays):
             if oks is None:
-                step_coef = [1.0] * len(ps) if _axpy_(p32, us, [-s for s in scales]) else scales
-            else:
-                if all(s_ == scales[0] for s_ in scales):
-                    ops.addcmul_(p32, us, oks, value=-scales[0])
-                    step_coef = scales
+                ops.mul_(p32, [1.0 - x for x in decays])
+            else:  # 1 - c where the gradient is finite, 1 where it is not
+                keep, keeps = c.pool.scalars(len(c.ps), okf.device, "keep_decay")
+                if all(x == decays[0] for x in decays):
+                    keep.copy_(okf).mul_(-decays[0]).add_(1.0)
                 else:
-                    ops.mul_(us, [-s_ for s_ in scales])
-                    ops.addcmul_(p32, us, oks)
-                    step_coef = [1.0] * len(ps)
+                    keep.copy_(torch.tensor(decays, dtype=torch.float32)).mul_(okf).neg_().add_(1.0)
+                ops.mul_(p32, keeps)
+        if oks is None:
+            c.step_coef = [1.0] * len(c.ps) if _axpy_(p32, us, [-x for x in scales]) else scales
+        elif all(x == scales[0] for x in scales):
+            ops.addcmul_(p32, us, oks, value=-scales[0])
+            c.step_coef = scales
+        else:
+            ops.mul_(us, [-x for x in scales])
+            ops.addcmul_(p32, us, oks)
+            c.step_coef = [1.0] * len(c.ps)
 
-        # 9. SPD projection toward the anchor
-        if use_spd:
-            spd_t.project_list_(p32, anchors, moving_away, old_norms, group["spd_lambda"], tmp)
+    def _spd_stage(self, c: "_AdamChunk") -> None:
+        """9. SPD projection toward the anchor."""
+        if c.use_spd:
+            spd_t.project_list_(c.p32, c.anchors, c.moving_away, c.old_norms, c.group["spd_lambda"], c.tmp)
 
-        if not fp32:
-            if group["stochastic_rounding"] and ps[0].dtype == torch.bfloat16:
-                noise = pool.aligned(ps, "sr_noise", torch.int32, 1)[0]
-                round_to_bf16_(p32_flat, noise, quant8.mix_seed(self.param_index(ps[0]), t, "bf16"))
-            ops.copy_(ps, p32)
-        if q8:
-            self._commit(ps, sts, ms, vs, masks, t)
-        if feats is not None:
-            self._collect_features(ps, ms, (us, step_coef), feats)
+    def _close_chunk(self, c: "_AdamChunk") -> None:
+        """Write low-precision weights back (bf16: stochastic rounding), store 8-bit state, and
+        collect the importance features when they are refreshed this step."""
+        ps = c.ps
+        if not c.initialising and not c.fp32:
+            if c.group["stochastic_rounding"] and ps[0].dtype == torch.bfloat16:
+                noise = c.pool.aligned(ps, "sr_noise", torch.int32, 1)[0]
+                round_to_bf16_(c.p32_flat, noise, quant8.mix_seed(self.param_index(ps[0]), c.t, "bf16"))
+            ops.copy_(ps, c.p32)
+        if c.q8:
+            self._commit(ps, c.sts, c.ms, c.vs, c.masks, c.t)
+        if c.feats is not None:
+            self._collect_features(ps, c.ms, None if c.initialising else (c.us, c.step_coef), c.feats)
 
     def _factors(self, ps, sts):
         """Per-tensor lr factors (importance x hypergradient scale x subclass scale) as 0-dim
@@ -809,3 +849,13 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             "optimizer/relationships": float(ts["total_relationships"]),
             "optimizer/nonfinite_skipped": float(ts["nonfinite_skipped"]),
         }
+
+
+class _AdamChunk:
+    """One chunk's tensors, state and scratch, and what each stage of a step hands to the next."""
+
+    def __init__(self, ps, group, feats, pool, sts):
+        self.ps, self.group, self.feats, self.pool, self.sts = ps, group, feats, pool, sts
+        self.ok = self.okf = self.oks = self.keep1 = self.keep2 = None  # the non-finite gate, when on
+        self.agree = self.p32_flat = self.moving_away = self.old_norms = self.step_coef = None
+        self.initialising = False  # ADOPT's first call: v is initialised, nothing moves
