@@ -30,6 +30,8 @@ GENERAL = dict(
 
 def builders():
     from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
+    from library.optimizers.automagic import (Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_CameAMP_COptim,
+                                              Automagic_CameAMP_COptim8bit)
     from library.optimizers.hina_adamw import HinaAdamWOptimizer
 
     table = {
@@ -48,6 +50,10 @@ def builders():
             dynamic_weight_decay=False, optim_bits=8),
         "HinaAdamWOptimizer": lambda ps: HinaAdamWOptimizer(ps, lr=1e-3),
         "HinaAdamWOptimizer(8bit)": lambda ps: HinaAdamWOptimizer(ps, lr=1e-3, optim_bits=8),
+        "Automagic_CameAMP": lambda ps: Automagic_CameAMP(ps),
+        "Automagic_CameAMP8bit": lambda ps: Automagic_CameAMP8bit(ps),
+        "Automagic_CameAMP_COptim": lambda ps: Automagic_CameAMP_COptim(ps),
+        "Automagic_CameAMP_COptim8bit": lambda ps: Automagic_CameAMP_COptim8bit(ps),
     }
     try:
         import bitsandbytes as bnb

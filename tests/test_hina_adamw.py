@@ -143,12 +143,14 @@ def test_type_specific_dynamic_weight_decay_floors_reachable():
 
 
 def test_grams_and_cautious_both_act():
-    from library.optimizers.techniques.grams import grams_cautious_
+    from library.optimizers.techniques.grams import grams_cautious_list_
 
     opt = HinaAdamWOptimizer([torch.nn.Parameter(torch.zeros(3))])
     assert opt.defaults["use_grams"] and opt.defaults["use_cautious"]
     u = torch.tensor([1.0, -1.0])
-    out = grams_cautious_(u.clone(), torch.tensor([1.0, 1.0]), torch.empty(2), torch.empty(2))
+    out = [u.clone()]
+    grams_cautious_list_(out, out, [torch.tensor([1.0, 1.0])], [torch.empty(2)])
+    out = out[0]
     assert torch.allclose(out, torch.tensor([1.5, 0.5]))  # neither a no-op
 
 

@@ -6,13 +6,80 @@ import torch
 
 from library.optimizers.techniques import adopt, allora, hypergrad, lr_mask, tam
 from library.optimizers.techniques import spd as spd_t
-from library.optimizers.techniques.agr import agr
-from library.optimizers.techniques.cautious import cautious_
-from library.optimizers.techniques.grams import grams_, grams_cautious_
-from library.optimizers.techniques.orthograd import orthograd_
+from library.optimizers.techniques.agr import agr_list_
+from library.optimizers.techniques.cautious import cautious_list_
+from library.optimizers.techniques.grams import grams_cautious_list_, grams_list_
+from library.optimizers.techniques.orthograd import orthograd_list_
 from library.optimizers.techniques.weight_decay import dynamic_multiplier, steps_to_floor
 
 torch.manual_seed(0)
+
+
+# One tensor at a time, for readable equation tests: each technique exists once, in list form
+# (the optimizers call it on whole chunks); these shims hand it one-element lists.
+def agr(g, out=None, tmp=None):
+    x = g.clone() if out is None else out
+    if g.numel() <= 1:
+        return x.copy_(g)
+    if x is g:
+        xs = [x]  # in place: the same list object as input and output
+        agr_list_(xs, xs, [torch.empty_like(x) if tmp is None else tmp])
+    else:
+        agr_list_([x], [g])
+    return x
+
+
+def orthograd_(g, w):
+    orthograd_list_([g], [w])
+    return g
+
+
+def cautious_(u, g, tmp):
+    us = [u]
+    cautious_list_(us, us, [g], [tmp])
+    return u
+
+
+def grams_(u, g, tmp):
+    us = [u]
+    grams_list_(us, us, [g], [tmp])
+    return u
+
+
+def grams_cautious_(u, g, tmp, tmp2=None):
+    us = [u]
+    grams_cautious_list_(us, us, [g], [tmp])
+    return u
+
+
+def cosine(a, b):
+    return tam.cosines([a], [b])[0]
+
+
+def damping(s, cos, count, gamma):
+    return tam.damping_list([s], cos.reshape(1), count, gamma)[0]
+
+
+def tam_momentum_(m, x, d, beta1):
+    tam.momentum_list_([m], [x], d.reshape(1), beta1)
+
+
+def scale_(mask, agree, r, lo, hi):
+    lr_mask.scale_list_([mask], [agree], r, lo, hi)
+
+
+def adopt_normalize(g, v, k, eps, out):
+    adopt.normalize_list_([out], [g], [v], k, eps)
+    return out
+
+
+def spd_pre_step(p, g, anchor, tmp):
+    away, norm = spd_t.pre_step_list([p], [g], None if anchor is None else [anchor], [tmp])
+    return away[0], norm[0]
+
+
+def spd_project_(p, anchor, away, old_norm, lam, tmp):
+    spd_t.project_list_([p], None if anchor is None else [anchor], away.reshape(1), old_norm.reshape(1), lam, [tmp])
 
 
 # ------------------------------------------------------------------- AGR
@@ -81,33 +148,33 @@ def test_adopt_normalize_first_call_is_zero_and_clip_grows():
     g = torch.tensor([5.0, -5.0])
     v = torch.zeros(2)
     out = torch.empty(2)
-    assert torch.equal(adopt.normalize(g, v, 0, 1e-6, out), torch.zeros(2))
+    assert torch.equal(adopt_normalize(g, v, 0, 1e-6, out), torch.zeros(2))
     v = torch.full((2,), 1e-12)  # tiny previous v, large gradient -> clipped
-    assert torch.equal(adopt.normalize(g, v, 1, 1e-6, out), torch.tensor([1.0, -1.0]))
+    assert torch.equal(adopt_normalize(g, v, 1, 1e-6, out), torch.tensor([1.0, -1.0]))
     c2 = 2 ** 0.25
-    assert torch.allclose(adopt.normalize(g, v, 2, 1e-6, out), torch.tensor([c2, -c2]))
+    assert torch.allclose(adopt_normalize(g, v, 2, 1e-6, out), torch.tensor([c2, -c2]))
 
 
 def test_adopt_second_moment_init_then_ema():
     v = torch.zeros(3)
     g = torch.tensor([1.0, 2.0, 3.0])
-    adopt.update_second_moment_(v, g, 0, 0.9)
+    adopt.update_second_moment_list_([v], [g], 0, 0.9)
     assert torch.equal(v, g * g)
-    adopt.update_second_moment_(v, g, 1, 0.9)
+    adopt.update_second_moment_list_([v], [g], 1, 0.9)
     assert torch.allclose(v, g * g)
 
 
 # -------------------------------------------------------------------- TAM
 def test_tam_cosine_scale_invariant_and_guarded():
     a, b = torch.randn(20), torch.randn(20)
-    assert float(tam.cosine(a, b)) == pytest.approx(float(tam.cosine(a, 7.0 * b)), rel=1e-5)
-    assert float(tam.cosine(torch.zeros(5), b[:5])) == 0.0
+    assert float(cosine(a, b)) == pytest.approx(float(cosine(a, 7.0 * b)), rel=1e-5)
+    assert float(cosine(torch.zeros(5), b[:5])) == 0.0
 
 
 def test_tam_aligned_gradients_damping_to_one():
     s = torch.zeros(())
     for c in range(1, 50):
-        d = tam.damping(s, torch.tensor(1.0), c, 0.9)
+        d = damping(s, torch.tensor(1.0), c, 0.9)
     assert float(d) == pytest.approx(1.0, abs=1e-5)
 
 
@@ -121,9 +188,9 @@ def test_tam_alternating_gradients_are_damped():
     for t in range(1, 40):
         x = g if t % 2 else -g
         if t > 1:
-            d = tam.damping(s, tam.cosine(m, x), t - 1, 0.9)
+            d = damping(s, cosine(m, x), t - 1, 0.9)
             ds.append(float(d))
-            tam.momentum_(m, x, d, beta1)
+            tam_momentum_(m, x, d, beta1)
         else:
             m.lerp_(x, 1 - beta1)
     assert ds[0] == pytest.approx(0.0, abs=1e-6)  # first flip: cos = -1, bias-corrected
@@ -167,8 +234,8 @@ def test_grams_cautious_combination_rule():
 def _spd_apply(theta, theta_new, g, anchor, lam):
     p = theta_new.clone()
     tmp = torch.empty_like(p)
-    away, old = spd_t.pre_step(theta, g, anchor, tmp)
-    spd_t.project_(p, anchor, away, old, lam, tmp)
+    away, old = spd_pre_step(theta, g, anchor, tmp)
+    spd_project_(p, anchor, away, old, lam, tmp)
     return p
 
 
@@ -241,16 +308,16 @@ def test_lr_mask_agreement_is_the_sign_of_gradient_times_previous_momentum():
 
 def test_lr_mask_moves_multiplicatively_and_clamps():
     mask = torch.ones(4)
-    lr_mask.scale_(mask, torch.tensor([1.0, -1.0, 0.0, 1.0]), 0.25, 0.5, 1.5)
+    scale_(mask, torch.tensor([1.0, -1.0, 0.0, 1.0]), 0.25, 0.5, 1.5)
     e = math.exp(0.25)
     assert torch.allclose(mask, torch.tensor([e, 1 / e, 1.0, e]))
     for _ in range(3):
-        lr_mask.scale_(mask, torch.tensor([1.0, -1.0, 0.0, -1.0]), 0.25, 0.5, 1.5)
+        scale_(mask, torch.tensor([1.0, -1.0, 0.0, -1.0]), 0.25, 0.5, 1.5)
     assert torch.allclose(mask, torch.tensor([1.5, 0.5, 1.0, 1 / (e * e)]))
     # scale-free: the same agreements move a mask the same relative amount at any level
     a, b = torch.full((1,), 0.2), torch.full((1,), 4.0)
     for x in (a, b):
-        lr_mask.scale_(x, torch.ones(1), 0.1, 1e-3, 1e3)
+        scale_(x, torch.ones(1), 0.1, 1e-3, 1e3)
     assert float(a / 0.2) == pytest.approx(float(b / 4.0))
     # a skipped tensor (weight 0) keeps its mask
     m = torch.ones(3)
@@ -285,7 +352,7 @@ def test_lr_mask_storage_never_stalls():
             mask = torch.full((2,), start, dtype=dt)
             before = mask.clone()
             m32 = mask.float()
-            lr_mask.scale_(m32, torch.tensor([1.0, -1.0]), r, lo, hi)
+            scale_(m32, torch.tensor([1.0, -1.0]), r, lo, hi)
             mask.copy_(m32)
             assert not torch.equal(mask, before), (r, lo, hi, start, dt)
 

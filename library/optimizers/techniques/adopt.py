@@ -8,8 +8,6 @@ The normaliser is the *previous* second moment; there is no bias correction.
 """
 from __future__ import annotations
 
-import torch
-
 from . import ops
 
 def clip_value(k: int) -> float:
@@ -40,12 +38,3 @@ def update_second_moment_list_(vs, gs, k: int, beta2: float, decay=None) -> None
     else:
         ops.mul_(vs, beta2 if decay is None else decay)
         ops.addcmul_(vs, gs, gs, value=1.0 - beta2)
-
-
-def normalize(g: torch.Tensor, v: torch.Tensor, k: int, eps: float, out: torch.Tensor) -> torch.Tensor:
-    normalize_list_([out], [g], [v], k, eps)
-    return out
-
-
-def update_second_moment_(v: torch.Tensor, g: torch.Tensor, k: int, beta2: float) -> None:
-    update_second_moment_list_([v], [g], k, beta2)

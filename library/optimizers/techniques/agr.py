@@ -31,16 +31,3 @@ def agr_list_(outs, gs, tmps=None, weights=None) -> None:
         ops.per_tensor_("mul_", w, -wv / totals)
         ops.per_tensor_("add_", w, wv)
     ops.mul_(outs, w if outs is gs else gs)
-
-
-def agr(g: torch.Tensor, out: torch.Tensor | None = None, tmp: torch.Tensor | None = None) -> torch.Tensor:
-    """Return the AGR-regularised gradient (into ``out`` if given, which may be ``g``)."""
-    x = g.clone() if out is None else out
-    if g.numel() <= 1:
-        return x if x is g else x.copy_(g)
-    if x is g:
-        xs = [x]
-        agr_list_(xs, xs, [torch.empty_like(x) if tmp is None else tmp])
-    else:
-        agr_list_([x], [g])
-    return x

@@ -37,9 +37,3 @@ def cautious_list_(outs, us, gs, tmps=None) -> None:
     mean = agreement_list_(w, us, gs)
     ops.mul_(outs, w if outs is us else us)
     ops.per_tensor_("div_", outs, mean)
-
-
-def cautious_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    us = [u]
-    cautious_list_(us, us, [g], [tmp])
-    return u

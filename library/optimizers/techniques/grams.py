@@ -52,15 +52,3 @@ def grams_cautious_list_(outs, us, gs, tmps=None) -> None:
     ops.per_tensor_("mul_", w, a)
     ops.clamp_min_(w, -0.5)
     ops.mul_(outs, us if outs is not us else w)
-
-
-def grams_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    us = [u]
-    grams_list_(us, us, [g], [tmp])
-    return u
-
-
-def grams_cautious_(u: torch.Tensor, g: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor) -> torch.Tensor:
-    us = [u]
-    grams_cautious_list_(us, us, [g], [tmp])
-    return u

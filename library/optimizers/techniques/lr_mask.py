@@ -78,11 +78,6 @@ def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> N
     ops.clamp_max_(masks, hi)
 
 
-def scale_(mask: torch.Tensor, agree: torch.Tensor, r: float, lo: float, hi: float) -> None:
-    """One tensor's form of :func:`scale_list_` (``agree`` is consumed)."""
-    scale_list_([mask], [agree], r, lo, hi)
-
-
 _FP16_REL_ULP = 2.0 ** -10  # relative spacing of fp16 numbers, at most
 
 

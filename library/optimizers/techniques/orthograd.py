@@ -34,9 +34,3 @@ def orthograd_list_(gs, ws, tol: float = PARALLEL_TOL) -> None:
     perp = torch.stack(torch._foreach_norm(gs)).float()
     scale = torch.where(perp > tol * g_norms, g_norms / perp.clamp_min(EPS), torch.zeros_like(g_norms))
     ops.mul_(gs, list(scale.unbind(0)))
-
-
-def orthograd_(g: torch.Tensor, w: torch.Tensor, tol: float = PARALLEL_TOL) -> torch.Tensor:
-    """Orthogonalise the fp32 tensor ``g`` against ``w`` in place and return it."""
-    orthograd_list_([g], [w], tol)
-    return g

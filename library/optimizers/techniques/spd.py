@@ -50,19 +50,6 @@ def project_list_(ps, anchors, moving_away, old_norms, lam: float, tmps) -> None
         ops.addcmul_(ps, devs, list(s.unbind(0)), value=-1.0)
 
 
-def pre_step(p: torch.Tensor, g: torch.Tensor, anchor: torch.Tensor | None, tmp: torch.Tensor):
-    """Return ``(moving_away, ||theta - theta0||)`` as 0-dim tensors, before the step."""
-    p32 = p if p.dtype == torch.float32 else tmp.copy_(p)
-    g32 = g if g.dtype == torch.float32 else g.float()
-    away, norm = pre_step_list([p32], [g32], None if anchor is None else [anchor], [tmp])
-    return away[0], norm[0]
-
-
-def project_(p: torch.Tensor, anchor: torch.Tensor | None, moving_away, old_norm, lam: float, tmp: torch.Tensor) -> None:
-    """Apply the selective projection to the proposal ``p`` (fp32) in place."""
-    project_list_([p], None if anchor is None else [anchor], moving_away.reshape(1), old_norm.reshape(1), lam, [tmp])
-
-
 def spd_reference(theta, theta_new, g, anchor, lam):
     """Plain restatement of the rule on whole tensors (for tests)."""
     c = -(g * (theta - anchor)).sum()

@@ -43,18 +43,3 @@ def momentum_list_(ms, xs, d: torch.Tensor, beta1: float, decay=None) -> None:
     ``adam.update_second_moment_list_``)."""
     ops.mul_(ms, beta1 if decay is None else decay)
     ops.addcmul_(ms, xs, list(d.unbind(0)), value=1.0 - beta1)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return cosines([a], [b])[0]
-
-
-def damping(s: torch.Tensor, cos: torch.Tensor, count: int, gamma: float) -> torch.Tensor:
-    """Update the smoothed cosine ``s`` in place (``count`` cosines including this one); return d."""
-    return damping_list([s], cos.reshape(1), count, gamma)[0]
-
-
-def momentum_(m: torch.Tensor, x: torch.Tensor, d: torch.Tensor, beta1: float, keep: torch.Tensor | None = None) -> None:
-    """m <- b1 m + (1 - b1) d x, with ``d`` a 0-dim tensor (``keep``: a 0-dim tensor replacing the
-    first b1, as in momentum_decay.momentum_)."""
-    momentum_list_([m], [x], d.reshape(1), beta1, None if keep is None else [keep])
