@@ -28,7 +28,6 @@ from .techniques.cautious import cautious_list_
 from .techniques.grams import grams_cautious_list_, grams_list_
 from .techniques import lr_mask
 from .techniques.orthograd import orthograd_list_
-from .techniques.stochastic_round import round_to_bf16_
 from .techniques.weight_decay import dynamic_multiplier
 from .validation import (check_betas, check_bool, check_choice, check_eps, check_int, check_lr, check_lr_bounds,
                          check_real)
@@ -406,7 +405,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             grads = g32
         c.p32 = ps
         if not c.fp32:
-            c.p32_flat, c.p32 = pool.aligned(ps, "p32", torch.float32, 1)
+            c.p32 = pool.views(ps, "p32")
             ops.copy_(c.p32, ps)
         c.use_spd = group["use_spd"] and group["spd_lambda"] > 0
         dots = []
@@ -590,10 +589,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         collect the importance features when they are refreshed this step."""
         ps = c.ps
         if not c.initialising and not c.fp32:
-            if c.group["stochastic_rounding"] and ps[0].dtype == torch.bfloat16:
-                noise = c.pool.aligned(ps, "sr_noise", torch.int32, 1)[0]
-                round_to_bf16_(c.p32_flat, noise, quant8.mix_seed(self.param_index(ps[0]), c.t, "bf16"))
-            ops.copy_(ps, c.p32)
+            self._write_back(ps, c.p32, c.t, c.group["stochastic_rounding"])
         if c.q8:
             self._commit(ps, c.sts, c.ms, c.vs, c.masks, c.t)
         if c.feats is not None:
@@ -857,5 +853,5 @@ class _AdamChunk:
     def __init__(self, ps, group, feats, pool, sts):
         self.ps, self.group, self.feats, self.pool, self.sts = ps, group, feats, pool, sts
         self.ok = self.okf = self.oks = self.keep1 = self.keep2 = None  # the non-finite gate, when on
-        self.agree = self.p32_flat = self.moving_away = self.old_norms = self.step_coef = None
+        self.agree = self.moving_away = self.old_norms = self.step_coef = None
         self.initialising = False  # ADOPT's first call: v is initialised, nothing moves

@@ -122,6 +122,7 @@ _BASE_DEFAULTS = dict(
     adaptive_weight_decay=True,
     adadecay_alpha=4.0,
     skip_nonfinite=True,
+    stochastic_rounding=True,
     verbose=False,
     verbose_interval=50,
 )
@@ -157,7 +158,8 @@ def _validate(cfg: dict, keys) -> dict:
     ints = {"warmup_steps": 0, "verbose_interval": 1, "seed": 0, "min_8bit_size": 0, "context_window": 4,
             "stagnation_steps": 1}
     bools = ("full_finetune", "came_bias_correction", "use_agr", "use_tam", "use_grams",
-             "use_adabelief", "use_lr_mask", "adaptive_weight_decay", "verbose", "use_cautious", "skip_nonfinite")
+             "use_adabelief", "use_lr_mask", "adaptive_weight_decay", "verbose", "use_cautious", "skip_nonfinite",
+             "stochastic_rounding")
     for k in keys:
         if k not in out:
             continue
@@ -228,6 +230,7 @@ class Automagic_CameAMP(HinaOptimizer):
     """
 
     _DEFAULTS: dict = _BASE_DEFAULTS
+    _options_absent_from_older_states = {"stochastic_rounding": False}  # bf16 weights were rounded to nearest
     _eight_bit = False
     _coptim = False
     _shaped_state_keys = ("exp_avg", "exp_avg_f8", "exp_avg_slow", "exp_avg_slow_f8", "lr_mask", "lr_mask_lq",
@@ -626,7 +629,7 @@ class Automagic_CameAMP(HinaOptimizer):
         else:
             ops.add_(c.p32, c.s, alpha=-lr)
         if c.p32 is not c.ps:
-            ops.copy_(c.ps, c.p32)
+            self._write_back(c.ps, c.p32, c.t, c.group["stochastic_rounding"])
 
     def _end_step(self) -> None:
         if not self.defaults["verbose"]:

@@ -130,6 +130,7 @@ class OptimizerConfig:
     adaptive_weight_decay: bool = _BASE_DEFAULTS["adaptive_weight_decay"]
     adadecay_alpha: float = _BASE_DEFAULTS["adadecay_alpha"]
     skip_nonfinite: bool = _BASE_DEFAULTS["skip_nonfinite"]
+    stochastic_rounding: bool = _BASE_DEFAULTS["stochastic_rounding"]
     # edge and background control
     edge_suppression: bool = True
     edge_threshold: float = 0.6

@@ -23,6 +23,8 @@ import torch
 
 from . import quant8
 from .buffer_pool import BufferPool
+from .techniques import ops
+from .techniques.stochastic_round import round_to_bf16_
 
 __all__ = ["HinaOptimizer", "normalize_param_groups"]
 
@@ -224,6 +226,16 @@ class HinaOptimizer(torch.optim.Optimizer):
         if cur:
             out.append(cur)
         return out
+
+    def _write_back(self, ps, p32, t: int, stochastic: bool) -> None:
+        """Low-precision parameters ``ps`` take their updated fp32 working copy ``p32`` (a
+        FlatList): bf16 with stochastic rounding when ``stochastic`` (techniques/stochastic_round.py;
+        the stream is seeded by the chunk's first parameter index and the step, so a resumed run
+        replays it), else rounded to nearest."""
+        if stochastic and ps[0].dtype == torch.bfloat16:
+            noise = self._buffer_pool.aligned(ps, "sr_noise", torch.int32, 1)[0]
+            round_to_bf16_(p32.flat, noise, quant8.mix_seed(self.param_index(ps[0]), t, "bf16"))
+        ops.copy_(ps, p32)
 
     def _begin_step(self) -> None:
         pass
