@@ -346,8 +346,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 new = True
             elif group["use_hypergrad"] and "lr_scale" not in st:  # switched on after a load
                 st["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
-        if group["optim_bits"] == 8:
-            self._arenas.ensure(group, self.state, group["params"], [k for k, _ in self._Q8_KEYS] + ["lr_mask"], new)
+        eight = group["optim_bits"] == 8
+        self._arenas.ensure(group, self.state, group["params"], [k for k, _ in self._Q8_KEYS] + ["lr_mask"] if eight else (),
+                            new, plain=self._PLAIN_KEYS)
         feats = {} if refresh else None
         for chunk in self._chunks(params, self._layout):
             self._update_chunk(chunk, group, feats)
@@ -383,9 +384,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if c.q8:  # dequantise the whole chunk at once into block-aligned scratch; see _commit
             c.ms, c.vs, c.masks = self._load_q8(ps, sts, c.has_mask, group)
         else:
-            c.ms, c.vs = [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]
-            c.masks = [st["lr_mask"] for st in sts] if c.has_mask else None
-        c.anchors = [st["anchor"] for st in sts] if "anchor" in sts[0] else None
+            c.ms, c.vs = self._tiled(sts, "exp_avg"), self._tiled(sts, "exp_avg_sq")
+            c.masks = self._tiled(sts, "lr_mask") if c.has_mask else None
+        c.anchors = self._tiled(sts, "anchor") if "anchor" in sts[0] else None
         # compact (fp16) masks are worked on as an fp32 copy; its scratch is taken on the first step
         c.mask32 = c.pool.views(ps, 8) if c.has_mask and c.masks[0].dtype != torch.float32 else None
         c.fp32 = ps[0].dtype == torch.float32
@@ -424,8 +425,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             k2.copy_(c.okf).mul_(beta2 - 1.0).add_(1.0)
             self._count_nonfinite(c.ok)
             c.xs = pool.views(ps, 0)
-            for g, out in zip(grads, c.xs):  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
-                torch.nan_to_num(g, 0.0, 0.0, 0.0, out=out)
+            ops.copy_(c.xs, grads)
+            c.xs.flat.nan_to_num_(0.0, 0.0, 0.0)  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
 
     def _transform_stage(self, c: "_AdamChunk") -> None:
         """Gradient transforms (AGR, OrthoGrad) into scratch slot 0, and the lr mask's agreement
@@ -620,6 +621,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     # 8-bit state: codes in flat arenas (state_store.py), decoded per chunk into block-aligned
     # fp32 scratch and encoded back after the update (one seeded stream per chunk)
     _Q8_KEYS = (("exp_avg", "m8"), ("exp_avg_sq_root", "v8"))
+    # element-sized plain state, in arenas too (multi-tensor updates then run on one flat slice)
+    _PLAIN_KEYS = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor")
+
+    def _tiled(self, sts, key):
+        return self._arenas.tiled([st[key] for st in sts])
 
     def _q8_keys(self, sts):
         return self._Q8_KEYS + (("lr_mask", "mask8"),) if "lr_mask_f8" in sts[0] else self._Q8_KEYS

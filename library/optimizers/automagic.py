@@ -8,7 +8,11 @@ Four presets share one update, written once (:class:`Automagic_CameAMP`):
                                    lr multiplier (spike / plateau / stagnation detection);
 - ``Automagic_CameAMP_COptim8bit`` both.
 
-One step, per tensor (spec/algorithms.md section 17 order; t = this tensor's step, W = warmup_steps):
+One step, for every tensor (spec/algorithms.md section 17 order; t = this tensor's step, W =
+warmup_steps). It runs as the stages of ``_STAGES`` over chunks of tensors with the same step
+and state layout, brought together by shape (multi-tensor operations, one batched operation for
+each run of same-shaped factored statistics; the per-tensor arithmetic is unchanged, so states
+saved by the earlier one-tensor-at-a-time code resume bit-exactly: tests/test_checkpoint_fixtures.py):
 
  0. a tensor whose gradient holds NaN or inf is skipped, it and its state left bit-identical
     (``skip_nonfinite=True``, techniques/nonfinite.py; no host sync).
@@ -56,7 +60,10 @@ weight decay per element and for the whole run; TAM with a scalar cosine; no ste
 8-bit presets: ``exp_avg`` (and ``exp_avg_slow``) in the signed blockwise store, the lr mask
 in the 8-bit log codec, and for vectors sqrt of the second moment / residual in the unsigned
 store (sqrt halves the dynamic range, so nothing is flushed to zero), all with stochastic
-rounding seeded by ``quant8.mix_seed(seed, step, param_index)``: resume is bit-exact.
+rounding seeded by ``quant8.mix_seed(seed, step, param_index)``: resume is bit-exact. Codes
+live in flat arenas and a chunk is decoded and encoded at once (state_store.py), each tensor
+still with its own rounding stream; the stages read and write state through ``_Chunk.read`` /
+``_Chunk.write`` and never see how it is stored. Element-sized fp32 state sits in arenas too.
 Factored CAME statistics stay fp32. Tensors with fewer than ``min_8bit_size`` elements keep
 fp32 state (default 0: every tensor is quantised, so small LoRA/LoKr factors save memory
 too; 4096 reproduces bitsandbytes' rule).
