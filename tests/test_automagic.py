@@ -430,3 +430,39 @@ def test_orthograd_skips_adapter_factors_by_default_and_runs_where_asked():
     assert not torch.equal(on[0], off[0]) and not torch.equal(on[1], off[1])  # explicit True: everywhere
     unnamed = run(None, names=False)  # without names the pair is found by shape
     assert torch.equal(unnamed[0], off[0]) and torch.equal(unnamed[1], off[1])
+
+
+def test_chunked_step_gives_each_tensor_the_bits_it_gets_alone():
+    """A step runs over chunks: same-shaped tensors are brought together and their factored CAME
+    statistics computed as one batch, state lives in flat arenas, multi-tensor operations run
+    once per chunk. The math is per tensor, so each tensor must come out bit for bit as in an
+    optimizer of its own, through warmup (lr mask moving, OrthoGrad on), after it, and across a
+    step where one tensor's gradient is NaN (it is skipped in both)."""
+    shapes = [(16, 32), (32, 16), (16, 32), (32, 16), (16, 32), (40,), (40,), (3, 4, 3, 3), (16, 32)]
+    gen = torch.Generator().manual_seed(7)
+    together = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in together]
+    kw = dict(lr=1e-3, warmup_steps=8, use_orthograd=True)
+    opt = Automagic_CameAMP(together, **kw)
+    singles = [Automagic_CameAMP([q], **kw) for q in alone]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(12):
+            for i, (p, q) in enumerate(zip(together, alone)):
+                g = torch.randn(p.shape, generator=gen) * 1e-2
+                if step == 5 and i == 2:
+                    g[0] = float("nan")
+                p.grad, q.grad = g, g.clone()
+            opt.step()
+            for o in singles:
+                o.step()
+    finally:
+        torch.set_num_threads(before)
+    bases = {opt.state[p]["exp_avg"]._base.data_ptr() for p in together}
+    assert len(bases) == 1  # the state sits in one arena: the chunked, batched path ran
+    for p, q, o in zip(together, alone, singles):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg"], o.state[q]["exp_avg"])
+        assert torch.equal(opt.state[p]["came_row" if p.ndim > 1 else "came_v"],
+                           o.state[q]["came_row" if q.ndim > 1 else "came_v"])

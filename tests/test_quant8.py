@@ -906,3 +906,43 @@ def test_upgrade_dynamic_reencodes_old_checkpoints():
     assert bool(((q.load(st, "exp_avg") - old_m).abs() <= 0.04 * old_m.abs().amax()).all())
     assert bool(((q.load(st, "v") - old_v).abs() <= 0.04 * old_v.abs().amax()).all())
     assert q.upgrade_dynamic(st) == 0 and st["step"] == 3
+
+
+@pytest.mark.parametrize("codec", ["float8-signed", "float8-unsigned", "log"])
+def test_a_chunk_encoded_at_once_has_the_codes_of_its_tensors_encoded_alone(codec):
+    """The 8-bit state store encodes a whole chunk in one call with per-tensor noise streams
+    (``segment_noise``): every tensor's codes must equal storing it alone with its own seed,
+    across block padding, odd sizes and a tensor longer than the noise window."""
+    from library.optimizers.quant8._engine import _CHUNK, log_segment_noise
+    from library.optimizers.quant8.float8 import segment_noise
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = [5120, 301, 1, _CHUNK + 77, 256]
+    seeds = [q.mix_seed(11, 3, i, "exp_avg") for i in range(len(sizes))]
+    xs = [torch.randn(n, generator=gen) for n in sizes]
+    if codec == "log":
+        xs = [x.abs() * 3 + 0.2 for x in xs]
+        starts, total = [], 0
+        for n in sizes:
+            starts.append(total)
+            total += n
+        noise = log_segment_noise([(a, n, s) for a, n, s in zip(starts, sizes, seeds)], total + 1, None)
+        codes = q.quantize_log(torch.cat(xs), 0.1, 10.0, bits=8, noise=noise)
+        for a, x, s in zip(starts, xs, seeds):
+            alone = q.quantize_log(x, 0.1, 10.0, bits=8, rounding="stochastic", seed=s)
+            assert torch.equal(codes[a:a + x.numel()], alone)
+        return
+    signed = codec == "float8-signed"
+    starts, total = [], 0
+    for n in sizes:  # each tensor starts on a block boundary, the padding holds zeros
+        starts.append(total)
+        total += -(-n // 256) * 256
+    flat = torch.zeros(total)
+    for a, x in zip(starts, xs):
+        flat[a:a + x.numel()] = x
+    noise = segment_noise(signed, [(a, n, s) for a, n, s in zip(starts, sizes, seeds)], total, None)
+    codes, absmax = q.quantize_float8(flat, signed=signed, block_size=256, noise=noise)
+    for a, x, s in zip(starts, xs, seeds):
+        alone, alone_absmax = q.quantize_float8(x, signed=signed, block_size=256, rounding="stochastic", seed=s)
+        assert torch.equal(codes[a:a + x.numel()], alone)
+        assert torch.equal(absmax[a // 256:a // 256 + alone_absmax.numel()], alone_absmax)

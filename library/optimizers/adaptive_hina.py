@@ -21,17 +21,15 @@ from . import quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
 from .state_store import Arenas
-from .techniques import adam, adopt, allora, hypergrad, tam
+from .techniques import adam, adopt, allora, hypergrad, lr_mask, nonfinite, ops, tam
 from .techniques import agr as agr_t
 from .techniques import spd as spd_t
 from .techniques.cautious import cautious_list_
 from .techniques.grams import grams_cautious_list_, grams_list_
-from .techniques import lr_mask
 from .techniques.orthograd import orthograd_list_
 from .techniques.weight_decay import dynamic_multiplier
 from .validation import (check_betas, check_bool, check_choice, check_eps, check_int, check_lr, check_lr_bounds,
                          check_real)
-from .techniques import ops
 
 __all__ = ["AdaptiveHinaAdamW"]
 
@@ -425,8 +423,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             k2.copy_(c.okf).mul_(beta2 - 1.0).add_(1.0)
             self._count_nonfinite(c.ok)
             c.xs = pool.views(ps, 0)
-            ops.copy_(c.xs, grads)
-            c.xs.flat.nan_to_num_(0.0, 0.0, 0.0)  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
+            nonfinite.sanitize_list_(c.xs, grads)  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
 
     def _transform_stage(self, c: "_AdamChunk") -> None:
         """Gradient transforms (AGR, OrthoGrad) into scratch slot 0, and the lr mask's agreement

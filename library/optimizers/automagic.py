@@ -84,13 +84,12 @@ from . import __version__, quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
 from .state_store import BLOCK, Arenas, same_log_range
-from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, nonfinite, tam
+from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, nonfinite, ops, tam
 from .techniques.agr import agr_list_
 from .techniques.cautious import cautious_list_
 from .techniques.grams import grams_list_
 from .techniques.orthograd import orthograd_list_
 from .validation import check_betas, check_bool, check_int, check_lr, check_lr_bounds, check_real
-from .techniques import ops
 
 __all__ = [
     "Automagic_CameAMP",
@@ -783,9 +782,7 @@ class _Chunk:
         if self.shared.gate is None:
             return grads
         out = self.buf("grad")
-        ops.copy_(out, grads)
-        out.flat.nan_to_num_(0.0, 0.0, 0.0)
-        ops.per_tensor_("mul_", out, self.ok_vec())
+        nonfinite.sanitize_list_(out, grads, self.ok_vec())
         return out
 
     def buf(self, tag) -> list:

@@ -43,8 +43,7 @@ import math
 
 import torch
 
-from . import adabelief
-from . import ops
+from . import adabelief, ops
 
 __all__ = [
     "matrix_shape",

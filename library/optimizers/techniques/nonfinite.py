@@ -15,9 +15,9 @@ bit-identical, in two ways chosen by cost:
   rounding, a preset's own state) is copied before the update and put back after it
   (:class:`Guard`).
 
-Used by the per-tensor Automagic family; the multi-tensor AdaptiveHinaAdamW folds the same flags
-into its betas and step sizes. A tensor's step counter (a Python int) still advances, as it
-does in AdaptiveHinaAdamW.
+Gate and Guard are used by the Automagic family; AdaptiveHinaAdamW folds the same flags into its
+betas and step sizes. Both sanitise with :func:`sanitize_list_`. A tensor's step counter (a
+Python int) still advances.
 
 The restore works on bit patterns (each tensor viewed as the integer type of its width):
 ``x += (old - x) * (1 - ok)`` in wrap-around integer arithmetic gives back exactly the old bits
@@ -27,6 +27,8 @@ where ``ok`` is 0 and leaves ``x`` untouched where it is 1, for every dtype (fp3
 from __future__ import annotations
 
 import torch
+
+from . import ops
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -42,12 +44,19 @@ def finite_norms(norms, ok: torch.Tensor) -> list[torch.Tensor]:
     return list(torch.where(ok, torch.stack(list(norms)).float(), zero).unbind(0))
 
 
-def sanitize(grad: torch.Tensor, ok: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``ok * nan_to_num(grad)`` into the fp32 buffer ``out`` (equal to ``grad`` where finite)."""
-    if grad.dtype == out.dtype:
-        return torch.where(ok, grad, torch.zeros((), dtype=out.dtype, device=out.device), out=out)
-    torch.nan_to_num_(out.copy_(grad), 0.0, 0.0, 0.0)  # a bf16 / fp16 gradient: widen first
-    return out.mul_(ok)
+def sanitize_list_(outs, grads, oks: torch.Tensor | None = None) -> None:
+    """``nan_to_num(grad)`` into fp32 scratch ``outs`` (chunk scratch: one flat pass), times
+    ``oks`` (one 0/1 value per tensor) when given; a caller that folds ``ok`` into a later pass
+    leaves it out. Equal to ``grad`` where finite."""
+    ops.copy_(outs, grads)  # widens bf16 / fp16 gradients
+    flat = getattr(outs, "flat", None)
+    if flat is not None:
+        flat.nan_to_num_(0.0, 0.0, 0.0)
+    else:
+        for x in outs:
+            x.nan_to_num_(0.0, 0.0, 0.0)
+    if oks is not None:
+        ops.per_tensor_("mul_", outs, oks)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .orthograd import dots
 from . import ops
+from .orthograd import dots
 
 EPS = 1e-12
 
