@@ -336,14 +336,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
         refresh = group["use_dynamic_adaptation"] and group["step_count"] % group["relationship_discovery_interval"] == 0
-        new = False
-        for p in params:
-            st = self.state[p]
-            if "step" not in st:
-                self._init_state(p, st, group)
-                new = True
-            elif group["use_hypergrad"] and "lr_scale" not in st:  # switched on after a load
-                st["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
+        new = self._init_missing(group, params)
+        if group["use_hypergrad"]:  # switched on after a load of a state saved without it
+            for p in params:
+                if "lr_scale" not in self.state[p]:
+                    self.state[p]["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
         eight = group["optim_bits"] == 8
         self._arenas.ensure(group, self.state, group["params"], [k for k, _ in self._Q8_KEYS] + ["lr_mask"] if eight else (),
                             new, plain=self._PLAIN_KEYS)

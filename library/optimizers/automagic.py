@@ -398,12 +398,7 @@ class Automagic_CameAMP(HinaOptimizer):
         return getattr(type(self), name) is not getattr(Automagic_CameAMP, name)
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
-        new = False
-        for p in params:
-            st = self.state[p]
-            if "step" not in st:
-                self._init_state(p, st, group)
-                new = True
+        new = self._init_missing(group, params)
         ordered = self._by_shape(params)
         self._arenas.ensure(group, self.state, ordered, _EIGHT_BIT_KEYS, new, ("lr_mask",), _PLAIN_KEYS)
         shared = self._group_quantities(group, params)

@@ -246,6 +246,17 @@ class HinaOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def _init_missing(self, group: dict, params) -> bool:
+        """Create the state of parameters stepping for the first time (``_init_state``); returns
+        whether any was created."""
+        new = False
+        for p in params:
+            st = self.state[p]
+            if "step" not in st:
+                self._init_state(p, st, group)
+                new = True
+        return new
+
     # ------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict`, keeping every tensor's dtype exactly."""
