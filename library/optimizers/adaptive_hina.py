@@ -20,7 +20,7 @@ from . import __version__
 from . import quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
-from .state_store import Arenas
+from .state_store import Arenas, ChunkState
 from .techniques import adam, adopt, allora, hypergrad, lr_mask, nonfinite, ops, tam
 from .techniques import agr as agr_t
 from .techniques import spd as spd_t
@@ -33,7 +33,6 @@ from .validation import (check_betas, check_bool, check_choice, check_eps, check
 
 __all__ = ["AdaptiveHinaAdamW"]
 
-_BLOCK = quant8.DEFAULT_BLOCK_SIZE
 _IMPORTANCE_WEIGHTS = (0.4, 0.3, 0.3)  # gradient, change rate, intrinsic
 _FACTOR_MIN, _FACTOR_MAX = 0.5, 2.0
 _TINY = 1e-30
@@ -342,8 +341,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 if "lr_scale" not in self.state[p]:
                     self.state[p]["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
         eight = group["optim_bits"] == 8
-        self._arenas.ensure(group, self.state, group["params"], [k for k, _ in self._Q8_KEYS] + ["lr_mask"] if eight else (),
-                            new, plain=self._PLAIN_KEYS)
+        self._arenas.ensure(group, self.state, group["params"], self._Q8_KEYS if eight else (), new,
+                            plain=self._PLAIN_KEYS)
         feats = {} if refresh else None
         for chunk in self._chunks(params, self._layout):
             self._update_chunk(chunk, group, feats)
@@ -374,14 +373,14 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         c.t = c.k + 1
         for st in sts:
             st["step"] = c.t
-        c.q8 = "exp_avg_f8" in sts[0]
-        c.has_mask = "lr_mask" in sts[0] or "lr_mask_f8" in sts[0]
-        if c.q8:  # dequantise the whole chunk at once into block-aligned scratch; see _commit
-            c.ms, c.vs, c.masks = self._load_q8(ps, sts, c.has_mask, group)
-        else:
-            c.ms, c.vs = self._tiled(sts, "exp_avg"), self._tiled(sts, "exp_avg_sq")
-            c.masks = self._tiled(sts, "lr_mask") if c.has_mask else None
-        c.anchors = self._tiled(sts, "anchor") if "anchor" in sts[0] else None
+        # element-sized state, whatever its storage (8-bit: decoded into scratch, one stochastic
+        # rounding stream per chunk seeded by its first parameter index and the step)
+        c.stored = ChunkState(self._arenas, c.pool, ps, sts, tag="aha8", stored_as=self._STORED_AS,
+                              seed=quant8.mix_seed(self.param_index(ps[0]), c.t))
+        c.ms, c.vs = c.stored.read("exp_avg"), c.stored.read("exp_avg_sq")
+        c.masks = c.stored.read("lr_mask", clamp=self._mask_range(group))
+        c.has_mask = c.masks is not None
+        c.anchors = c.stored.read("anchor")
         # compact (fp16) masks are worked on as an fp32 copy; its scratch is taken on the first step
         c.mask32 = c.pool.views(ps, 8) if c.has_mask and c.masks[0].dtype != torch.float32 else None
         c.fp32 = ps[0].dtype == torch.float32
@@ -585,8 +584,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         ps = c.ps
         if not c.initialising and not c.fp32:
             self._write_back(ps, c.p32, c.t, c.group["stochastic_rounding"])
-        if c.q8:
-            self._commit(ps, c.sts, c.ms, c.vs, c.masks, c.t)
+        for key, xs in (("exp_avg", c.ms), ("exp_avg_sq", c.vs), ("lr_mask", c.masks)):
+            c.stored.write(key, xs)
         if c.feats is not None:
             self._collect_features(ps, c.ms, None if c.initialising else (c.us, c.step_coef), c.feats)
 
@@ -612,39 +611,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 out[i] = one
         return out
 
-    # 8-bit state: codes in flat arenas (state_store.py), decoded per chunk into block-aligned
-    # fp32 scratch and encoded back after the update (one seeded stream per chunk)
-    _Q8_KEYS = (("exp_avg", "m8"), ("exp_avg_sq_root", "v8"))
+    # 8-bit state: codes in flat arenas (state_store.py); v is stored as its square root
+    _Q8_KEYS = ("exp_avg", "exp_avg_sq_root", "lr_mask")
+    _STORED_AS = {"exp_avg_sq": "exp_avg_sq_root"}
     # element-sized plain state, in arenas too (multi-tensor updates then run on one flat slice)
     _PLAIN_KEYS = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor")
-
-    def _tiled(self, sts, key):
-        return self._arenas.tiled([st[key] for st in sts])
-
-    def _q8_keys(self, sts):
-        return self._Q8_KEYS + (("lr_mask", "mask8"),) if "lr_mask_f8" in sts[0] else self._Q8_KEYS
-
-    def _load_q8(self, ps, sts, has_mask, group):
-        out = {key: self._arenas.decode(self._buffer_pool, ps, sts, key, tag) for key, tag in self._q8_keys(sts)}
-        v_flat, vs = out["exp_avg_sq_root"]
-        v_flat.mul_(v_flat)  # stored as sqrt(v); the padding stays 0
-        masks = None
-        if "lr_mask" in out:  # never outside its range: an element near a bound may decode one level beyond
-            flat, masks = out["lr_mask"]
-            flat.clamp_(*self._mask_range(group))
-        elif has_mask:
-            masks = [st["lr_mask"] for st in sts]
-        return out["exp_avg"][1], vs, masks
-
-    def _commit(self, ps, sts, ms, vs, masks, t: int) -> None:
-        """Requantise the chunk's 8-bit state (stochastic rounding; the stream is seeded by the
-        chunk's first parameter index and the step, so a resumed run replays it exactly)."""
-        seed = quant8.mix_seed(self.param_index(ps[0]), t)
-        pool = self._buffer_pool
-        for key, tag in self._q8_keys(sts):
-            if key == "exp_avg_sq_root":
-                pool.aligned(ps, tag, torch.float32, _BLOCK)[0].sqrt_()
-            self._arenas.encode(pool, ps, sts, key, tag, seed=seed)
 
     def _collect_features(self, ps, ms, step, feats: dict) -> None:
         """(gradient term, change rate, intrinsic term) per tensor, as vectors on device.

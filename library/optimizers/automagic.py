@@ -83,7 +83,7 @@ import torch
 from . import __version__, quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
-from .state_store import BLOCK, Arenas, same_log_range
+from .state_store import Arenas, ChunkState
 from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, nonfinite, ops, tam
 from .techniques.agr import agr_list_
 from .techniques.cautious import cautious_list_
@@ -475,12 +475,12 @@ class Automagic_CameAMP(HinaOptimizer):
         RMS-clipped; then the preset's transform of u."""
         group = c.group
         b2 = group["betas"][1]
-        v = c.read("came_v")  # None for factored tensors
+        v = c.stored.read("came_v")  # None for factored tensors
         u = c.buf("u")
         came.normalize_list_(c.g, c.sts, b2, group["eps"][0], u, c.buf("tmp"),
                              bc2=came.correction(b2, c.t, group["came_bias_correction"]), vs=v,
                              keeps=c.keep(b2), oks=c.factors())
-        c.write("came_v", v)
+        c.stored.write("came_v", v)
         came.rms_clip_list_(u, group["clip_threshold"])
         if self._hooked("_momentum_input"):
             u = [self._momentum_input(p, x, st, group, c.t) for p, x, st in zip(c.ps, u, c.sts)]
@@ -493,7 +493,7 @@ class Automagic_CameAMP(HinaOptimizer):
         group, t, u = c.group, c.t, c.u
         b1 = group["betas"][0]
         warm = group["warmup_steps"]
-        m = c.read("exp_avg")
+        m = c.stored.read("exp_avg")
         c.adapting = group["use_lr_mask"] and t <= warm
         if c.adapting or c.shared.agree_sums is not None:
             c.agree = c.buf("agree")
@@ -511,24 +511,24 @@ class Automagic_CameAMP(HinaOptimizer):
             momentum_decay.momentum_list_(m, u, beta, c.keep(beta))
         c.m = c.mm = m
         if self._coptim:
-            slow = c.read("exp_avg_slow")
+            slow = c.stored.read("exp_avg_slow")
             beta = group["slow_beta"]
             momentum_decay.momentum_list_(slow, u, beta, c.keep(beta))
             c.mm = c.buf("mix")
             ademamix.mix_list_(c.mm, m, slow, ademamix.alpha_at(group["slow_alpha"], t, warm))
-            c.write("exp_avg_slow", slow)
+            c.stored.write("exp_avg_slow", slow)
 
     def _confidence_stage(self, c: "_Chunk") -> None:
         """4. CAME confidence s = m / sqrt(U^) (vectors: the AdaBelief residual unless disabled)."""
         group = c.group
         b3 = group["betas"][2]
-        res = c.read("came_res")  # None for factored tensors and without the AdaBelief residual
+        res = c.stored.read("came_res")  # None for factored tensors and without the AdaBelief residual
         c.s = c.buf("s")
         came.confidence_list_(c.u, c.mm, c.sts, b3, group["eps"][1], c.s,
                               bc3=came.correction(b3, c.t, group["came_bias_correction"]), ress=res,
                               keeps=c.keep(b3), oks=c.factors())
-        c.write("came_res", res)
-        c.write("exp_avg", c.m)
+        c.stored.write("came_res", res)
+        c.stored.write("exp_avg", c.m)
 
     def _direction_stage(self, c: "_Chunk") -> None:
         """5. Grams blend ``a sign(g)|s| + (1 - a) s`` with ``a = beta1_decay^t``; Cautious on the
@@ -551,11 +551,11 @@ class Automagic_CameAMP(HinaOptimizer):
         group = c.group
         c.mask = None
         if group["use_lr_mask"]:
-            c.mask = c.read("lr_mask")
+            c.mask = c.stored.read("lr_mask")
             r = self._mask_rate(group, c.t) if c.adapting else 0.0
             if r > 0.0:
                 lr_mask.scale_list_(c.mask, c.agree, r, *self._mask_bounds(group))
-                c.write("lr_mask", c.mask)
+                c.stored.write("lr_mask", c.mask)
             ops.mul_(c.s, c.mask)
         eta = group["eta"]
         if eta is not None and not group["full_finetune"]:
@@ -755,13 +755,16 @@ class _Chunk:
 
     def __init__(self, opt: Automagic_CameAMP, group: dict, ps: list, idx: list, shared: _Group):
         self.group, self.ps, self.idx, self.shared = group, ps, idx, shared
-        self.pool, self.arenas = opt._buffer_pool, opt._arenas
+        self.pool = opt._buffer_pool
         self.sts = [opt.state[p] for p in ps]
         self.t = self.sts[0]["step"] + 1
         for st in self.sts:
             st["step"] = self.t
         eight = "exp_avg_f8" in self.sts[0]
-        self.seeds = [quant8.mix_seed(group["seed"], self.t, opt.param_index(p)) for p in ps] if eight else None
+        seeds = [quant8.mix_seed(group["seed"], self.t, opt.param_index(p)) for p in ps] if eight else None
+        # element-sized state, whatever its storage: read into working tensors, written back
+        self.stored = ChunkState(opt._arenas, self.pool, ps, self.sts, tag="automagic8", stored_as=_STORED_AS,
+                                 seeds=seeds)
         self.index = torch.tensor(idx, device=ps[0].device)  # positions in the group
         self.grads = self._gradients()
         self.p32 = ps
@@ -801,48 +804,6 @@ class _Chunk:
         """1 (0 for a skipped tensor) per tensor, or None without the gate."""
         gate = self.shared.gate
         return None if gate is None else [gate.factor(i) for i in self.idx]
-
-    # element-sized state, whatever its storage: ``read`` gives fp32 (or the mask's own dtype)
-    # tensors to update in place, ``write`` stores them back (a no-op for plain tensors)
-    def read(self, key: str):
-        """The chunk's state ``key`` as working tensors, or None where the state has no such key."""
-        st0 = self.sts[0]
-        if key in st0:
-            return self.arenas.tiled(self.state(key))
-        name = _STORED_AS.get(key, key)
-        if name + quant8.F8_SUFFIX in st0:
-            flat, views = self.arenas.decode(self.pool, self.ps, self.sts, name, ("automagic8", name))
-            if name != key:
-                flat.square_()
-            return views
-        if name + quant8.LOG_SUFFIX in st0:  # lr masks: the 8-bit log codec
-            if same_log_range(self.sts, name):
-                return self.arenas.decode_log(self.pool, self.ps, self.sts, name, ("automagic8", name))
-            out = self.buf(name)
-            for st, o in zip(self.sts, out):
-                quant8.load_log(st, name, out=o)
-            return out
-        return None
-
-    def write(self, key: str, xs) -> None:
-        """Store ``xs`` (what :meth:`read` gave, updated) back: 8-bit with each tensor's own seeded
-        stochastic rounding, so a chunk's codes are those of its tensors stored one by one."""
-        st0 = self.sts[0]
-        if xs is None or key in st0:
-            return
-        name = _STORED_AS.get(key, key)
-        if name + quant8.F8_SUFFIX in st0:
-            tag = ("automagic8", name)
-            if name != key:
-                self.pool.aligned(self.ps, tag, torch.float32, BLOCK)[0].sqrt_()
-            self.arenas.encode(self.pool, self.ps, self.sts, name, tag, seeds=self.seeds)
-        elif name + quant8.LOG_SUFFIX in st0:
-            if same_log_range(self.sts, name):
-                self.arenas.encode_log(self.pool, self.ps, self.sts, name, ("automagic8", name), self.seeds)
-                return
-            for st, x, seed in zip(self.sts, xs, self.seeds):
-                lo, hi = st[name + quant8.RANGE_SUFFIX]
-                quant8.store_log(st, name, x, lo=lo, hi=hi, bits=8, seed=seed)
 
 
 class Automagic_CameAMP8bit(Automagic_CameAMP):

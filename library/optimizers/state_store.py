@@ -179,3 +179,61 @@ def same_log_range(sts, name: str) -> bool:
     """Do the chunk's log-coded tensors share one ``(lo, hi)`` range (so they decode as one)?"""
     first = sts[0][name + quant8.RANGE_SUFFIX]
     return all(st[name + quant8.RANGE_SUFFIX] == first for st in sts)
+
+
+class ChunkState:
+    """A chunk's element-sized state, whatever its storage: :meth:`read` gives working tensors to
+    update in place (the state tensors themselves when they are plain, as a FlatList over their
+    arena slice when they lie in one; decoded fp32 scratch when they are 8-bit), :meth:`write`
+    stores them back (a no-op for plain tensors). The optimizer's math never sees the storage.
+
+    ``stored_as`` maps a key to the name its 8-bit codes are stored under as a square root (half
+    the dynamic range, so small second moments are not flushed to zero). Stochastic rounding is
+    seeded per chunk (``seed``) or per tensor (``seeds``), see the module docstring.
+    """
+
+    def __init__(self, arenas: Arenas, pool, ps, sts, *, tag: str, stored_as=None, seed=None, seeds=None):
+        self.arenas, self.pool, self.ps, self.sts = arenas, pool, ps, sts
+        self.tag, self.stored_as, self.seed, self.seeds = tag, stored_as or {}, seed, seeds
+
+    def read(self, key: str, clamp=None):
+        """The chunk's state ``key``, or None where the state has no such key. ``clamp = (lo, hi)``
+        bounds decoded 8-bit values (a value near a bound may decode one level beyond it)."""
+        st0 = self.sts[0]
+        if key in st0:
+            return self.arenas.tiled([st[key] for st in self.sts])
+        name = self.stored_as.get(key, key)
+        if name + quant8.F8_SUFFIX in st0:
+            flat, views = self.arenas.decode(self.pool, self.ps, self.sts, name, (self.tag, name))
+            if name != key:
+                flat.square_()  # the padding stays 0
+            if clamp is not None:
+                flat.clamp_(*clamp)
+            return views
+        if name + quant8.LOG_SUFFIX in st0:  # the 8-bit log codec (the Automagic lr masks)
+            if same_log_range(self.sts, name):
+                return self.arenas.decode_log(self.pool, self.ps, self.sts, name, (self.tag, name))
+            out = self.pool.views(self.ps, (self.tag, name))
+            for st, o in zip(self.sts, out):
+                quant8.load_log(st, name, out=o)
+            return out
+        return None
+
+    def write(self, key: str, xs) -> None:
+        """Store ``xs`` (what :meth:`read` gave, updated) back."""
+        st0 = self.sts[0]
+        if xs is None or key in st0:
+            return
+        name = self.stored_as.get(key, key)
+        if name + quant8.F8_SUFFIX in st0:
+            tag = (self.tag, name)
+            if name != key:
+                self.pool.aligned(self.ps, tag, torch.float32, BLOCK)[0].sqrt_()
+            self.arenas.encode(self.pool, self.ps, self.sts, name, tag, seed=self.seed, seeds=self.seeds)
+        elif name + quant8.LOG_SUFFIX in st0:
+            if same_log_range(self.sts, name):
+                self.arenas.encode_log(self.pool, self.ps, self.sts, name, (self.tag, name), self.seeds)
+                return
+            for st, x, seed in zip(self.sts, xs, self.seeds):
+                lo, hi = st[name + quant8.RANGE_SUFFIX]
+                quant8.store_log(st, name, x, lo=lo, hi=hi, bits=8, seed=seed)
