@@ -1,5 +1,6 @@
-"""Where 8-bit optimizer state lives, kept apart from the math (torchao's low-bit optimizers are
-the model: the update works on plain fp32 tensors, the storage decodes before and encodes after).
+"""Where element-sized optimizer state lives, kept apart from the math (torchao's low-bit
+optimizers are the model: the update works on plain fp32 tensors, the storage decodes before and
+encodes after). :class:`ChunkState` is the interface the optimizers use; :class:`Arenas` the layout.
 
 Layout. The float8 codes and block absmax values of a param group live in flat arenas, one per
 state key (and dtype, device), every tensor starting at a multiple of the block size, in the
@@ -8,7 +9,10 @@ every reader still see one plain tensor per key. A chunk of consecutive tensors 
 arena slice, which the codec decodes from and encodes into in place, with no per-tensor copies.
 The fp32 working copies are block-aligned scratch with the same layout. A chunk that is not one
 slice (a tensor in between had no gradient this step) goes through scratch copies with the same
-bits.
+bits. Plain element-sized state (fp32 moments, fp16/fp32 lr masks, SPD anchors) is packed the
+same way without padding, so multi-tensor updates of a chunk run on one flat slice
+(techniques/ops.py). Packing happens on a group's first step and after a load; for that moment
+the old tensors and the new arena exist side by side (twice that state's memory, briefly).
 
 Streams. Stochastic rounding is seeded either per chunk (one seed, element i of the chunk's
 flat layout uses entry ``offset(seed) + i``) or per tensor (one seed each, the tensor's element j
@@ -31,7 +35,8 @@ BLOCK = quant8.DEFAULT_BLOCK_SIZE
 
 
 class Arenas:
-    """The arenas of an optimizer's 8-bit groups: pack them, then decode / encode chunks."""
+    """The arenas of an optimizer's element-sized state (8-bit codes, and plain fp32 tensors laid
+    out the same way, align 1): pack them, then hand out chunk slices, decode and encode."""
 
     #: packing pays for itself in speed, but block padding costs memory: groups of many small
     #: tensors (small LoKr factors, say) keep standalone state and take the copying path
