@@ -606,7 +606,7 @@ class Automagic_CameAMP(HinaOptimizer):
                 ops.copy_(dec, torch._foreach_mul(mask, mult))
             else:
                 ops.mul_(dec, mult)
-        oks = c.ok_vec()
+        oks = c.oks
         if oks is not None and dec is not None:  # a skipped tensor does not decay
             if dec[0].dim() == 0:
                 dec = torch._foreach_mul(dec, c.factors())
@@ -621,7 +621,7 @@ class Automagic_CameAMP(HinaOptimizer):
         """8. ``p <- p - lr s [M]`` (a skipped tensor's direction is zeroed: s * 1 is exact for the
         others), written back to low-precision parameters."""
         lr = c.group["lr"]
-        oks = c.ok_vec()
+        oks = c.oks
         if oks is not None:
             ops.per_tensor_("mul_", c.s, oks)
         mult = c.shared.mult
@@ -765,7 +765,10 @@ class _Chunk:
         # element-sized state, whatever its storage: read into working tensors, written back
         self.stored = ChunkState(opt._arenas, self.pool, ps, self.sts, tag="automagic8", stored_as=_STORED_AS,
                                  seeds=seeds)
-        self.index = torch.tensor(idx, device=ps[0].device)  # positions in the group
+        needed = shared.gate is not None or shared.kb is not None
+        self.index = torch.tensor(idx, device=ps[0].device) if needed else None  # positions in the group
+        # 1 (0 for a skipped tensor) per tensor as one vector, or None without the non-finite gate
+        self.oks = None if shared.gate is None else shared.gate.okf.index_select(0, self.index)
         self.grads = self._gradients()
         self.p32 = ps
         if ps[0].dtype != torch.float32:  # fp32 working copy of low-precision weights
@@ -780,7 +783,7 @@ class _Chunk:
         if self.shared.gate is None:
             return grads
         out = self.buf("grad")
-        nonfinite.sanitize_list_(out, grads, self.ok_vec())
+        nonfinite.sanitize_list_(out, grads, self.oks)
         return out
 
     def buf(self, tag) -> list:
@@ -794,11 +797,6 @@ class _Chunk:
         """The non-finite gate's ``value`` (1 for a skipped tensor) per tensor, or None."""
         gate = self.shared.gate
         return None if gate is None else [gate.keep(value, i) for i in self.idx]
-
-    def ok_vec(self):
-        """1 (0 for a skipped tensor) per tensor as one vector, or None without the gate."""
-        gate = self.shared.gate
-        return None if gate is None else gate.okf.index_select(0, self.index)
 
     def factors(self):
         """1 (0 for a skipped tensor) per tensor, or None without the gate."""
