@@ -220,9 +220,10 @@ def test_coptim_multiplier_moves_without_a_closure_and_stays_in_bounds(cls):
     assert info["gradient_observations"] == 120 and info["losses_reported"] == 0
 
 
-def test_coptim_uses_reported_losses_and_detects_a_spike():
+def _spike_after_40_steps(**kw) -> tuple[float, float, Automagic_CameAMP_COptim]:
+    """(multiplier before, multiplier after) a reported loss spike at step 41, and the optimizer."""
     ps = _params()
-    opt = Automagic_CameAMP_COptim(ps, lr=1e-3, warmup_steps=10, context_window=10)
+    opt = Automagic_CameAMP_COptim(ps, lr=1e-3, warmup_steps=10, context_window=10, **kw)
     gen = torch.Generator().manual_seed(0)
     for i in range(40):
         for p in ps:
@@ -238,8 +239,19 @@ def test_coptim_uses_reported_losses_and_detects_a_spike():
     for p in ps:
         p.grad = torch.randn(p.shape, generator=gen)
     opt.step()
-    assert float(opt.param_groups[0]["context"]["mult"]) < 0.75 * before
+    return before, float(opt.param_groups[0]["context"]["mult"]), opt
+
+
+def test_coptim_uses_reported_losses_and_detects_a_spike():
+    before, after, opt = _spike_after_40_steps(lr_multiplier_bounds=(0.5, 2.0))
+    assert after < 0.75 * before
     opt.report_loss(3.0)  # a Python number works too
+
+
+def test_coptim_default_bounds_never_cut_below_the_scheduled_lr():
+    before, after, opt = _spike_after_40_steps()
+    assert opt.defaults["lr_multiplier_bounds"] == (1.0, 2.0)
+    assert before >= 1.0 and after == 1.0  # the spike takes back any boost, no more
 
 
 def test_coptim_cautious_and_slow_momentum_change_the_step():

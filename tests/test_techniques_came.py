@@ -262,7 +262,7 @@ def test_slow_momentum_mix_normalised():
 
 
 # ------------------------------------------------------------ C-Optim context
-CFG = dict(context.DEFAULTS)
+CFG = dict(context.DEFAULTS, lr_multiplier_bounds=(0.5, 2.0))  # room to cut: the mechanism under test
 
 
 def test_context_multiplier_follows_consistency_within_bounds():

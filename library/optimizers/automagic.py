@@ -816,7 +816,7 @@ class Automagic_CameAMP_COptim(Automagic_CameAMP):
 
     Extra arguments: use_cautious=True, slow_beta=0.99, slow_alpha=1.0 and the context
     settings of techniques/context.py (context_window=30, adaptation_rate=0.1,
-    lr_multiplier_bounds=(0.5, 2.0), spike_threshold=3.0, spike_factor=0.5,
+    lr_multiplier_bounds=(1.0, 2.0), spike_threshold=3.0, spike_factor=0.5,
     plateau_threshold=1e-3, plateau_consistency=0.02, stagnation_steps=30,
     stagnation_boost=1.5, consistency_gain=2.0, consistency_ref=0.1). Feed it losses with
     :meth:`report_loss` (the trainer does after each step); no closure is needed.
