@@ -145,7 +145,7 @@ def test_type_specific_dynamic_weight_decay_floors_reachable():
 def test_grams_and_cautious_both_act():
     from library.optimizers.techniques.grams import grams_cautious_list_
 
-    opt = HinaAdamWOptimizer([torch.nn.Parameter(torch.zeros(3))])
+    opt = HinaAdamWOptimizer([torch.nn.Parameter(torch.zeros(3))], use_grams=True)
     assert opt.defaults["use_grams"] and opt.defaults["use_cautious"]
     u = torch.tensor([1.0, -1.0])
     out = [u.clone()]
