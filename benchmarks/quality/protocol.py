@@ -48,16 +48,17 @@ FULL_RUN_MINUTES = 45
 
 # Cost of one run at full size with torch AdamW, one thread (seconds), and the optimizer's share
 # of the step on that task; CLASS_COST is each class's cost relative to AdamW on tiny_sd_long,
-# the larger of two measurements (100-step and 300-step runs, each against AdamW in the same
-# process). A run costs RUN_SECONDS x (1 + share x (CLASS_COST - 1)), scaled by its steps; on
-# the small tasks this is within ~20% of the measured times.
+# measured by ``python -m benchmarks.quality.class_cost`` (100-step runs in alternating rounds,
+# one process, one thread; 2026-12-07, after the Automagic family became multi-tensor). A run
+# costs RUN_SECONDS x (1 + share x (CLASS_COST - 1)), scaled by its steps; on the small tasks
+# this is within ~20% of the measured times.
 RUN_SECONDS = {"lora_teacher": 0.42, "digits": 0.40, "char_lm": 1.8, "tiny_sd_long": 44.0}
 OPTIMIZER_SHARE = {"lora_teacher": 0.55, "digits": 0.6, "char_lm": 0.25, "tiny_sd_long": 1.0}
 FULL_STEPS = {"lora_teacher": 300, "digits": 300, "char_lm": 150, "tiny_sd_long": 1500}
 CLASS_COST = {
-    "AdamW": 1.0, "AdamW8bit": 1.19, "CAME": 1.5, "ADOPT": 1.05, "Prodigy": 1.21, "AdamWScheduleFree": 1.09,
-    "AdaptiveHinaAdamW": 1.48, "HinaAdamWOptimizer": 1.42, "Automagic_CameAMP": 2.84, "Automagic_CameAMP8bit": 4.5,
-    "Automagic_CameAMP_COptim": 3.05, "Automagic_CameAMP_COptim8bit": 5.27, "RefactoredAutomagicCameAMP": 3.17,
+    "AdamW": 1.0, "AdamW8bit": 1.38, "CAME": 1.45, "ADOPT": 1.05, "Prodigy": 1.28, "AdamWScheduleFree": 1.21,
+    "AdaptiveHinaAdamW": 1.43, "HinaAdamWOptimizer": 1.5, "Automagic_CameAMP": 1.49, "Automagic_CameAMP8bit": 1.78,
+    "Automagic_CameAMP_COptim": 1.9, "Automagic_CameAMP_COptim8bit": 2.26, "RefactoredAutomagicCameAMP": 2.36,
 }
 EIGHT_BIT_COST = 1.02  # AdaptiveHinaAdamW optim_bits=8 relative to 32-bit
 SEARCH_PRIORITY = 4.0

@@ -18,11 +18,18 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-# task -> contender key -> search centre (a measured hint; absent: the untuned lr). Automagic_CameAMP's
-# constructor lr (1e-6) lies ~11 factor-3 steps below its best lr on these tasks, beyond the 8-point cap;
-# the best lrs of a search centred at 1e-3 on seed 0 (lora_teacher, digits, char_lm: full size;
-# tiny_sd_long: at its --quick size, 300 steps).
-GRID_CENTRE: dict[str, dict[str, float]] = {}
+# task -> contender key -> search centre (a measured hint; absent: the untuned lr), used only to
+# save runs on the expensive task: the best lrs of tiny_sd_long in the full run of 2026-12-06
+# (benchmarks/results/quality.json at 1ebf037), where each search ended interior. A hint that
+# is no longer the best still ends interior: the search extends past an edge as always.
+GRID_CENTRE: dict[str, dict[str, float]] = {
+    "tiny_sd_long": {
+        "Prodigy (prodigyopt)": 3.0,
+        "AdaptiveHinaAdamW": 3e-3,
+        "HinaAdamWOptimizer": 1e-3 / 3,
+        "Automagic_CameAMP": 1e-3 / 9,
+    },
+}
 
 
 @dataclass(frozen=True)
