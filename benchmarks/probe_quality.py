@@ -18,13 +18,17 @@ import math
 import multiprocessing as mp
 import os
 import statistics
+import sys
 from concurrent.futures import ProcessPoolExecutor
+
+import torch
 
 from benchmarks.quality.contenders import Contender, resolve_run
 from benchmarks.quality.protocol import TaskFactory
 from benchmarks.quality.runner import init_process, run_in_process
 from benchmarks.quality.tasks import TASK_ORDER
 from library.optimizers.registry import parse_optimizer_args
+from library.train_util import resolve_optimizer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -44,6 +48,17 @@ def reference(quick: bool) -> dict:
     return out
 
 
+def configuration_error(optimizer_type: str, lr: float, kwargs: dict) -> str | None:
+    """The one-line reason the optimizer refuses these arguments (built on one small tensor
+    before any task is set up), or None."""
+    try:
+        cls, resolved, _info = resolve_optimizer(optimizer_type, dict(kwargs))
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], lr=lr, **resolved)
+    except (ValueError, TypeError) as e:
+        return f"{optimizer_type} {kwargs}: {e}"
+    return None
+
+
 def score(start: float, loss: float, best: float) -> float:
     return (start - loss) / (start - best)
 
@@ -61,6 +76,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     kwargs = parse_optimizer_args(args.set) if args.set else {}
+    problem = configuration_error(args.optimizer_type, args.lr, kwargs)
+    if problem:
+        print(f"probe_quality: {problem}", file=sys.stderr)
+        return 2
     contender = Contender("probe", args.optimizer_type, args.lr, kwargs, "probe")
     factory = TaskFactory(args.quick, {})
     ref = reference(args.quick)
@@ -74,6 +93,10 @@ def main(argv=None) -> int:
     print(f"{args.optimizer_type} lr={args.lr} {kwargs}")
     for task in args.tasks:
         finals = [results[f"{task}/{s}"]["final"] for s in args.seeds]
+        errors = {results[f"{task}/{s}"].get("error") for s in args.seeds} - {None}
+        if errors:
+            print(f"  {task:14s} failed: {'; '.join(sorted(errors))}", flush=True)
+            continue
         if not all(math.isfinite(f) for f in finals):
             print(f"  {task:14s} diverged on {sum(not math.isfinite(f) for f in finals)} of {len(finals)} seeds", flush=True)
             continue

@@ -212,6 +212,15 @@ def test_no_tune_score():
     assert no_tune_score(1.0, 0.5, None) is None and no_tune_score(1.0, 0.5, 1.0) is None
 
 
+def test_probe_refuses_bad_arguments_in_one_line_before_any_task(capsys):
+    from benchmarks import probe_quality
+
+    assert probe_quality.main(["HinaAdamWOptimizer", "--set", "allora_eta=0", "--tasks", "lora_teacher"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "allora_eta" in err[0]
+    assert probe_quality.configuration_error("HinaAdamWOptimizer", 1e-3, {"allora_eta": 0.5}) is None
+
+
 def test_lr_sensitivity_span_is_the_run_of_good_points_around_the_best():
     import math
 
