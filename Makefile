@@ -44,7 +44,7 @@ bench-quality: setup
 	$(BIN)/python -m benchmarks.bench_quality --jobs 2
 	$(BIN)/python -m benchmarks.run_all --render-only
 
-# each optimizer over a fixed lr grid (about 11 minutes; needs the results of bench-quality)
+# each optimizer over a fixed lr grid (about 17 minutes on 2 cores; needs the results of bench-quality)
 bench-lr: setup
 	$(BIN)/python -m pip install -q -r requirements-bench.txt
 	$(BIN)/python -m benchmarks.bench_lr_sensitivity --jobs 2
