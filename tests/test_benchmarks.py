@@ -221,6 +221,16 @@ def test_probe_refuses_bad_arguments_in_one_line_before_any_task(capsys):
     assert probe_quality.configuration_error("HinaAdamWOptimizer", 1e-3, {"allora_eta": 0.5}) is None
 
 
+def test_class_cost_prices_every_measured_class():
+    from benchmarks.quality.class_cost import class_contenders
+    from benchmarks.quality.protocol import CLASS_COST
+
+    measured = class_contenders()
+    assert set(measured) <= set(CLASS_COST)  # a new class gets a measured cost, not the 1.5 fallback
+    assert {"AdamW", "AdaptiveHinaAdamW", "HinaAdamWOptimizer", "Automagic_CameAMP"} <= set(measured)
+    assert not any(k.startswith("preset ") for k in (c.key for c in measured.values()))
+
+
 def test_lr_sensitivity_span_is_the_run_of_good_points_around_the_best():
     import math
 
