@@ -6,7 +6,8 @@ A VM's speed drifts between runs (docs/benchmarks.md), so a speed change is meas
 both versions in alternating rounds: the earlier commit is checked out into a temporary git
 worktree, and each round runs one child process per version that builds every optimizer (by
 its registry name, with its defaults) next to ``torch.optim.AdamW(foreach=True)`` at SD1.5
-rank-16 LoRA shapes (``--shapes locon``: LoCon with 3x3 conv factors) and times them
+rank-16 LoRA shapes (``--shapes locon``: LoCon with 3x3 conv factors; ``--shapes tiny_sd``: the
+quality benchmark's rank-8 LoRA on the embedded tiny SD, 168 small tensors) and times them
 round-robin (``benchmarks/common.py::time_steps``). Per version: the minimum over rounds of each
 optimizer's ms/step, and its ratio to that version's own AdamW reference. Writes
 ``benchmarks/results/compare_revisions_<shapes>.json`` and prints a table.
@@ -33,6 +34,8 @@ from library.train_util import resolve_optimizer
 names = json.loads(sys.argv[1])
 if sys.argv[2] == "locon":
     from benchmarks.bench_automagic import locon_shapes as shapes
+elif sys.argv[2] == "list":  # the shapes themselves, worked out by the parent
+    shapes = lambda rank, _listed=[(n, tuple(s)) for n, s in json.loads(sys.argv[3])]: _listed
 else:
     shapes = lora_shapes
 opts = {"AdamW(foreach)": None}
@@ -54,9 +57,11 @@ print(json.dumps(best))
 """
 
 
-def measure(tree: str, names: list[str], shapes: str) -> dict:
+def measure(tree: str, names: list[str], shapes: str, listed=None) -> dict:
     env = dict(os.environ, PYTHONPATH=tree)
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(names), shapes], cwd=tree, env=env,
+    extra = [] if listed is None else [json.dumps(listed)]
+    kind = shapes if listed is None else "list"
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(names), kind] + extra, cwd=tree, env=env,
                          capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"the timing run in {tree} failed:\n{out.stderr.strip()}")
@@ -68,9 +73,15 @@ def main(argv=None) -> int:
     ap.add_argument("--base", required=True, help="the earlier commit (any git revision)")
     ap.add_argument("--optimizers", nargs="*", default=DEFAULT_OPTIMIZERS)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--shapes", choices=["lora", "locon"], default="lora",
-                    help="SD1.5 rank-16 LoRA (528 tensors) or LoCon with 3x3 conv factors (44 tensors)")
+    ap.add_argument("--shapes", choices=["lora", "locon", "tiny_sd"], default="lora",
+                    help="SD1.5 rank-16 LoRA (528 tensors), LoCon with 3x3 conv factors (44 tensors), or the "
+                         "quality benchmark's tiny-SD LoRA (168 small tensors)")
     args = ap.parse_args(argv)
+    listed = None
+    if args.shapes == "tiny_sd":
+        from benchmarks.shapes import tiny_sd_lora_shapes
+
+        listed = tiny_sd_lora_shapes()
     base_sha = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True, capture_output=True,
                               text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="hina-base-") as tmp:
@@ -82,7 +93,7 @@ def main(argv=None) -> int:
             for i in range(args.rounds):  # the order alternates too: neither version always goes first
                 order = [("base", tree), ("current", ROOT)]
                 for version, path in order if i % 2 == 0 else order[::-1]:
-                    runs[version].append(measure(path, args.optimizers, args.shapes))
+                    runs[version].append(measure(path, args.optimizers, args.shapes, listed))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT, capture_output=True)
     result = {"base": base_sha, "shapes": args.shapes, "rounds": runs, "ms": {}, "ratio_vs_foreach": {}}

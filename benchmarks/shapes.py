@@ -3,8 +3,12 @@
 The module lists follow kohya sd-scripts' LoRA targets: every Linear / 1x1 Conv inside the
 UNet's Transformer2DModel blocks (16 blocks x 12 modules) and the CLIP-L text encoder's
 attention and MLP (12 layers x 6 modules): 264 modules, 528 tensors at any rank.
+``tiny_sd_lora_shapes`` is the quality benchmark's adapter on the embedded tiny SD (many small
+tensors).
 """
 from __future__ import annotations
+
+import os
 
 _UNET_BLOCK_CHANNELS = [320, 320, 640, 640, 1280, 1280, 1280] + [1280] * 3 + [640] * 3 + [320] * 3
 _TEXT_DIM, _TEXT_FF, _CROSS_DIM = 768, 3072, 768
@@ -79,3 +83,17 @@ def lokr_shapes(dim: int = 16, factor: int = -1):
         else:
             out.append((f"{name}.lokr_w2", (out_k, in_n)))
     return out
+
+
+def tiny_sd_lora_shapes(rank: int = 8):
+    """[(name, shape)] of the kohya LoRA (``networks.lora``, U-Net only) on the embedded tiny SD
+    at ``rank``: the quality benchmark's tiny_sd_long adapter, 168 small tensors (94k parameters
+    at rank 8), where a step's cost is per-tensor overhead rather than memory traffic."""
+    import networks.lora as lora
+    from benchmarks.quality.tasks import CACHE_DIR
+    from library.tiny_sd import build_tiny_sd, load_tiny_sd
+
+    sd = load_tiny_sd(build_tiny_sd(os.path.join(CACHE_DIR, "tiny-sd"), seed=0))
+    net = lora.create_network(1.0, rank, float(rank), sd.vae, None, sd.unet)
+    net.apply_to(None, sd.unet, False, True)
+    return [(n, tuple(p.shape)) for n, p in net.named_parameters()]

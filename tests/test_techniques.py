@@ -368,6 +368,32 @@ def test_allora_row_scale():
     assert float(s[1]) == pytest.approx(1 / math.sqrt(1 + 4 * 4))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_allora_rows_of_a_chunk_scaled_together_match_one_tensor_at_a_time(threads):
+    """scale_rows_list_ scales runs of same-shaped tensors with one stacked reduction; the result
+    must be the bits of row_scale applied to each selected tensor alone, the others untouched."""
+    from library.optimizers.buffer_pool import BufferPool
+
+    shapes = [(8, 32), (8, 32), (32, 8), (32, 8), (32, 8), (8, 32, 1, 1), (300, 200), (300, 200), (5,), (8, 32)]
+    selected = [0, 1, 2, 3, 5, 6, 7, 8, 9]  # index 4 is not row-scaled
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(4)
+        ws = [torch.randn(s, generator=gen) for s in shapes]
+        us = BufferPool().views(ws, "u")
+        for u in us:
+            u.copy_(torch.randn(u.shape, generator=gen))
+        expected = [u.clone() for u in us]
+        for i in selected:
+            expected[i].mul_(allora.row_scale(ws[i], 3.0))
+        allora.scale_rows_list_(us, ws, 3.0, selected)
+        for i, (u, e) in enumerate(zip(us, expected)):
+            assert torch.equal(u, e), i
+    finally:
+        torch.set_num_threads(before)
+
+
 
 
 # ------------------------------------------------------------------ non-finite gate and guard
@@ -411,12 +437,16 @@ def test_nonfinite_guard_restores_every_dtype_bit_for_bit():
 
 
 # ------------------------------------------------------------------ multi-tensor ops on flat scratch
-def test_ops_on_flat_scratch_give_the_bits_of_foreach():
+@pytest.mark.parametrize("max_runs", [0, 1000], ids=["per-tensor values expanded", "per-tensor values by run"])
+def test_ops_on_flat_scratch_give_the_bits_of_foreach(monkeypatch, max_runs):
     """techniques/ops.py runs a multi-tensor operation once on the flat tensor that chunk scratch
     tiles (odd sizes, 0-dim tensors, runs of equal sizes); the result must equal the per-tensor
-    torch._foreach_* call bit for bit, including one value per tensor broadcast over a run."""
+    torch._foreach_* call bit for bit, including one value per tensor (a vector or 0-dim
+    tensors) broadcast over a run or expanded over the elements."""
     from library.optimizers.buffer_pool import BufferPool
     from library.optimizers.techniques import ops
+
+    monkeypatch.setattr(ops, "_MAX_RUNS", max_runs)
 
     shapes = [(), (3,), (7,), (16, 5), (16, 5), (5, 16), (1,), (33,), (33,), (33,), (4, 4, 3)]
     gen = torch.Generator().manual_seed(0)
@@ -441,7 +471,12 @@ def test_ops_on_flat_scratch_give_the_bits_of_foreach():
         "lerp_": lambda xs, ys: ops.lerp_(xs, ys, 0.1),
         "addcmul_": lambda xs, ys: ops.addcmul_(xs, ys, ys, value=-0.01),
         "addcdiv_": lambda xs, ys: ops.addcdiv_(xs, ys, ys, value=0.5),
+        "mul_ per tensor vector": lambda xs, ys: ops.mul_(xs, torch.stack([y.reshape(-1)[0] for y in ys])),
+        "lerp_ per tensor": lambda xs, ys: ops.lerp_(xs, ys, torch.stack([y.reshape(-1)[0] - 0.5 for y in ys])),
+        "addcmul_ per tensor": lambda xs, ys: ops.addcmul_(xs, ys, [y.reshape(-1)[0].clone() for y in ys], value=-0.3),
+        "product_": lambda xs, ys: ops.product_(xs, [y + 1 for y in ys], ys),
         "clamp": lambda xs, ys: (ops.clamp_min_(xs, -1.0), ops.clamp_max_(xs, 1.0)),
+        "clamp_": lambda xs, ys: ops.clamp_(xs, -0.7, 1.1),
         "unary": lambda xs, ys: (ops.abs_(xs), ops.sqrt_(xs), ops.exp_(xs), ops.sigmoid_(xs), ops.rsqrt_(xs)),
         "sign_": lambda xs, ys: ops.sign_(xs),
         "copy_": lambda xs, ys: ops.copy_(xs, ys),
@@ -454,3 +489,28 @@ def test_ops_on_flat_scratch_give_the_bits_of_foreach():
         op(plain_x, plain_y)  # plain lists: torch._foreach_*
         for a, b in zip(xs, plain_x):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_per_tensor_reductions_on_flat_scratch_give_the_bits_of_reducing_each_tensor(threads):
+    """ops.sums / ops.norms reduce a run of equal-sized small tensors as one (count, numel) view;
+    each value must be the bits of reducing that tensor alone (``x.sum(dtype=float32)``,
+    ``torch._foreach_norm``) at any thread count, tensors past torch's one-thread size included."""
+    from library.optimizers.buffer_pool import BufferPool
+    from library.optimizers.techniques import ops
+
+    sizes = [40000, 40000, 1, 7, 7, 7, 300, 300, 4096, 4096, 4096, 32768, 32768, 65536, 65536, 5, 5]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        xs = BufferPool().views([torch.empty(n) for n in sizes], "x")
+        for x in xs:
+            x.copy_(torch.randn(x.shape, generator=gen) * 3 + 1)
+        assert len(xs.runs) < len(xs)
+        plain = [x.clone() for x in xs]
+        assert torch.equal(ops.sums(xs), torch.stack([x.sum(dtype=torch.float32) for x in plain]))
+        assert torch.equal(ops.norms(xs), torch.stack(torch._foreach_norm(plain)))
+        assert torch.equal(ops.sums(plain), ops.sums(xs)) and torch.equal(ops.norms(plain), ops.norms(xs))
+    finally:
+        torch.set_num_threads(before)

@@ -438,8 +438,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                     agr_t.agr_list_(sel, sel, [c.tmp[i] for i in agr_on], None if oks is None else [oks[i] for i in agr_on])
             c.xs = slot0
         if oks is not None:  # tensors AGR did not scale by ok
-            rest = [i for i in range(len(ps)) if i not in set(agr_on)] if agr_on else range(len(ps))
-            if rest:
+            if not agr_on:
+                ops.mul_(c.xs, c.okf)
+            elif len(agr_on) < len(ps):
+                scaled = set(agr_on)
+                rest = [i for i in range(len(ps)) if i not in scaled]
                 ops.mul_([c.xs[i] for i in rest], [oks[i] for i in rest])
         if group["use_orthogonal_grad"]:
             sel = [i for i, p in enumerate(ps) if p.ndim >= 1 and p.numel() > 1]
@@ -471,7 +474,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         elif c.ok is None:
             ops.lerp_(c.ms, inputs, 1.0 - beta1)
         else:
-            ops.lerp_(c.ms, inputs, list((c.okf * (1.0 - beta1)).unbind(0)))
+            ops.lerp_(c.ms, inputs, c.okf * (1.0 - beta1))
         if group["use_adopt_stability"]:
             adopt.update_second_moment_list_(c.vs, xs, k, beta2, c.keep2)
             c.initialising = k == 0
@@ -494,7 +497,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             ops.copy_(c.masks, stored)
         if r > 0:
             lr_mask.scale_list_(c.masks, c.agree, r, *self._mask_range(group),
-                                None if c.okf is None else list(c.okf.unbind(0)))
+                                c.okf)
             if c.masks is not stored:
                 ops.copy_(stored, c.masks)
 
@@ -521,9 +524,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         ps, group = c.ps, c.group
         lr = group["lr"]
         if group["allora_eta"] is not None:
-            for p, q, u in zip(ps, c.p32, c.us):
-                if p in self._row_scaled and p.ndim >= 1:
-                    u.mul_(allora.row_scale(q, group["allora_eta"]))
+            rows = [i for i, p in enumerate(ps) if p in self._row_scaled and p.ndim >= 1]
+            if rows:
+                allora.scale_rows_list_(c.us, c.p32, group["allora_eta"], rows)
         ratios = [self._ratio.get(p, 1.0) for p in ps] if self._ratio else [1.0] * len(ps)
         factors = self._factors(ps, c.sts)
         wd = group["weight_decay"]
@@ -537,9 +540,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
     def _scaled_step(self, c: "_AdamChunk", scales, decays, factors) -> None:
         """p <- p - ok * factor * coef * mask * (u + decay/scale * p): decay and step in one pass."""
-        oks = None if c.okf is None else list(c.okf.unbind(0))
-        if oks is not None:
-            factors = oks if factors is None else torch._foreach_mul(factors, oks)
+        if c.okf is not None:
+            factors = list(c.okf.unbind(0)) if factors is None else list(torch.stack(factors).mul_(c.okf).unbind(0))
         coef = _fold_decay_(c.us, scales, c.p32, decays, c.tmp)
         if c.has_mask:
             ops.mul_(c.us, c.masks)

@@ -16,13 +16,15 @@ class FlatList(list):
     """Views that tile ``flat`` back to back, in order (scratch for a chunk): multi-tensor
     operations on them can run as one operation on ``flat`` (techniques/ops.py). ``runs``:
     ``(first, end, offset, numel)`` for each run of consecutive views with the same number of
-    elements, so one value per tensor broadcasts over a run as a ``(end - first, numel)`` view."""
+    elements, so one value per tensor broadcasts over a run as a ``(end - first, numel)`` view.
+    ``cache``: vectors derived from the layout (the views' sizes, ...), made on first use."""
 
-    __slots__ = ("flat", "runs")
+    __slots__ = ("flat", "runs", "cache")
 
     def __init__(self, views, flat):
         super().__init__(views)
         self.flat = flat
+        self.cache = {}  # vectors derived from the layout (ops.cached_vector)
         self.runs = []
         first = offset = 0
         for i in range(1, len(views) + 1):

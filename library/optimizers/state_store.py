@@ -107,9 +107,17 @@ class Arenas:
 
     def tiled(self, tensors) -> list:
         """``tensors`` as a FlatList over their arena slice when they are one (multi-tensor
-        operations then run once on it), else as they are."""
+        operations then run once on it), else as they are. The FlatList is kept with the slice,
+        so its runs are worked out once, not at every step."""
         flat = self.slice(tensors, 1)
-        return tensors if flat is None else FlatList(tensors, flat)
+        if flat is None:
+            return tensors
+        key = ("tiled", id(tensors[0]), len(tensors))
+        hit = self._slices.get(key)
+        if hit is not None and hit.flat is flat:
+            return hit
+        out = self._slices[key] = FlatList(tensors, flat)
+        return out
 
     def _stored(self, pool, sts, key: str, align: int, read: bool):
         """``(flat, back)``: the chunk's stored tensors under ``key`` as one flat tensor: the arena

@@ -26,8 +26,7 @@ def normalize_list_(outs, gs, vs, k: int, eps: float) -> None:
     ops.clamp_min_(outs, max(eps * eps, _FLOOR))
     ops.rsqrt_(outs)
     ops.mul_(outs, gs)
-    for x in outs:
-        x.clamp_(-c, c)
+    ops.clamp_(outs, -c, c)
 
 
 def update_second_moment_list_(vs, gs, k: int, beta2: float, decay=None) -> None:

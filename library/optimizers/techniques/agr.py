@@ -22,7 +22,7 @@ def agr_list_(outs, gs, tmps=None, weights=None) -> None:
     w = tmps if outs is gs else outs
     ops.copy_(w, gs)
     ops.abs_(w)
-    totals = torch.stack([x.sum(dtype=torch.float32) for x in w]).clamp_min_(TINY)
+    totals = ops.sums(w).clamp_min_(TINY)
     if weights is None:
         ops.per_tensor_("div_", w, totals.neg_())
         ops.add_(w, 1.0)

@@ -16,8 +16,7 @@ FLOOR = 1e-3
 
 def agreement_list_(phis, us, gs) -> torch.Tensor:
     """phi = 1[u g > 0] into ``phis``; return max(mean(phi), FLOOR) per tensor as a vector."""
-    ops.copy_(phis, us)
-    ops.mul_(phis, gs)
+    ops.product_(phis, us, gs)
     ops.sign_(phis)
     ops.clamp_min_(phis, 0.0)
     return _means(phis, 1.0).clamp_min_(FLOOR)
@@ -25,9 +24,9 @@ def agreement_list_(phis, us, gs) -> torch.Tensor:
 
 def _means(xs, scale: float) -> torch.Tensor:
     """scale * mean(x) per tensor as one fp32 vector (no host round trip)."""
-    sums = [x.sum(dtype=torch.float32) for x in xs]
-    ops.mul_(sums, [scale / max(x.numel(), 1) for x in xs])
-    return torch.stack(sums)
+    sums = ops.sums(xs)
+    return sums.mul_(ops.cached_vector(xs, ("mean", scale), lambda: [scale / max(x.numel(), 1) for x in xs],
+                                       torch.float32, sums.device))
 
 
 def cautious_list_(outs, us, gs, tmps=None) -> None:

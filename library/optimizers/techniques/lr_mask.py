@@ -61,21 +61,20 @@ def rate(lr_mask_rate: float, lr_bump: float | None, base_lr: float) -> float:
 
 def agreement_list_(outs, grads, moms) -> None:
     """``outs <- sign(g * m_prev)`` per tensor (call before the momentum update)."""
-    ops.copy_(outs, grads)
-    ops.mul_(outs, moms)
+    ops.product_(outs, grads, moms)
     ops.sign_(outs)
 
 
 def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> None:
     """``s <- clamp(s * exp(r a), lo, hi)``; ``agree`` (fp32, -1/0/+1) is consumed as scratch.
-    ``weights`` (one 0-dim tensor per mask, 0 or 1) leaves a skipped tensor's mask as it is."""
+    ``weights`` (one value per mask, 0 or 1: a vector or 0-dim tensors) leaves a skipped
+    tensor's mask as it is."""
     if weights is not None:
         ops.mul_(agree, weights)
     ops.mul_(agree, r)
     ops.exp_(agree)
     ops.mul_(masks, agree)
-    ops.clamp_min_(masks, lo)
-    ops.clamp_max_(masks, hi)
+    ops.clamp_(masks, lo, hi)
 
 
 _FP16_REL_ULP = 2.0 ** -10  # relative spacing of fp16 numbers, at most

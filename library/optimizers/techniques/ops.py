@@ -6,17 +6,73 @@ operands are all FlatLists (the other operands Python scalars) runs once on the 
 anything else (optimizer state, per-tensor 0-dim factors, a selection of tensors) runs as the
 matching ``torch._foreach_*`` call. Every operation here is elementwise, so the bits are the same
 either way (tests/test_techniques.py checks it); only the number of kernel calls changes.
+
+A per-tensor operand (one value per tensor) may be a 1-D tensor (a *vector*, the cheap form: no
+0-dim views are made) or a list of 0-dim tensors. On a FlatList it runs as one broadcast
+operation per run of same-sized tensors, or, where the chunk has many short runs (many small
+tensors of mixed sizes), as one operation against the vector expanded to one value per element.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["per_tensor_", "copy_", "mul_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
-           "clamp_max_", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
+__all__ = ["per_tensor_", "copy_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
+           "clamp_max_", "clamp_", "expand", "cached_vector", "sums", "norms", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
 
 
 def _flat(xs):
     return getattr(xs, "flat", None)
+
+
+def _vector(y) -> bool:
+    """Is ``y`` one value per tensor as a 1-D tensor?"""
+    return isinstance(y, torch.Tensor) and y.dim() == 1
+
+
+def _scalars(y) -> bool:
+    """Is ``y`` a list of 0-dim tensors (one value per tensor)?"""
+    return isinstance(y, list) and bool(y) and all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in y)
+
+
+def _as_vector(y) -> torch.Tensor:
+    return y if _vector(y) else torch.stack(y)
+
+
+def _as_list(y):
+    return list(y.unbind(0)) if _vector(y) else y
+
+
+# a chunk with more runs than this, averaging fewer than _EXPAND_RUN_NUMEL elements a run, expands
+# a per-tensor vector to its elements instead of looping over the runs: one op and a chunk-sized
+# temporary (memory traffic) instead of a Python-level loop (a few microseconds a run)
+_MAX_RUNS = 8
+_EXPAND_RUN_NUMEL = 4096
+
+
+def _expand_pays(xs) -> bool:
+    runs = len(xs.runs)
+    return runs > _MAX_RUNS and xs.flat.numel() <= runs * _EXPAND_RUN_NUMEL
+
+
+def expand(xs, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (one per tensor of the FlatList ``xs``) repeated over each tensor's elements:
+    a flat tensor shaped like ``xs.flat``."""
+    counts = cached_vector(xs, "counts", lambda: [x.numel() for x in xs], torch.long, values.device)
+    return values.repeat_interleave(counts, output_size=xs.flat.numel())
+
+
+def cached_vector(xs, tag, values, dtype, device) -> torch.Tensor:
+    """A vector derived from the layout of the FlatList ``xs`` alone (``values()``: one number per
+    tensor), made once per (``tag``, dtype, device) and kept with ``xs``; for a plain list, made
+    each call."""
+    cache = getattr(xs, "cache", None)
+    key = (tag, dtype, device)
+    hit = None if cache is None else cache.get(key)
+    if hit is None:
+        hit = torch.tensor(values(), dtype=dtype, device=device)
+        if cache is not None:
+            cache[key] = hit
+    return hit
 
 
 def _binary(name: str, xs, y, **kw) -> None:
@@ -29,15 +85,10 @@ def _binary(name: str, xs, y, **kw) -> None:
         if fy is not None:
             getattr(fx, name)(fy, **kw)
             return
-        if not kw and name in ("mul_", "div_", "add_") and _scalars(y):
-            per_tensor_(name, xs, torch.stack(y))  # one value per tensor
+        if not kw and name in ("mul_", "div_", "add_") and (_vector(y) or _scalars(y)):
+            per_tensor_(name, xs, _as_vector(y))  # one value per tensor
             return
-    getattr(torch, f"_foreach_{name}")(xs, y, **kw)
-
-
-def _scalars(y) -> bool:
-    """Is ``y`` a list of 0-dim tensors (one value per tensor)?"""
-    return isinstance(y, list) and all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in y)
+    getattr(torch, f"_foreach_{name}")(xs, _as_list(y), **kw)
 
 
 def _unary(name: str, xs) -> None:
@@ -48,16 +99,66 @@ def _unary(name: str, xs) -> None:
         getattr(torch, f"_foreach_{name}")(xs)
 
 
+def _with_values(xs, ys, values, op) -> None:
+    """``op(x, y, w)`` over the FlatLists ``xs``, ``ys`` (one layout) with ``w`` one value per
+    tensor: once with ``values`` expanded, or once per run with them broadcast."""
+    fx, fy = xs.flat, ys.flat
+    if _expand_pays(xs):
+        op(fx, fy, expand(xs, values))
+        return
+    for first, end, offset, n in xs.runs:
+        k = end - first
+        op(fx[offset:offset + k * n].view(k, n), fy[offset:offset + k * n].view(k, n), values[first:end].unsqueeze(1))
+
+
 def per_tensor_(name: str, xs, values: torch.Tensor) -> None:
     """``x <op>= values[i]`` for the i-th tensor (``name``: "mul_", "div_" or "add_"; ``values``
-    a 1-D fp32 tensor): on a FlatList one broadcast operation per run of same-sized tensors,
-    else ``torch._foreach_<name>`` with the values' 0-dim views."""
+    a 1-D fp32 tensor): on a FlatList one broadcast operation per run of same-sized tensors (or
+    one against the expanded vector, see ``_MAX_RUNS``), else ``torch._foreach_<name>`` with the
+    values' 0-dim views."""
     fx = _flat(xs)
     if fx is None:
         getattr(torch, f"_foreach_{name}")(xs, list(values.unbind(0)))
         return
+    if _expand_pays(xs):
+        getattr(fx, name)(expand(xs, values))
+        return
     for first, end, offset, n in xs.runs:
         getattr(fx[offset:offset + (end - first) * n].view(end - first, n), name)(values[first:end].unsqueeze(1))
+
+
+# torch reduces a tensor of at most this many elements on one thread (at::internal::GRAIN_SIZE);
+# up to it, one reduction over a run's (count, numel) view gives each tensor the bits of reducing
+# it alone, at any thread count (larger tensors are reduced one by one, as before)
+_SERIAL_NUMEL = 32768
+
+
+def _run_reduce(xs, batched, single) -> torch.Tensor:
+    """One value per tensor of ``xs`` as a vector: ``batched`` on each run's ``(count, numel)``
+    view of a FlatList where the tensors are small enough (see ``_SERIAL_NUMEL``), ``single`` on
+    a list of tensors otherwise."""
+    fx = _flat(xs)
+    if fx is None or fx.dtype != torch.float32:
+        return single(list(xs))
+    parts = []
+    for first, end, offset, n in xs.runs:
+        if n <= _SERIAL_NUMEL:
+            parts.append(batched(fx[offset:offset + (end - first) * n].view(end - first, n)))
+        else:
+            parts.append(single(xs[first:end]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def sums(xs) -> torch.Tensor:
+    """The fp32 sum of each tensor, as one vector (bit-identical to ``x.sum(dtype=float32)`` each)."""
+    return _run_reduce(xs, lambda v: v.sum(1, dtype=torch.float32),
+                       lambda ts: torch.stack([x.sum(dtype=torch.float32) for x in ts]))
+
+
+def norms(xs) -> torch.Tensor:
+    """The L2 norm of each tensor, as one fp32 vector (bit-identical to ``torch._foreach_norm``)."""
+    return _run_reduce(xs, lambda v: torch.linalg.vector_norm(v, dim=1).float(),
+                       lambda ts: torch.stack(torch._foreach_norm(ts)).float())
 
 
 def copy_(dst, src) -> None:
@@ -70,6 +171,16 @@ def copy_(dst, src) -> None:
 
 def mul_(xs, y) -> None:
     _binary("mul_", xs, y)
+
+
+def product_(outs, xs, ys) -> None:
+    """``out <- x y`` (tensors of the same shapes; ``outs`` distinct from both)."""
+    fo, fx, fy = _flat(outs), _flat(xs), _flat(ys)
+    if fo is not None and fx is not None and fy is not None:
+        torch.mul(fx, fy, out=fo)
+    else:
+        torch._foreach_copy_(outs, xs)
+        torch._foreach_mul_(outs, ys)
 
 
 def add_(xs, y, alpha: float = 1.0) -> None:
@@ -99,20 +210,40 @@ def clamp_max_(xs, hi: float) -> None:
     _binary("clamp_max_", xs, hi)
 
 
-def lerp_(xs, ys, weight) -> None:
-    fx, fy = _flat(xs), _flat(ys)
-    if fx is not None and fy is not None and isinstance(weight, (int, float)):
-        fx.lerp_(fy, weight)
+def clamp_(xs, lo: float, hi: float) -> None:
+    """``x <- min(max(x, lo), hi)``."""
+    fx = _flat(xs)
+    if fx is not None:
+        fx.clamp_(lo, hi)
     else:
-        torch._foreach_lerp_(xs, ys, weight)
+        torch._foreach_clamp_min_(xs, lo)
+        torch._foreach_clamp_max_(xs, hi)
+
+
+def lerp_(xs, ys, weight) -> None:
+    """``x <- x + w (y - x)``; ``weight`` a number or one value per tensor."""
+    fx, fy = _flat(xs), _flat(ys)
+    if fx is not None and fy is not None:
+        if isinstance(weight, (int, float)):
+            fx.lerp_(fy, weight)
+            return
+        if _vector(weight) or _scalars(weight):
+            _with_values(xs, ys, _as_vector(weight), lambda x, y, w: x.lerp_(y, w))
+            return
+    torch._foreach_lerp_(xs, ys, _as_list(weight))
 
 
 def addcmul_(xs, t1, t2, value: float = 1.0) -> None:
+    """``x <- x + value t1 t2``; ``t2`` tensors like ``t1`` or one value per tensor."""
     fx, f1, f2 = _flat(xs), _flat(t1), _flat(t2)
-    if fx is not None and f1 is not None and f2 is not None:
-        fx.addcmul_(f1, f2, value=value)
-    else:
-        torch._foreach_addcmul_(xs, t1, t2, value=value)
+    if fx is not None and f1 is not None:
+        if f2 is not None:
+            fx.addcmul_(f1, f2, value=value)
+            return
+        if _vector(t2) or _scalars(t2):
+            _with_values(xs, t1, _as_vector(t2), lambda x, y, w: x.addcmul_(y, w, value=value))
+            return
+    torch._foreach_addcmul_(xs, t1, _as_list(t2), value=value)
 
 
 def addcdiv_(xs, t1, t2, value: float = 1.0) -> None:

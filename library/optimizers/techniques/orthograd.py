@@ -26,11 +26,11 @@ def dots(xs, ys) -> torch.Tensor:
 
 def orthograd_list_(gs, ws, tol: float = PARALLEL_TOL) -> None:
     """Orthogonalise each fp32 tensor ``g`` against its ``w`` in place."""
-    g_norms = torch.stack(torch._foreach_norm(gs)).float()
+    g_norms = ops.norms(gs)
     w_sq = dots(ws, ws)
     proj = dots(gs, ws) / (w_sq + EPS)
     w32 = [w if w.dtype == g.dtype else w.to(g.dtype) for w, g in zip(ws, gs)]
-    ops.addcmul_(gs, w32, list(proj.neg().unbind(0)))
-    perp = torch.stack(torch._foreach_norm(gs)).float()
+    ops.addcmul_(gs, w32, proj.neg())
+    perp = ops.norms(gs)
     scale = torch.where(perp > tol * g_norms, g_norms / perp.clamp_min(EPS), torch.zeros_like(g_norms))
-    ops.mul_(gs, list(scale.unbind(0)))
+    ops.mul_(gs, scale)

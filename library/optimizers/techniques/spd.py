@@ -35,19 +35,19 @@ def pre_step_list(ps, gs, anchors, tmps, dots_out=None):
     if dots_out is not None:
         dots_out.append(d)
     moving_away = d > 0  # c = -<g, theta - theta0> < 0
-    return moving_away, torch.stack(torch._foreach_norm(devs)).float()
+    return moving_away, ops.norms(devs)
 
 
 def project_list_(ps, anchors, moving_away, old_norms, lam: float, tmps) -> None:
     """Apply the selective projection to the proposals ``ps`` (fp32) in place."""
     devs = _deviations(ps, anchors, tmps)
-    new_norms = torch.stack(torch._foreach_norm(devs)).float()
+    new_norms = ops.norms(devs)
     r = ((new_norms - old_norms) / new_norms.clamp_min(EPS)).clamp_(0.0, 1.0)
     s = r * moving_away.to(r.dtype) * lam
     if anchors is None:
-        ops.mul_(ps, list((1.0 - s).unbind(0)))
+        ops.mul_(ps, 1.0 - s)
     else:
-        ops.addcmul_(ps, devs, list(s.unbind(0)), value=-1.0)
+        ops.addcmul_(ps, devs, s, value=-1.0)
 
 
 def spd_reference(theta, theta_new, g, anchor, lam):

@@ -21,9 +21,8 @@ EPS = 1e-30
 
 def cosines(as_, bs, a_norms=None) -> torch.Tensor:
     """cos(a_i, b_i) as one fp32 vector; ``a_norms`` when already known."""
-    if a_norms is None:
-        a_norms = torch._foreach_norm(as_)
-    denom = (torch.stack(a_norms).float() * torch.stack(torch._foreach_norm(bs)).float()).clamp_min_(EPS)
+    a_norms = ops.norms(as_) if a_norms is None else torch.stack(a_norms).float()
+    denom = (a_norms * ops.norms(bs)).clamp_min_(EPS)
     return dots(as_, bs).div_(denom)
 
 
@@ -42,4 +41,4 @@ def momentum_list_(ms, xs, d: torch.Tensor, beta1: float, decay=None) -> None:
     """m <- b1 m + (1 - b1) d x, with ``d`` one value per tensor (``decay``: as in
     ``adam.update_second_moment_list_``)."""
     ops.mul_(ms, beta1 if decay is None else decay)
-    ops.addcmul_(ms, xs, list(d.unbind(0)), value=1.0 - beta1)
+    ops.addcmul_(ms, xs, d, value=1.0 - beta1)
