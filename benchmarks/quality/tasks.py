@@ -157,6 +157,7 @@ class TinyDiffusionTask:
         self.pretrain_steps, self.pretrain_batch = pretrain_steps, pretrain_batch
         self.n_pretrain, self.n_train, self.n_eval, self.eval_repeats = n_pretrain, n_train, n_eval, eval_repeats
         self._ready = False
+        self._prompts = None
 
     def describe(self) -> dict:
         return {"model": "embedded tiny SD 1.x (library/tiny_sd.py), U-Net 1.06M params",
@@ -171,13 +172,32 @@ class TinyDiffusionTask:
     _ARGS = types.SimpleNamespace(noise_offset=0.0, clip_skip=None, v_parameterization=False, min_snr_gamma=None,
                                   loss_type="l2", huber_c=0.1, fourier_weight=0.0, fourier_warmup_steps=0)
 
-    def _loss(self, ds, cached, idx, gen, step):
+    def _loss(self, ds, cached, idx, gen, step, prompts=None):
+        """The trainer's loss on the items ``idx``; ``prompts``: cached text-encoder outputs
+        (``--cache_text_encoder_outputs``), or None to encode the captions now."""
         from library.trainer import DiffusionLoss, Draws
+
+        return DiffusionLoss(self._ARGS, self._models(), cached_latents=cached,
+                             cached_prompts=prompts or {})(ds, idx, Draws(gen), None, step)
+
+    def _models(self):
         from library.trainer.models import Models
 
         m = self.sd
-        models = Models(m.tokenizer, m.text_encoder, m.vae, m.unet, m.scheduler)
-        return DiffusionLoss(self._ARGS, models, cached_latents=cached)(ds, idx, Draws(gen), None, step)
+        return Models(m.tokenizer, m.text_encoder, m.vae, m.unet, m.scheduler)
+
+    def _train_prompts(self) -> dict:
+        """The fine-tuning captions' text-encoder outputs, each encoded alone once (as
+        ``--cache_text_encoder_outputs`` does; the U-Net-only LoRA leaves the encoder frozen). With
+        batch 1 a step sees the bits it would get by encoding its caption then."""
+        if self._prompts is None:
+            from library.trainer import DiffusionLoss
+
+            ds = self.ds["train"]
+            loss = DiffusionLoss(self._ARGS, self._models())
+            loss.cache_prompts(ds.batch(range(len(ds)))[1])
+            self._prompts = loss.cached_prompts
+        return self._prompts
 
     def _latents(self, ds):
         with torch.no_grad():
@@ -276,6 +296,7 @@ class TinyDiffusionTask:
         named = list(net.named_parameters())
         net.train()
         ds, cached = self.ds["train"], self.cached["train"]
+        prompts = self._train_prompts()
         gen = torch.Generator().manual_seed(seed)
         per_epoch = ds.batches_per_epoch(self.batch)
 
@@ -283,7 +304,7 @@ class TinyDiffusionTask:
             epoch, b = divmod(step, per_epoch)
             order = ds.epoch_order(seed, epoch)
             idx = [order[(b * self.batch + j) % len(order)] for j in range(self.batch)]
-            return self._loss(ds, cached, idx, gen, step)
+            return self._loss(ds, cached, idx, gen, step, prompts)
 
         return Run(groups, named, loss, self._eval_loss, close_fn=net.restore)
 

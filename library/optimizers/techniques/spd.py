@@ -10,7 +10,6 @@ norm gives r = 0, never NaN. Reductions in fp32. Branch-free: the condition is a
 """
 from __future__ import annotations
 
-import torch
 
 from . import ops
 from .orthograd import dots
