@@ -500,8 +500,8 @@ class Automagic_CameAMP(HinaOptimizer):
             lr_mask.agreement_list_(c.agree, c.grads, m)
             sums = c.shared.agree_sums
             if sums is not None:
-                for i, a in zip(c.idx, c.agree):
-                    sums[i] = a.sum()
+                for i, a in zip(c.idx, ops.sums(c.agree).unbind(0)):
+                    sums[i] = a
         if group["use_tam"] and 2 * t <= warm and t > 1:
             d = tam.damping_list(c.state("tam_s"), tam.cosines(m, u), t - 1, group["tam_beta"])
             tam.momentum_list_(m, u, d, b1, c.keep(b1))
@@ -560,9 +560,9 @@ class Automagic_CameAMP(HinaOptimizer):
         eta = group["eta"]
         if eta is not None and not group["full_finetune"]:
             rows = self._row_scaled_set()
-            for p, q, s in zip(c.ps, c.p32, c.s):
-                if p.ndim >= 2 and p in rows:
-                    s.mul_(allora.row_scale(q, eta))
+            selected = [i for i, p in enumerate(c.ps) if p.ndim >= 2 and p in rows]
+            if selected:
+                allora.scale_rows_list_(c.s, c.p32, eta, selected)
 
     def _decay_stage(self, c: "_Chunk") -> None:
         """7. Decoupled (adaptive) weight decay with the same per-element lr: ``p <- p (1 - lr wd

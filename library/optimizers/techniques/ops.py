@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["per_tensor_", "copy_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
-           "clamp_max_", "clamp_", "expand", "cached_vector", "sums", "norms", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
+           "clamp_max_", "clamp_", "expand", "cached_vector", "vectors", "sums", "norms", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
 
 
 def _flat(xs):
@@ -147,6 +147,17 @@ def _run_reduce(xs, batched, single) -> torch.Tensor:
         else:
             parts.append(single(xs[first:end]))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def vectors(xs) -> list:
+    """Each tensor of ``xs`` as a 1-D view (kept with a FlatList, made once per layout)."""
+    cache = getattr(xs, "cache", None)
+    hit = None if cache is None else cache.get("vectors")
+    if hit is None:
+        hit = [x.reshape(-1) for x in xs]
+        if cache is not None:
+            cache["vectors"] = hit
+    return hit
 
 
 def sums(xs) -> torch.Tensor:

@@ -20,7 +20,8 @@ PARALLEL_TOL = 1e-4
 
 def dots(xs, ys) -> torch.Tensor:
     """<x_i, y_i> for each pair, as one fp32 vector (one reduction per tensor)."""
-    out = [torch.dot(x.reshape(-1), y.reshape(-1) if y.dtype == x.dtype else y.reshape(-1).to(x.dtype)) for x, y in zip(xs, ys)]
+    xs1, ys1 = ops.vectors(xs), ops.vectors(ys)
+    out = [torch.dot(x, y if y.dtype == x.dtype else y.to(x.dtype)) for x, y in zip(xs1, ys1)]
     return torch.stack(out).float()
 
 
