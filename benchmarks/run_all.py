@@ -32,11 +32,12 @@ def _load(name):
 def _render_comparison(cmp: dict, shapes: str) -> list[str]:
     """The step-time table of ``benchmarks/compare_revisions.py`` (two versions timed in turns)."""
     label = {"lora": "SD1.5 rank-16 LoRA shapes (528 tensors)",
-             "locon": "LoCon shapes with 3x3 conv factors (44 tensors)"}[shapes]
+             "locon": "LoCon shapes with 3x3 conv factors (44 tensors)",
+             "tiny_sd": "the quality benchmark's tiny-SD LoRA (168 small tensors, 94k parameters)"}[shapes]
     ms, ratio = cmp["ms"], cmp["ratio_vs_foreach"]
     lines = [f"## Against commit {cmp['base'][:10]}: {label}", "",
              f"`python -m benchmarks.compare_revisions --base {cmp['base'][:10]}"
-             + (" --shapes locon" if shapes == "locon" else "") + "`: the earlier commit and the working tree timed in "
+             + ("" if shapes == "lora" else f" --shapes {shapes}") + "`: the earlier commit and the working tree timed in "
              f"{len(cmp['rounds']['base'])} alternating rounds on the same machine, each optimizer with its defaults "
              f"(raw data `benchmarks/results/compare_revisions_{shapes}.json`).", "",
              "| optimizer | before, ms | before, x AdamW | now, ms | now, x AdamW | now / before |",
@@ -104,7 +105,7 @@ def render(quick: bool) -> str:
         for k, v in extra.items():
             lines.append(f"\n- {k}: {v}")
         lines.append("")
-    for shapes in ("lora", "locon"):
+    for shapes in ("lora", "locon", "tiny_sd"):
         cmp = _load(f"compare_revisions_{shapes}.json")
         if cmp:
             lines += _render_comparison(cmp, shapes)

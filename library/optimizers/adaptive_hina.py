@@ -466,10 +466,10 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         use_hg = group["use_hypergrad"] and group["hypergrad_rate"] > 0 and n_cos >= 1
         cos = tam.cosines(c.ms, inputs) if n_cos >= 1 and (group["use_tam"] or use_hg) else None
         if use_hg:  # cos(m_{t-1}, x_t): the tensor's lr grows while its gradient keeps the last direction
-            hypergrad.scale_list_([st["lr_scale"] for st in c.sts], cos, group["hypergrad_rate"],
+            hypergrad.scale_list_(self._arenas.tiled([st["lr_scale"] for st in c.sts]), cos, group["hypergrad_rate"],
                                   *self._hypergrad_range(group), c.ok)
         if group["use_tam"] and n_cos >= 1:
-            d = tam.damping_list([st["tam_s"] for st in c.sts], cos, n_cos, group["tam_beta"], c.ok)
+            d = tam.damping_list(self._arenas.tiled([st["tam_s"] for st in c.sts]), cos, n_cos, group["tam_beta"], c.ok)
             tam.momentum_list_(c.ms, inputs, d, beta1, c.keep1)
         elif c.ok is None:
             ops.lerp_(c.ms, inputs, 1.0 - beta1)
@@ -541,12 +541,15 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     def _scaled_step(self, c: "_AdamChunk", scales, decays, factors) -> None:
         """p <- p - ok * factor * coef * mask * (u + decay/scale * p): decay and step in one pass."""
         if c.okf is not None:
-            factors = list(c.okf.unbind(0)) if factors is None else list(torch.stack(factors).mul_(c.okf).unbind(0))
+            factors = c.okf if factors is None else factors * c.okf
         coef = _fold_decay_(c.us, scales, c.p32, decays, c.tmp)
         if c.has_mask:
             ops.mul_(c.us, c.masks)
         if factors is not None:
-            c.step_coef = torch._foreach_mul(factors, coef)
+            if all(x == coef[0] for x in coef):
+                c.step_coef = factors * coef[0]
+            else:
+                c.step_coef = torch._foreach_mul(list(factors.unbind(0)), coef)
             ops.addcmul_(c.p32, c.us, c.step_coef, value=-1.0)
         else:
             c.step_coef = [1.0] * len(c.ps) if _axpy_(c.p32, c.us, [-x for x in coef]) else coef
@@ -592,32 +595,36 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             self._collect_features(ps, c.ms, None if c.initialising else (c.us, c.step_coef), c.feats)
 
     def _factors(self, ps, sts):
-        """Per-tensor lr factors (importance x hypergradient scale x subclass scale) as 0-dim
-        tensors, or None."""
-        out = [st.get("lr_factor") for st in sts]
-        if "lr_scale" in sts[0]:
-            out = [h if f is None else f * h for f, h in zip(out, (st["lr_scale"] for st in sts))]
+        """Per-tensor lr factors (importance x hypergradient scale x subclass scale) as one fp32
+        vector, or None (a factor a tensor lacks counts as 1: x * 1 keeps x's bits)."""
+        out = self._scalar_state(ps, sts, "lr_factor")
+        h = self._scalar_state(ps, sts, "lr_scale")
+        if h is not None:
+            out = h if out is None else out * h
         if self._has_extra_scale:
-            for i, p in enumerate(ps):
-                e = self._extra_scale(p)
-                if e is not None:
-                    out[i] = e if out[i] is None else out[i] * e
-        any_set = any(f is not None for f in out)
-        if not any_set:
-            return None
-        one = None
-        for i, f in enumerate(out):
-            if f is None:
-                if one is None:
-                    one = torch.ones((), dtype=torch.float32, device=ps[i].device)
-                out[i] = one
+            extra = [self._extra_scale(p) for p in ps]
+            if any(e is not None for e in extra):
+                one = torch.ones((), dtype=torch.float32, device=ps[0].device)
+                e = torch.stack([one if x is None else x for x in extra])
+                out = e if out is None else out * e
         return out
+
+    def _scalar_state(self, ps, sts, key):
+        """The chunk's 0-dim state ``key`` as a vector (1 where a tensor lacks it), or None."""
+        have = [st.get(key) for st in sts]
+        if all(x is not None for x in have):
+            return ops.values(self._arenas.tiled(have))
+        if all(x is None for x in have):
+            return None
+        one = torch.ones((), dtype=torch.float32, device=ps[0].device)
+        return torch.stack([one if x is None else x for x in have])
 
     # 8-bit state: codes in flat arenas (state_store.py); v is stored as its square root
     _Q8_KEYS = ("exp_avg", "exp_avg_sq_root", "lr_mask")
     _STORED_AS = {"exp_avg_sq": "exp_avg_sq_root"}
     # element-sized plain state, in arenas too (multi-tensor updates then run on one flat slice)
-    _PLAIN_KEYS = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor")
+    # and so are the per-tensor scalars (a chunk's scalars are then one vector, not n 0-dim tensors)
+    _PLAIN_KEYS = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor", "tam_s", "lr_scale", "importance", "lr_factor")
 
     def _collect_features(self, ps, ms, step, feats: dict) -> None:
         """(gradient term, change rate, intrinsic term) per tensor, as vectors on device.
@@ -633,7 +640,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         else:
             us, coef = step
             step_norm = torch.stack(torch._foreach_norm(us)).float()
-            if isinstance(coef[0], torch.Tensor):
+            if isinstance(coef, torch.Tensor):
+                step_norm = step_norm * coef.float()
+            elif isinstance(coef[0], torch.Tensor):
                 step_norm = step_norm * torch.stack(coef).float()
             else:
                 step_norm = step_norm * torch.tensor([abs(c) for c in coef], dtype=torch.float32, device=dev)

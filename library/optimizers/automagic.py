@@ -217,7 +217,8 @@ def _mask_codec_range(lo: float, hi: float, start: float, bits: int = 8) -> tupl
 # 8-bit storage of the second moments: their square roots (half the dynamic range, nothing flushes to 0)
 _STORED_AS = {"came_v": "came_rms", "came_res": "came_res_rms"}
 _EIGHT_BIT_KEYS = ("exp_avg", "exp_avg_slow", "came_rms", "came_res_rms")
-_PLAIN_KEYS = ("exp_avg", "exp_avg_slow", "lr_mask", "came_v", "came_res")  # element-sized, in arenas too
+# element-sized state in arenas too, and TAM's per-tensor scalar (a chunk's scalars: one vector)
+_PLAIN_KEYS = ("exp_avg", "exp_avg_slow", "lr_mask", "came_v", "came_res", "tam_s")
 
 # fp32 state whose update the non-finite gate keeps exact (techniques/nonfinite.py); the rest is
 # copied before the step and put back for a skipped tensor
@@ -755,7 +756,7 @@ class _Chunk:
 
     def __init__(self, opt: Automagic_CameAMP, group: dict, ps: list, idx: list, shared: _Group):
         self.group, self.ps, self.idx, self.shared = group, ps, idx, shared
-        self.pool = opt._buffer_pool
+        self.pool, self.arenas = opt._buffer_pool, opt._arenas
         self.sts = [opt.state[p] for p in ps]
         self.t = self.sts[0]["step"] + 1
         for st in self.sts:
@@ -791,7 +792,8 @@ class _Chunk:
         return self.pool.views(self.ps, ("automagic", tag))
 
     def state(self, key) -> list:
-        return [st[key] for st in self.sts]
+        """The chunk's state ``key`` (a FlatList where it lies in an arena)."""
+        return self.arenas.tiled([st[key] for st in self.sts])
 
     def keep(self, value: float):
         """The non-finite gate's ``value`` (1 for a skipped tensor) per tensor, or None."""

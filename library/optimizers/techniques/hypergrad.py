@@ -34,9 +34,9 @@ def scale_list_(scales, cos: torch.Tensor, rate: float, lo: float, hi: float, ok
     """``h <- clamp(h * exp(rate * c), lo, hi)`` for each 0-dim fp32 scale in ``scales``, with
     ``cos`` one fp32 vector (one cosine per tensor). ``ok`` (bool vector): where False the
     scale is left as it is (a skipped tensor)."""
-    old = torch.stack(scales)
+    old = ops.values(scales)
     new = old * torch.exp(cos * rate)
     new.clamp_(lo, hi)
     if ok is not None:
         new = torch.where(ok, new, old)
-    ops.copy_(scales, list(new.unbind(0)))
+    ops.set_values_(scales, new)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["per_tensor_", "copy_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
-           "clamp_max_", "clamp_", "expand", "cached_vector", "vectors", "sums", "norms", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
+           "clamp_max_", "clamp_", "expand", "cached_vector", "values", "set_values_", "vectors", "sums", "norms", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
 
 
 def _flat(xs):
@@ -147,6 +147,22 @@ def _run_reduce(xs, batched, single) -> torch.Tensor:
         else:
             parts.append(single(xs[first:end]))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def values(xs) -> torch.Tensor:
+    """0-dim tensors as one vector: the FlatList's flat tensor itself (a view: read it before
+    writing the tensors), else a stacked copy."""
+    fx = _flat(xs)
+    return fx if fx is not None else torch.stack(list(xs))
+
+
+def set_values_(xs, vector: torch.Tensor) -> None:
+    """Each 0-dim tensor of ``xs`` takes its entry of ``vector``."""
+    fx = _flat(xs)
+    if fx is not None:
+        fx.copy_(vector)
+    else:
+        torch._foreach_copy_(list(xs), list(vector.unbind(0)))
 
 
 def vectors(xs) -> list:

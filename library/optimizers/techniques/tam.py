@@ -29,11 +29,11 @@ def cosines(as_, bs, a_norms=None) -> torch.Tensor:
 def damping_list(ss, cos: torch.Tensor, count: int, gamma: float, ok=None) -> torch.Tensor:
     """Update each smoothed cosine in ``ss`` (0-dim tensors) in place; return the d vector.
     ``ok`` (bool vector): where False the smoothed cosine is left unchanged."""
-    old = torch.stack(ss)
+    old = ops.values(ss)
     s = old.mul(gamma).add_(cos, alpha=1.0 - gamma)
     if ok is not None:
         s = torch.where(ok, s, old)
-    ops.copy_(ss, list(s.unbind(0)))
+    ops.set_values_(ss, s)
     return s.mul_(0.5 / (1.0 - gamma**count)).add_(0.5)
 
 
