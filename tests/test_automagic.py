@@ -478,3 +478,62 @@ def test_chunked_step_gives_each_tensor_the_bits_it_gets_alone():
         assert torch.equal(opt.state[p]["exp_avg"], o.state[q]["exp_avg"])
         assert torch.equal(opt.state[p]["came_row" if p.ndim > 1 else "came_v"],
                            o.state[q]["came_row" if q.ndim > 1 else "came_v"])
+
+
+# ------------------------------------------------------------------ hypergradient lr scale
+def _hypergrad_run(grads, **kw):
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = Automagic_CameAMP([p], **{**PLAIN_CAME, "lr": 1e-2, "weight_decay": 0.0, **kw})
+    moves = []
+    for g in grads:
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        moves.append(p.detach() - before)
+    return opt, p, moves
+
+
+def test_hypergrad_scale_follows_the_cosine_and_scales_the_step():
+    """h_t = clamp(h_{t-1} exp(rate cos(m_{t-1}, u_t)), lo, hi), h_1 = 1; the step is h times the
+    step without it (the rest of the state does not depend on h)."""
+    same = [torch.full((6,), 0.3)] * 4
+    opt, p, moves = _hypergrad_run(same, use_hypergrad=True)
+    _, _, plain = _hypergrad_run(same)
+    h = opt.state[p]["lr_scale"]
+    assert float(h) == pytest.approx(math.exp(0.5 * 3), rel=1e-5)  # cos = 1 from the second step on
+    for t, (a, b) in enumerate(zip(moves, plain)):
+        assert torch.allclose(a, b * math.exp(0.5 * t), rtol=1e-5, atol=0), t
+    flip = [torch.full((6,), 0.3 * (-1) ** i) for i in range(4)]  # the gradient turns back each step
+    opt, p, _ = _hypergrad_run(flip, use_hypergrad=True)
+    assert float(opt.state[p]["lr_scale"]) == pytest.approx(math.exp(-0.5 * 3), rel=1e-5)
+    opt, p, _ = _hypergrad_run(same * 3, use_hypergrad=True, hypergrad_ceiling=2.0)
+    assert float(opt.state[p]["lr_scale"]) == 2.0
+
+
+def test_hypergrad_range_keeps_the_product_within_max_lr():
+    opt = Automagic_CameAMP(_params(), lr=1e-3, max_lr=4e-3, use_hypergrad=True)
+    group = opt.param_groups[0]
+    m_lo, m_hi = opt._mask_bounds(group)
+    lo, hi = opt._hypergrad_range(group)
+    assert hi * m_hi * group["lr"] == pytest.approx(4e-3) and lo <= 1.0 <= hi
+
+
+@pytest.mark.parametrize("cls", FOUR, ids=lambda c: c.__name__)
+def test_hypergrad_resumes_bit_exactly_without_host_syncs(cls):
+    kw = dict(lr=1e-3, warmup_steps=6, use_hypergrad=True)
+    report = hasattr(cls, "report_loss")
+    a = _params()
+    opt_a = build(cls, a, **kw)
+    _run(opt_a, a, 10, torch.Generator().manual_seed(9), report)
+    b = _params()
+    opt_b = build(cls, b, **kw)
+    gen = torch.Generator().manual_seed(9)
+    _run(opt_b, b, 5, gen, report)
+    c = _clone(b)
+    opt_c = build(cls, c, **kw)
+    opt_c.load_state_dict(save_load(opt_b.state_dict()))
+    with forbid_host_sync():
+        _run(opt_c, c, 5, gen, report)
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)
+    assert any(float(opt_c.state[q]["lr_scale"]) != 1.0 for q in c)

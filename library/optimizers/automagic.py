@@ -30,32 +30,39 @@ saved by the earlier one-tensor-at-a-time code resume bit-exactly: tests/test_ch
  5. direction: Grams blend ``a sign(g)|s| + (1 - a) s`` with ``a = beta1_decay^t``
     (Grams early, plain CAME later). [COptim: the (1 - a) part is Cautious-masked,
     ``s phi / max(mean(phi), 1e-3)``, phi = 1[s g > 0].]
- 6. per-element lr ``group['lr'] * mask``: the Automagic mask is a *scale* relative to the
-    lr the group was built with (``base_lr``), starts at exactly 1 (the effective lr at step
-    1 is the requested lr: no doubled start) and, while ``t <= W``, moves by
-    ``+-lr_bump / base_lr`` where the new gradient agrees / disagrees in sign with the
-    previous momentum (0 at step 1: no polarity artefact), clamped to
-    ``[min_lr, max_lr] / base_lr``. After warmup it is frozen and, being a scale, follows
-    any lr scheduler. ALLoRA row factor ``1 / sqrt(1 + eta^2 ||row||^2)`` from the current
-    rows of LoRA factors (found by name, else by shape; off with ``full_finetune``).
-    [COptim: times the context multiplier M in ``lr_multiplier_bounds``.]
+ 6. per-element lr ``group['lr'] * mask``: the Automagic mask is a *scale* of the group's
+    scheduled lr (techniques/lr_mask.py), starts at exactly 1 (the effective lr at step 1 is
+    the requested lr) and, while ``t <= W``, is multiplied by ``e^r`` / ``e^-r``
+    (``r = lr_mask_rate``, or ``lr_bump / base_lr`` where the lineage's absolute bump is
+    given) where the new gradient agrees / disagrees in sign with the previous momentum (0 at
+    step 1: no polarity artefact), clamped to ``[lr_mask_floor, lr_mask_ceiling]`` (tightened
+    by the optional absolute ``min_lr`` / ``max_lr``). After warmup it is frozen and, being a
+    scale, follows any lr scheduler. With ``eta`` set, the ALLoRA row factor
+    ``1 / sqrt(1 + eta^2 ||row||^2)`` from the current rows of LoRA factors (found by name,
+    else by shape; off with ``full_finetune``). With ``use_hypergrad``, times a per-tensor
+    scale h adapted every step from cos(m_{t-1}, u_t) (techniques/hypergrad.py, as in
+    AdaptiveHinaAdamW). [COptim: times the context multiplier M in ``lr_multiplier_bounds``.]
  7. decoupled adaptive weight decay (AdaDecay, arXiv 1907.08931): ``p <- p (1 - lr_i wd
     theta_i)``, theta = 2 sigmoid(alpha z(|g|)) per element, at every step.
  8. ``p <- p - lr_i s``.
 
 Early CAME steps. Official CAME has no bias correction: its first step moves every matrix
-element by about 11.1 lr (8 lr at this family's betas) while vectors move 0.1 lr. With
-``came_bias_correction=True`` (default) the second moment and the confidence are bias
-corrected (techniques/came.py), so the first move is ``(1 - b1)/b1`` lr on matrices and
-``(1 - b1)`` lr on vectors, ramping up as the momentum fills; tests pin both behaviours.
+element by about 11.1 lr while vectors move 0.1 lr. ``came_bias_correction=False`` (default)
+keeps that; with ``True`` the second moment and the confidence are bias corrected
+(techniques/came.py), so the first move is ``(1 - b1)/b1`` lr on matrices and ``(1 - b1)`` lr
+on vectors, ramping up as the momentum fills; tests pin both behaviours.
 
-Defaults follow the lineage's last configuration (origin.md 5.1): lr=1e-6, min_lr=1e-7,
-max_lr=1e-3, lr_bump=3e-6, betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16), eta=2.0,
-beta1_decay=0.9995, weight_decay=5e-4, warmup_steps=500. Deviations (see docs): lr must lie
-in [min_lr, max_lr] (it is the mask's start, not silently clamped); AGR per tensor, not per
-group; ALLoRA from current norms, relative (1 for a zero row), not frozen at init; adaptive
-weight decay per element and for the whole run; TAM with a scalar cosine; no step-1
-"continue"; no ``torch.cuda.synchronize()``; the unused third eps is dropped.
+Defaults (``_BASE_DEFAULTS``, chosen on the quality benchmark: docs/automagic.md, "Training
+quality, and why the defaults are what they are"): lr=1e-3, official CAME's betas (0.9, 0.999,
+0.9999) and steps, the lr mask (rate 0.02 in [0.1, 10] x the scheduled lr during
+warmup_steps=500), AGR, the AdaBelief residual for vectors, AdaDecay (weight_decay=5e-4),
+OrthoGrad only on non-adapter tensors; TAM, Grams and ALLoRA off. The lineage's settings
+(origin.md 5.1: lr=1e-6, an absolute mask between min_lr=1e-7 and max_lr=1e-3, betas=(0.8, 0.99,
+0.999), eta=2.0, TAM, Grams and OrthoGrad everywhere) are all still accepted as arguments.
+Deviations from the lineage (see docs): AGR per tensor, not per group; ALLoRA from current
+norms, relative (1 for a zero row), not frozen at init; adaptive weight decay per element and
+for the whole run; TAM with a scalar cosine; no step-1 "continue"; no
+``torch.cuda.synchronize()``; the unused third eps is dropped.
 
 8-bit presets: ``exp_avg`` (and ``exp_avg_slow``) in the signed blockwise store, the lr mask
 in the 8-bit log codec, and for vectors sqrt of the second moment / residual in the unsigned
@@ -84,7 +91,8 @@ from . import __version__, quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
 from .state_store import Arenas, ChunkState
-from .techniques import adaptive_wd, ademamix, allora, came, context, lr_mask, momentum_decay, nonfinite, ops, tam
+from .techniques import (adaptive_wd, ademamix, allora, came, context, hypergrad, lr_mask, momentum_decay, nonfinite,
+                         ops, tam)
 from .techniques.agr import agr_list_
 from .techniques.cautious import cautious_list_
 from .techniques.grams import grams_list_
@@ -125,6 +133,10 @@ _BASE_DEFAULTS = dict(
     use_grams=False,
     use_adabelief=True,
     use_lr_mask=True,
+    use_hypergrad=False,
+    hypergrad_rate=0.5,
+    hypergrad_floor=0.1,
+    hypergrad_ceiling=100.0,
     adaptive_weight_decay=True,
     adadecay_alpha=4.0,
     skip_nonfinite=True,
@@ -160,12 +172,15 @@ def _validate(cfg: dict, keys) -> dict:
         "stagnation_boost": dict(lo=1.0),
         "consistency_gain": dict(lo=0.0),
         "consistency_ref": dict(lo=-1.0, hi=1.0),
+        "hypergrad_rate": dict(lo=0.0, hi=2.0),
+        "hypergrad_floor": dict(lo=0.0, lo_open=True, hi=1.0),
+        "hypergrad_ceiling": dict(lo=1.0, hi=1e4),
     }
     ints = {"warmup_steps": 0, "verbose_interval": 1, "seed": 0, "min_8bit_size": 0, "context_window": 4,
             "stagnation_steps": 1}
     bools = ("full_finetune", "came_bias_correction", "use_agr", "use_tam", "use_grams",
              "use_adabelief", "use_lr_mask", "adaptive_weight_decay", "verbose", "use_cautious", "skip_nonfinite",
-             "stochastic_rounding")
+             "stochastic_rounding", "use_hypergrad")
     for k in keys:
         if k not in out:
             continue
@@ -218,7 +233,7 @@ def _mask_codec_range(lo: float, hi: float, start: float, bits: int = 8) -> tupl
 _STORED_AS = {"came_v": "came_rms", "came_res": "came_res_rms"}
 _EIGHT_BIT_KEYS = ("exp_avg", "exp_avg_slow", "came_rms", "came_res_rms")
 # element-sized state in arenas too, and TAM's per-tensor scalar (a chunk's scalars: one vector)
-_PLAIN_KEYS = ("exp_avg", "exp_avg_slow", "lr_mask", "came_v", "came_res", "tam_s")
+_PLAIN_KEYS = ("exp_avg", "exp_avg_slow", "lr_mask", "came_v", "came_res", "tam_s", "lr_scale")
 
 # fp32 state whose update the non-finite gate keeps exact (techniques/nonfinite.py); the rest is
 # copied before the step and put back for a skipped tensor
@@ -228,16 +243,20 @@ _GATED = ("exp_avg", "exp_avg_slow", "lr_mask", "came_row", "came_col", "came_re
 class Automagic_CameAMP(HinaOptimizer):
     """CAME + Automagic lr mask + AGR, TAM / momentum decay, Grams, OrthoGrad, ALLoRA, AdaDecay.
 
-    See the module docstring for the update. Keyword arguments (defaults): lr=1e-6, min_lr=1e-7, max_lr=1e-3, lr_bump=3e-6, eps=(1e-30, 1e-16),
-    clip_threshold=1.0, betas=(0.8, 0.99, 0.999), eta=2.0 (ALLoRA; None disables),
-    beta1_decay=0.9995, beta1_min=0.4, weight_decay=5e-4, warmup_steps=500,
-    full_finetune=False, came_bias_correction=True, use_agr, use_orthograd, use_tam,
-    tam_beta=0.9, use_grams, use_adabelief, use_lr_mask, adaptive_weight_decay (all True),
-    adadecay_alpha=4.0, verbose=False, verbose_interval=50; ``param_names`` as the engine.
+    See the module docstring for the update. Keyword arguments (defaults): lr=1e-3,
+    lr_mask_rate=0.02, lr_mask_floor=0.1, lr_mask_ceiling=10.0, lr_bump=None, min_lr=None,
+    max_lr=None, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999),
+    eta=None (ALLoRA off; a number turns it on), beta1_decay=0.9995, beta1_min=0.4,
+    weight_decay=5e-4, warmup_steps=500, full_finetune=False, came_bias_correction=False,
+    use_agr=True, use_orthograd=None (non-adapter tensors only), use_tam=False, tam_beta=0.9,
+    use_grams=False, use_adabelief=True, use_lr_mask=True, adaptive_weight_decay=True,
+    adadecay_alpha=4.0, skip_nonfinite=True, stochastic_rounding=True, verbose=False,
+    verbose_interval=50; ``param_names`` as the engine.
     """
 
     _DEFAULTS: dict = _BASE_DEFAULTS
-    _options_absent_from_older_states = {"stochastic_rounding": False}  # bf16 weights were rounded to nearest
+    # options added after states were saved, with the value that reproduces the code that saved them
+    _options_absent_from_older_states = {"stochastic_rounding": False, "use_hypergrad": False}
     _eight_bit = False
     _coptim = False
     _shaped_state_keys = ("exp_avg", "exp_avg_f8", "exp_avg_slow", "exp_avg_slow_f8", "lr_mask", "lr_mask_lq",
@@ -324,6 +343,21 @@ class Automagic_CameAMP(HinaOptimizer):
         """Range of the lr-mask scale (techniques/lr_mask.py), always containing 1."""
         return lr_mask.group_bounds(group)
 
+    @classmethod
+    def _hypergrad_range(cls, group: dict) -> tuple[float, float]:
+        """Range of the hypergradient lr scale (techniques/hypergrad.py): [floor, ceiling],
+        tightened so that scale x mask bound stays within the absolute min_lr / max_lr where they
+        are set; always containing 1."""
+        lo, hi = group["hypergrad_floor"], group["hypergrad_ceiling"]
+        base = group["base_lr"]
+        if base > 0:
+            m_lo, m_hi = cls._mask_bounds(group) if group["use_lr_mask"] else (1.0, 1.0)
+            if group["min_lr"] is not None:
+                lo = max(lo, group["min_lr"] / (base * m_lo))
+            if group["max_lr"] is not None:
+                hi = min(hi, group["max_lr"] / (base * m_hi))
+        return min(lo, 1.0), max(hi, 1.0)
+
     def _init_state(self, p: torch.Tensor, st: dict, group: dict) -> None:
         st["step"] = 0
         dev = p.device
@@ -346,6 +380,8 @@ class Automagic_CameAMP(HinaOptimizer):
         st.update(stats)
         if group["use_tam"]:
             st["tam_s"] = torch.zeros((), dtype=torch.float32, device=dev)
+        if group["use_hypergrad"]:
+            st["lr_scale"] = torch.ones((), dtype=torch.float32, device=dev)
         if group["use_lr_mask"]:  # starts at 1: the first steps use exactly the group's lr
             lo, hi = self._mask_bounds(group)
             if eight:
@@ -392,7 +428,7 @@ class Automagic_CameAMP(HinaOptimizer):
         mask = st.get("lr_mask")
         return (st["step"], p.dtype, p.device, "exp_avg_f8" in st, "came_row" in st, "came_res" in st,
                 "came_rms_f8" in st, "came_res_rms_f8" in st, "tam_s" in st, "lr_mask_lq" in st,
-                None if mask is None else mask.dtype)
+                None if mask is None else mask.dtype, "lr_scale" in st)
 
     def _hooked(self, name: str) -> bool:
         """Does this class override the per-tensor hook ``name`` (the refactored preset does)?"""
@@ -400,6 +436,11 @@ class Automagic_CameAMP(HinaOptimizer):
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
         new = self._init_missing(group, params)
+        if group["use_hypergrad"]:  # switched on after a load of a state saved without it
+            for p in params:
+                if "lr_scale" not in self.state[p]:
+                    self.state[p]["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
+                    new = True
         ordered = self._by_shape(params)
         self._arenas.ensure(group, self.state, ordered, _EIGHT_BIT_KEYS, new, ("lr_mask",), _PLAIN_KEYS)
         shared = self._group_quantities(group, params)
@@ -489,8 +530,9 @@ class Automagic_CameAMP(HinaOptimizer):
 
     def _momentum_stage(self, c: "_Chunk") -> None:
         """3. Sign agreement with the previous momentum (for the lr mask and COptim's consistency),
-        then the momentum of u: TAM while ``2t <= W``, momentum decay later [COptim: the slow EMA
-        mixed in]."""
+        the hypergradient lr scale from cos(m_{t-1}, u_t) (``use_hypergrad``), then the momentum
+        of u: TAM while ``2t <= W`` (damped by the same cosine), momentum decay later [COptim: the
+        slow EMA mixed in]."""
         group, t, u = c.group, c.t, c.u
         b1 = group["betas"][0]
         warm = group["warmup_steps"]
@@ -503,8 +545,15 @@ class Automagic_CameAMP(HinaOptimizer):
             if sums is not None:
                 for i, a in zip(c.idx, ops.sums(c.agree).unbind(0)):
                     sums[i] = a
-        if group["use_tam"] and 2 * t <= warm and t > 1:
-            d = tam.damping_list(c.state("tam_s"), tam.cosines(m, u), t - 1, group["tam_beta"])
+        tam_now = group["use_tam"] and 2 * t <= warm and t > 1
+        hypergrad_now = group["use_hypergrad"] and group["hypergrad_rate"] > 0 and t > 1
+        cos = tam.cosines(m, u) if tam_now or hypergrad_now else None  # cos(m_{t-1}, u_t)
+        if hypergrad_now:  # the tensor's lr grows while u keeps the momentum's direction
+            hypergrad.scale_list_(c.state("lr_scale"), cos, group["hypergrad_rate"], *self._hypergrad_range(group))
+        if group["use_hypergrad"]:
+            c.lr_scale = ops.values(c.state("lr_scale"))  # read only from here on
+        if tam_now:
+            d = tam.damping_list(c.state("tam_s"), cos, t - 1, group["tam_beta"])
             tam.momentum_list_(m, u, d, b1, c.keep(b1))
         else:
             beta = b1 if 2 * t <= warm else momentum_decay.beta_at(b1, group["beta1_decay"], group["beta1_min"],
@@ -591,8 +640,8 @@ class Automagic_CameAMP(HinaOptimizer):
 
     @staticmethod
     def _decay_scales(c: "_Chunk", dec):
-        """The per-element decay factor: AdaDecay's theta (or None) x mask x COptim's multiplier,
-        zeroed for a skipped tensor; None when it is 1 everywhere."""
+        """The per-element decay factor: AdaDecay's theta (or None) x mask x COptim's multiplier x
+        the hypergradient scale, zeroed for a skipped tensor; None when it is 1 everywhere."""
         mult, mask = c.shared.mult, c.mask
         if mask is not None:
             if dec is None:
@@ -607,6 +656,17 @@ class Automagic_CameAMP(HinaOptimizer):
                 ops.copy_(dec, torch._foreach_mul(mask, mult))
             else:
                 ops.mul_(dec, mult)
+        h = c.lr_scale
+        if h is not None:  # the hypergradient scale: the decay uses the same per-tensor lr
+            if dec is None:
+                dec = list(h.unbind(0))
+            elif dec[0].dim() == 0:
+                dec = torch._foreach_mul(dec, list(h.unbind(0)))
+            else:
+                if dec is mask:  # the mask is state: scale a copy
+                    dec = c.buf("decay")
+                    ops.copy_(dec, mask)
+                ops.per_tensor_("mul_", dec, h)
         oks = c.oks
         if oks is not None and dec is not None:  # a skipped tensor does not decay
             if dec[0].dim() == 0:
@@ -625,8 +685,10 @@ class Automagic_CameAMP(HinaOptimizer):
         oks = c.oks
         if oks is not None:
             ops.per_tensor_("mul_", c.s, oks)
-        mult = c.shared.mult
-        if mult is not None:
+        mult, h = c.shared.mult, c.lr_scale
+        if h is not None:
+            ops.addcmul_(c.p32, c.s, h if mult is None else h * mult, value=-lr)
+        elif mult is not None:
             ops.addcmul_(c.p32, c.s, [mult] * len(c.ps), value=-lr)
         else:
             ops.add_(c.p32, c.s, alpha=-lr)
@@ -776,6 +838,7 @@ class _Chunk:
             self.p32 = self.buf("p32")
             ops.copy_(self.p32, ps)
         self.g = self.u = self.m = self.mm = self.s = self.agree = self.mask = None
+        self.lr_scale = None  # the hypergradient lr scale per tensor (a vector), when on
         self.adapting = False
 
     def _gradients(self) -> list:
