@@ -51,16 +51,17 @@ FULL_RUN_MINUTES = 45
 # 2-core machine; benchmarks/results/quality.json), and the optimizer's share of the step on that
 # task; CLASS_COST is each class's cost relative to AdamW on tiny_sd_long,
 # measured by ``python -m benchmarks.quality.class_cost`` (100-step runs in alternating rounds,
-# one process, one thread; 2026-12-07, after the Automagic family became multi-tensor). A run
+# one process, one thread; 2026-12-07, after the per-tensor overhead of small tensors was cut and
+# the tiny-SD task began caching its text-encoder outputs). A run
 # costs RUN_SECONDS x (1 + share x (CLASS_COST - 1)), scaled by its steps; on the small tasks
 # this is within ~20% of the measured times.
 RUN_SECONDS = {"lora_teacher": 0.72, "digits": 0.67, "char_lm": 3.15, "tiny_sd_long": 66.8}
 OPTIMIZER_SHARE = {"lora_teacher": 0.55, "digits": 0.6, "char_lm": 0.25, "tiny_sd_long": 1.0}
 FULL_STEPS = {"lora_teacher": 300, "digits": 300, "char_lm": 150, "tiny_sd_long": 1500}
 CLASS_COST = {
-    "AdamW": 1.0, "AdamW8bit": 1.38, "CAME": 1.45, "ADOPT": 1.05, "Prodigy": 1.28, "AdamWScheduleFree": 1.21,
-    "AdaptiveHinaAdamW": 1.43, "HinaAdamWOptimizer": 1.5, "Automagic_CameAMP": 1.49, "Automagic_CameAMP8bit": 1.78,
-    "Automagic_CameAMP_COptim": 1.9, "Automagic_CameAMP_COptim8bit": 2.26, "RefactoredAutomagicCameAMP": 2.36,
+    "AdamW": 1.0, "AdamW8bit": 1.51, "CAME": 1.43, "ADOPT": 1.01, "Prodigy": 1.54, "AdamWScheduleFree": 1.11,
+    "AdaptiveHinaAdamW": 1.15, "HinaAdamWOptimizer": 1.4, "Automagic_CameAMP": 1.21, "Automagic_CameAMP8bit": 1.32,
+    "Automagic_CameAMP_COptim": 1.14, "Automagic_CameAMP_COptim8bit": 1.44, "RefactoredAutomagicCameAMP": 1.49,
 }
 EIGHT_BIT_COST = 1.02  # AdaptiveHinaAdamW optim_bits=8 relative to 32-bit
 SEARCH_PRIORITY = 4.0
