@@ -63,15 +63,12 @@ def expand(xs, values: torch.Tensor) -> torch.Tensor:
 
 def cached_vector(xs, tag, values, dtype, device) -> torch.Tensor:
     """A vector derived from the layout of the FlatList ``xs`` alone (``values()``: one number per
-    tensor), made once per (``tag``, dtype, device) and kept with ``xs``; for a plain list, made
-    each call."""
-    cache = getattr(xs, "cache", None)
+    tensor), made once per (``tag``, dtype, device) and kept with ``xs`` (a host-to-device copy
+    on a layout's first step only)."""
     key = (tag, dtype, device)
-    hit = None if cache is None else cache.get(key)
+    hit = xs.cache.get(key)
     if hit is None:
-        hit = torch.tensor(values(), dtype=dtype, device=device)
-        if cache is not None:
-            cache[key] = hit
+        hit = xs.cache[key] = torch.tensor(values(), dtype=dtype, device=device)
     return hit
 
 
