@@ -47,15 +47,17 @@ ABLATION_TASKS = ("lora_teacher", "digits", "char_lm")
 FULL_RUN_MINUTES = 45
 
 # Cost of one run at full size with torch AdamW, one thread (seconds: the median wall time of the
-# AdamW (fused) runs of the full run of 2026-12-07, evaluations included, two processes on the
-# 2-core machine; benchmarks/results/quality.json), and the optimizer's share of the step on that
-# task; CLASS_COST is each class's cost relative to AdamW on tiny_sd_long,
-# measured by ``python -m benchmarks.quality.class_cost`` (100-step runs in alternating rounds,
-# one process, one thread; 2026-12-07, after the per-tensor overhead of small tensors was cut and
-# the tiny-SD task began caching its text-encoder outputs). A run
-# costs RUN_SECONDS x (1 + share x (CLASS_COST - 1)), scaled by its steps; on the small tasks
-# this is within ~20% of the measured times.
-RUN_SECONDS = {"lora_teacher": 0.72, "digits": 0.67, "char_lm": 3.15, "tiny_sd_long": 66.8}
+# AdamW (fused) runs of the second full run of 2026-12-07, evaluations included, two processes on
+# the 2-core machine; benchmarks/results/quality.json), and the optimizer's share of the step on
+# that task; CLASS_COST is each class's cost relative to AdamW on tiny_sd_long, measured by
+# ``python -m benchmarks.quality.class_cost`` (100-step runs in alternating rounds, one process,
+# one thread; 2026-12-07, after the per-tensor overhead of small tensors was cut and the tiny-SD
+# task began caching its text-encoder outputs). A run costs RUN_SECONDS x (1 + share x
+# (CLASS_COST - 1)), scaled by its steps; on the small tasks this is within ~20% of the measured
+# times. The VM's speed drifts by ~20% between days (the same AdamW tiny-SD run took 66.8 s in the
+# first full run of 2026-12-07 and 74.5 s in the second, with a faster task), so the estimate is
+# a guide, not a promise.
+RUN_SECONDS = {"lora_teacher": 0.72, "digits": 0.65, "char_lm": 2.95, "tiny_sd_long": 74.5}
 OPTIMIZER_SHARE = {"lora_teacher": 0.55, "digits": 0.6, "char_lm": 0.25, "tiny_sd_long": 1.0}
 FULL_STEPS = {"lora_teacher": 300, "digits": 300, "char_lm": 150, "tiny_sd_long": 1500}
 CLASS_COST = {
