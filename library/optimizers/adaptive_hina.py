@@ -296,20 +296,10 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         the absolute min_lr / max_lr at the group's lr, always containing 1."""
         return lr_mask.group_bounds(group)
 
-    @classmethod
-    def _hypergrad_range(cls, group) -> tuple[float, float]:
-        """Bounds of the hypergradient lr scale (techniques/hypergrad.py): [floor, ceiling],
-        tightened so that scale x lr-mask bound stays within the absolute min_lr / max_lr where
-        they are set (the product, not each factor, is what they bound); always containing 1."""
-        lo, hi = group["hypergrad_floor"], group["hypergrad_ceiling"]
-        base = group["base_lr"]
-        if base > 0:
-            m_lo, m_hi = cls._mask_range(group) if group["use_lr_mask"] else (1.0, 1.0)
-            if group["min_lr"] is not None:
-                lo = max(lo, group["min_lr"] / (base * m_lo))
-            if group["max_lr"] is not None:
-                hi = min(hi, group["max_lr"] / (base * m_hi))
-        return min(lo, 1.0), max(hi, 1.0)
+    @staticmethod
+    def _hypergrad_range(group) -> tuple[float, float]:
+        """Bounds of the hypergradient lr scale (techniques/hypergrad.py), always containing 1."""
+        return hypergrad.group_bounds(group)
 
     @staticmethod
     def _mask_rate(group, t: int) -> float:

@@ -27,7 +27,23 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import lr_mask, ops
+
+
+def group_bounds(group: dict) -> tuple[float, float]:
+    """The scale's range ``(lo, hi)`` for a param group: [``hypergrad_floor``,
+    ``hypergrad_ceiling``], tightened so that scale x the lr mask's bound (where a mask is on)
+    stays within the absolute ``min_lr`` / ``max_lr`` at the group's ``base_lr`` where they are
+    set (the product, not each factor, is what they bound); always containing 1."""
+    lo, hi = group["hypergrad_floor"], group["hypergrad_ceiling"]
+    base = group["base_lr"]
+    if base > 0:
+        m_lo, m_hi = lr_mask.group_bounds(group) if group["use_lr_mask"] else (1.0, 1.0)
+        if group["min_lr"] is not None:
+            lo = max(lo, group["min_lr"] / (base * m_lo))
+        if group["max_lr"] is not None:
+            hi = min(hi, group["max_lr"] / (base * m_hi))
+    return min(lo, 1.0), max(hi, 1.0)
 
 
 def scale_list_(scales, cos: torch.Tensor, rate: float, lo: float, hi: float, ok=None) -> None:
