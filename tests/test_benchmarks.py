@@ -346,3 +346,26 @@ def test_quant8_ema_tracking_smoke():
     for name, r in res.items():
         assert set(r) == {"m", "v", "update"} and all(0.0 <= x < float("inf") for x in r.values()), name
     assert res["float8 stochastic"]["update"] < 0.5
+
+
+def test_estimate_counts_hinted_searches_at_their_first_points_and_shared_runs_once():
+    from benchmarks.quality import search
+    from benchmarks.quality.contenders import contenders, resolve_run
+    from benchmarks.quality.protocol import ESTIMATE_SEARCH_POINTS, ProtocolConfig, estimate, run_seconds
+
+    cs = {c.key: c for c in contenders()}
+    adamw, hina = cs["AdamW (fused)"], cs["AdaptiveHinaAdamW"]
+    config = ProtocolConfig(tasks=("lora_teacher",), report_seeds=(1, 2, 3))
+    one = run_seconds(resolve_run(adamw, "lora_teacher", 300, adamw.lr, 0))
+    # AdamW: no hint, ESTIMATE_SEARCH_POINTS points + 3 report runs
+    assert estimate(config, [adamw])["total_cpu_seconds"] == pytest.approx(one * (ESTIMATE_SEARCH_POINTS + 3))
+    cost = lambda c, lr, seed: run_seconds(resolve_run(c, "lora_teacher", 300, lr, seed))  # noqa: E731
+    untuned = sum(cost(hina, hina.lr, s) for s in (1, 2, 3))
+    search.GRID_CENTRE["lora_teacher"] = {hina.key: hina.lr}  # a hint at the untuned lr
+    try:
+        est = estimate(config, [hina])["total_cpu_seconds"]
+    finally:
+        del search.GRID_CENTRE["lora_teacher"]
+    # three search points, report runs shared with the untuned ones
+    first = sum(cost(hina, config.rule.lr(hina.lr, k), 0) for k in config.rule.first)
+    assert est == pytest.approx(untuned + first)

@@ -23,7 +23,8 @@ queued as soon as the points they depend on finish, so no process waits for a ph
 
 Cost model (``RUN_SECONDS`` x ``CLASS_COST``, measured on this 2-core machine with one torch
 thread per process): used to order the queue and for the time estimate printed at the start
-(``estimate``), which assumes ``ESTIMATE_SEARCH_POINTS`` points per search.
+(``estimate``), which assumes ``ESTIMATE_SEARCH_POINTS`` points per search (the first points only
+where the centre is a measured hint).
 """
 from __future__ import annotations
 
@@ -312,9 +313,10 @@ def execute(store: RunStore, jobs: int, factory: TaskFactory, threads: int, loca
 
 # ----------------------------------------------------------------------------- estimate
 def estimate(config: ProtocolConfig, contenders: list[Contender]) -> dict:
-    """Seconds of CPU the run will take by the cost model (searches of
-    ESTIMATE_SEARCH_POINTS points, tuned report runs counted even where they will be shared),
-    and the wall time on `jobs` processes."""
+    """Seconds of CPU the run will take by the cost model and the wall time on `jobs` processes.
+    A search counts ESTIMATE_SEARCH_POINTS points, or only its first points where its centre is
+    a measured hint (the best lr of an earlier run); its report runs are counted at the centre
+    unless another row already asked for the same runs."""
     per_task = {}
     for task in config.tasks:
         store = RunStore(log=lambda msg: None)
@@ -322,14 +324,15 @@ def estimate(config: ProtocolConfig, contenders: list[Contender]) -> dict:
         proto.start()  # requests the untuned runs and the first search points (deduped)
         seconds = sum(run_seconds(cfg) for cfg in store.configs.values())
         for key, st in proto.searches.items():
+            points = len(config.rule.first) if st.hint else max(ESTIMATE_SEARCH_POINTS, len(config.rule.first))
             cfgs = [resolve_run(st.contender, task, proto.steps, st.centre, s) for s in config.report_seeds]
-            extra_points = max(0, ESTIMATE_SEARCH_POINTS - len(config.rule.first))
-            seconds += run_seconds(cfgs[0]) * (extra_points + len(cfgs))
+            seconds += run_seconds(cfgs[0]) * (points - len(config.rule.first))
+            seconds += sum(run_seconds(cfg) for cfg in cfgs if run_id(cfg) not in store.configs)
             seconds += _ablation_seconds(config, st.contender, task, proto.steps, st.centre)
         per_task[task] = seconds
     total = sum(per_task.values())
     return {"cpu_seconds": per_task, "total_cpu_seconds": total, "wall_seconds": total / max(1, config.jobs),
-            "search_points_assumed": ESTIMATE_SEARCH_POINTS}
+            "search_points_assumed": f"{ESTIMATE_SEARCH_POINTS} ({len(config.rule.first)} with a measured centre)"}
 
 
 def _ablation_seconds(config, c: Contender, task: str, steps: int, lr: float) -> float:

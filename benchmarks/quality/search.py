@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from typing import Mapping
 
 # task -> contender key -> search centre (a measured hint; absent: the untuned lr), used only to
-# save runs on the expensive task: the best lrs of tiny_sd_long in the full run of 2026-12-06
-# (benchmarks/results/quality.json at 1ebf037), where each search ended interior. A hint that
-# is no longer the best still ends interior: the search extends past an edge as always.
+# save runs on the expensive task: the best lrs of tiny_sd_long in the full runs of 2026-12-06
+# and 2026-12-07 (benchmarks/results/quality.json at 1ebf037 and 27cfdbb), where each search
+# ended interior; a centre at the best lr needs only the three first points. A hint that is no
+# longer the best still ends interior: the search extends past an edge as always.
 GRID_CENTRE: dict[str, dict[str, float]] = {
     "tiny_sd_long": {
         "Prodigy (prodigyopt)": 3.0,
-        "AdaptiveHinaAdamW": 3e-3,
-        "HinaAdamWOptimizer": 1e-3 / 3,
+        "AdaptiveHinaAdamW": 1e-3,
+        "HinaAdamWOptimizer": 1e-3 / 9,
         "Automagic_CameAMP": 1e-3 / 9,
     },
 }

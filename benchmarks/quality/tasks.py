@@ -547,7 +547,7 @@ class TaskSpec:
     requires: str | None = None  # a module it needs beyond requirements.txt
 
 
-_LONG_SD = dict(steps=1500, evals=15, batch=1, rank=8, eval_repeats=4)
+_LONG_SD = dict(steps=1500, evals=10, batch=1, rank=8, eval_repeats=4)
 TASK_SPECS = {s.name: s for s in (
     TaskSpec("lora_teacher", LoRATeacherTask, quick=dict(steps=200, evals=10)),
     TaskSpec("digits", DigitsTask, quick=dict(steps=200, evals=10), requires="sklearn"),
