@@ -69,6 +69,29 @@ def forbid_host_sync():
             setattr(torch.Tensor, n, f)
 
 
+@contextlib.contextmanager
+def forbid_host_copies():
+    """Make every tensor built from Python data raise (torch.tensor, torch.as_tensor): on a GPU each
+    is a host-to-device copy that waits for the device's queue. Layout-derived constants are made
+    on a layout's first step, so a test steps once or twice before entering this."""
+    names = ["tensor", "as_tensor"]
+    saved = {n: getattr(torch, n) for n in names}
+
+    def make(n):
+        def fail(*a, **k):
+            raise HostSync(f"host-to-device copy via torch.{n} inside step()")
+
+        return fail
+
+    try:
+        for n in names:
+            setattr(torch, n, make(n))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch, n, f)
+
+
 def quadratic_params(seed=0, shapes=((8, 5), (5,), (3, 4, 2, 2))):
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from library.optimizers import quant8
 from library.optimizers.registry import list_optimizers, parse_optimizer_args
 from library.train_util import resolve_optimizer
-from tests.helpers import forbid_host_sync
+from tests.helpers import forbid_host_copies, forbid_host_sync
 
 NAMES = [info.name for info in list_optimizers()]
 
@@ -426,3 +426,39 @@ def test_min_lr_zero_trains_with_8bit_state(name):
         p.grad = torch.randn(8, 8)
         opt.step()
     assert torch.isfinite(p).all()
+
+
+def _lora_and_plain_params():
+    torch.manual_seed(0)
+    named = []
+    for i, (fin, fout) in enumerate(((8, 8), (8, 16), (16, 8))):
+        named.append((f"lora_unet_b{i}.lora_down.weight", torch.nn.Parameter(torch.randn(4, fin) * 0.1)))
+        named.append((f"lora_unet_b{i}.lora_up.weight", torch.nn.Parameter(torch.randn(fout, 4) * 0.01)))
+    named.append(("lora_unet_norm.weight", torch.nn.Parameter(torch.randn(16))))
+    return named
+
+
+@pytest.mark.parametrize("name, extra", [(n, {}) for n in NAMES] + [("HinaAdamWOptimizer", {"use_hypergrad": False})],
+                         ids=[*NAMES, "HinaAdamWOptimizer-plain_adamw_step"])
+def test_no_host_to_device_copy_inside_step_once_the_layout_is_known(name, extra):
+    """Once each phase has run (warmup, discovery and importance refreshes, the non-finite guard),
+    step() builds no tensor from Python data (on a GPU each would be a synchronous host-to-device
+    copy): layout constants are made the first time they are needed, per-step values from a few
+    distinct numbers are filled in place. Weight decay differs per parameter type."""
+    import inspect
+
+    named = _lora_and_plain_params()
+    accepted = inspect.signature(resolve_optimizer(name, {})[0]).parameters
+    short = {"warmup_steps": 4, "relationship_discovery_interval": 5, "wd_transition_steps": 6}
+    opt = _build(name, named, **{k: v for k, v in short.items() if k in accepted}, **extra)
+    for step in range(24):
+        for _, p in named:
+            p.grad = torch.randn_like(p)
+        if step in (9, 19):
+            named[0][1].grad[0, 0] = float("nan")
+        if step < 12:  # every phase once
+            opt.step()
+            continue
+        with forbid_host_copies(), forbid_host_sync():
+            opt.step()
+    assert all(torch.isfinite(p).all() for _, p in named)

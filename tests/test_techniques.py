@@ -514,3 +514,18 @@ def test_per_tensor_reductions_on_flat_scratch_give_the_bits_of_reducing_each_te
         assert torch.equal(ops.sums(plain), ops.sums(xs)) and torch.equal(ops.norms(plain), ops.norms(xs))
     finally:
         torch.set_num_threads(before)
+
+
+def test_constants_give_the_bits_of_torch_tensor_and_are_made_once():
+    from library.optimizers.techniques import constants
+
+    values = [1e-3 * 0.1 * 1.7, 1e-3 / 3, 1e-3 * 0.1 * 1.7, 0.0, 1e-3 / 3, 2.0 ** -149]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        assert torch.equal(constants.fill_vector(values, dtype, "cpu"), torch.tensor(values, dtype=dtype))
+    assert torch.equal(constants.fill_vector([0.25] * 3, torch.float32, "cpu"), torch.full((3,), 0.25))
+    xs = [torch.empty(s) for s in ((3, 4), (7,), ())]
+    v = constants.size_vector(xs, "t_sqrt", lambda n: math.sqrt(max(n, 1)), torch.float32, "cpu")
+    assert torch.equal(v, torch.tensor([math.sqrt(12), math.sqrt(7), 1.0]))
+    assert constants.size_vector([torch.empty(12), torch.empty(7), torch.empty(())], "t_sqrt",
+                                 lambda n: math.sqrt(max(n, 1)), torch.float32, "cpu") is v  # same sizes: cached
+    assert constants.index_vector([2, 0], "cpu") is constants.index_vector((2, 0), "cpu")

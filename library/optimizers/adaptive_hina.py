@@ -21,7 +21,7 @@ from . import quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
 from .state_store import Arenas, ChunkState
-from .techniques import adam, adopt, allora, hypergrad, lr_mask, nonfinite, ops, tam
+from .techniques import adam, adopt, allora, constants, hypergrad, lr_mask, nonfinite, ops, tam
 from .techniques import agr as agr_t
 from .techniques import spd as spd_t
 from .techniques.cautious import cautious_list_
@@ -556,7 +556,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 if all(x == decays[0] for x in decays):
                     keep.copy_(okf).mul_(-decays[0]).add_(1.0)
                 else:
-                    keep.copy_(torch.tensor(decays, dtype=torch.float32)).mul_(okf).neg_().add_(1.0)
+                    keep.copy_(constants.fill_vector(decays, torch.float32, keep.device)).mul_(okf).neg_().add_(1.0)
                 ops.mul_(p32, keeps)
         if oks is None:
             c.step_coef = [1.0] * len(c.ps) if _axpy_(p32, us, [-x for x in scales]) else scales
@@ -621,7 +621,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
         ``step`` is ``(us, coef)`` with the applied step = coef * us per tensor, or None."""
         dev = ps[0].device
-        sq = torch.tensor([math.sqrt(max(p.numel(), 1)) for p in ps], dtype=torch.float32, device=dev)
+        sq = constants.size_vector(ps, "sqrt_numel", lambda n: math.sqrt(max(n, 1)), torch.float32, dev)
         pd = [p.detach() for p in ps]
         p_norm = torch.stack(torch._foreach_norm(pd)).float()
         grad_term = torch.stack(torch._foreach_norm(ms)).float() / sq
@@ -635,7 +635,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             elif isinstance(coef[0], torch.Tensor):
                 step_norm = step_norm * torch.stack(coef).float()
             else:
-                step_norm = step_norm * torch.tensor([abs(c) for c in coef], dtype=torch.float32, device=dev)
+                step_norm = step_norm * constants.fill_vector([abs(c) for c in coef], torch.float32, dev)
             change = step_norm / (p_norm + 1e-3 * sq)
         zero = torch.zeros((), dtype=torch.float32, device=dev)
         intrinsic = torch.stack([
@@ -664,7 +664,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         stats = [self.state[p] for p in params]
         F = torch.stack(feats)  # (n, 3)
         F = F / F.mean(dim=0, keepdim=True).clamp_min(_TINY)
-        w = torch.tensor(_IMPORTANCE_WEIGHTS, dtype=F.dtype, device=F.device)
+        w = constants.constant(("importance_weights", F.dtype, F.device),
+                               lambda: torch.tensor(_IMPORTANCE_WEIGHTS, dtype=F.dtype, device=F.device))
         contrib = F @ w
         imp = torch.stack([st["importance"] for st in stats])
         decay = group["importance_decay"]
@@ -678,8 +679,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 ia.append(local[p])
                 ib.append(local[role[1]])
         if ia:
-            ia_t = torch.tensor(ia, device=imp.device)
-            ib_t = torch.tensor(ib, device=imp.device)
+            ia_t = constants.index_vector(ia, imp.device)
+            ib_t = constants.index_vector(ib, imp.device)
             mean = (imp[ia_t] + imp[ib_t]) * 0.5
             imp = imp.index_copy(0, ia_t, mean).index_copy(0, ib_t, mean)
         factor = (1.0 + group["adaptation_strength"] * (imp - 1.0)).clamp(_FACTOR_MIN, _FACTOR_MAX)

@@ -91,8 +91,8 @@ from . import __version__, quant8
 from .engine import HinaOptimizer
 from .params import classify, discover_pairs, is_adapter_role
 from .state_store import Arenas, ChunkState
-from .techniques import (adaptive_wd, ademamix, allora, came, context, hypergrad, lr_mask, momentum_decay, nonfinite,
-                         ops, tam)
+from .techniques import (adaptive_wd, ademamix, allora, came, constants, context, hypergrad, lr_mask, momentum_decay,
+                         nonfinite, ops, tam)
 from .techniques.agr import agr_list_
 from .techniques.cautious import cautious_list_
 from .techniques.grams import grams_list_
@@ -475,7 +475,7 @@ class Automagic_CameAMP(HinaOptimizer):
             out.mult = context.update_multiplier(ctx, group)
             out.agree_sums = [None] * len(params)  # in group order, whatever the chunks' order
         if adadecay and all(p.device == params[0].device for p in params):  # AdaDecay, vectorised
-            numel = torch.tensor([float(max(p.numel(), 1)) for p in params], device=params[0].device)
+            numel = constants.size_vector(params, "numel", lambda n: float(max(n, 1)), torch.float32, params[0].device)
             k, b = adaptive_wd.standardizers(torch.stack(l1s).float(), torch.stack(l2s).float(), numel,
                                              group["adadecay_alpha"])
             out.kb = (k, b)
@@ -819,7 +819,7 @@ class _Chunk:
         self.stored = ChunkState(opt._arenas, self.pool, ps, self.sts, tag="automagic8", stored_as=_STORED_AS,
                                  seeds=seeds)
         needed = shared.gate is not None or shared.kb is not None
-        self.index = torch.tensor(idx, device=ps[0].device) if needed else None  # positions in the group
+        self.index = constants.index_vector(idx, ps[0].device) if needed else None  # positions in the group
         # 1 (0 for a skipped tensor) per tensor as one vector, or None without the non-finite gate
         self.oks = None if shared.gate is None else shared.gate.okf.index_select(0, self.index)
         self.grads = self._gradients()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import constants, ops
 
 __all__ = ["standardizers", "factor_list_"]
 
@@ -47,7 +47,7 @@ def factor_list_(outs, gs, alpha: float, kb=None) -> None:
     if kb is None:
         l1 = [torch.linalg.vector_norm(g.reshape(-1), ord=1, dtype=torch.float32) for g in gs]
         l2 = [torch.linalg.vector_norm(g.reshape(-1), dtype=torch.float32) for g in gs]
-        numel = torch.tensor([float(max(g.numel(), 1)) for g in gs], device=gs[0].device)
+        numel = constants.size_vector(gs, "numel", lambda n: float(max(n, 1)), torch.float32, gs[0].device)
         kb = standardizers(torch.stack(l1), torch.stack(l2), numel, alpha)
     ops.copy_(outs, gs)
     ops.abs_(outs)
