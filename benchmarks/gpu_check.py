@@ -16,8 +16,7 @@ Checks (one function each, every one returns a list of ``Result`` records):
             track their fp32 run (mean within 2e-3 after 20 sub-ulp steps) where round-to-nearest stalls
   sync      no host sync inside step(), after a first (initialising) step that is only reported:
             CUDA: torch.cuda.set_sync_debug_mode("error"); CPU (a proxy): Tensor.item/bool/float/
-            int/tolist and torch.tensor/as_tensor (a host-to-device copy on a GPU) raise. Whether
-            the first step syncs is measured on a throwaway copy and shown
+            int/tolist raise. Whether the first step syncs is measured on a throwaway copy and shown
   bench     benchmarks.bench_step --quick --device DEV (fused AdamW and bnb AdamW8bit included):
             results/step_cuda_quick.json on CUDA, results/step_quick.json with --device cpu
 
@@ -271,7 +270,7 @@ def check_bf16(device):
 @contextlib.contextmanager
 def no_host_sync(device):
     """CUDA: torch's sync debug mode raises on a synchronising call. CPU (a proxy: nothing syncs on
-    a CPU): every tensor -> Python conversion and every tensor built from Python data raises."""
+    a CPU): every tensor -> Python conversion raises."""
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -279,9 +278,9 @@ def no_host_sync(device):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         return
-    from tests.helpers import forbid_host_copies, forbid_host_sync
+    from tests.helpers import forbid_host_sync
 
-    with forbid_host_sync(), forbid_host_copies():
+    with forbid_host_sync():
         yield
 
 
