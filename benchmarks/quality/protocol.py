@@ -58,7 +58,7 @@ FULL_RUN_MINUTES = 45
 # times. The VM's speed drifts by ~20% between days (the same AdamW tiny-SD run took 66.8 s in the
 # first full run of 2026-12-07 and 74.5 s in the second, with a faster task), so the estimate is
 # a guide, not a promise.
-RUN_SECONDS = {"lora_teacher": 0.72, "digits": 0.65, "char_lm": 2.95, "tiny_sd_long": 74.5}  # 16 evaluations; 10 now
+RUN_SECONDS = {"lora_teacher": 0.72, "digits": 0.65, "char_lm": 2.95, "tiny_sd_long": 74.5}  # tiny-SD measured with 16 evaluations a run (10 since 46fe85b)
 OPTIMIZER_SHARE = {"lora_teacher": 0.55, "digits": 0.6, "char_lm": 0.25, "tiny_sd_long": 1.0}
 FULL_STEPS = {"lora_teacher": 300, "digits": 300, "char_lm": 150, "tiny_sd_long": 1500}
 CLASS_COST = {

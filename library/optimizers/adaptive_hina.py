@@ -11,7 +11,6 @@ All state lives in ``self.state[p]``; ``step()`` never reads a tensor back to th
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -621,7 +620,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
         ``step`` is ``(us, coef)`` with the applied step = coef * us per tensor, or None."""
         dev = ps[0].device
-        sq = constants.size_vector(ps, "sqrt_numel", lambda n: math.sqrt(max(n, 1)), torch.float32, dev)
+        sq = constants.sqrt_numels(ps, torch.float32, dev)
         pd = [p.detach() for p in ps]
         p_norm = torch.stack(torch._foreach_norm(pd)).float()
         grad_term = torch.stack(torch._foreach_norm(ms)).float() / sq

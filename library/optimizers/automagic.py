@@ -475,7 +475,7 @@ class Automagic_CameAMP(HinaOptimizer):
             out.mult = context.update_multiplier(ctx, group)
             out.agree_sums = [None] * len(params)  # in group order, whatever the chunks' order
         if adadecay and all(p.device == params[0].device for p in params):  # AdaDecay, vectorised
-            numel = constants.size_vector(params, "numel", lambda n: float(max(n, 1)), torch.float32, params[0].device)
+            numel = constants.numels(params, torch.float32, params[0].device)
             k, b = adaptive_wd.standardizers(torch.stack(l1s).float(), torch.stack(l2s).float(), numel,
                                              group["adadecay_alpha"])
             out.kb = (k, b)

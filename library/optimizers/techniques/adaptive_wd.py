@@ -47,7 +47,7 @@ def factor_list_(outs, gs, alpha: float, kb=None) -> None:
     if kb is None:
         l1 = [torch.linalg.vector_norm(g.reshape(-1), ord=1, dtype=torch.float32) for g in gs]
         l2 = [torch.linalg.vector_norm(g.reshape(-1), dtype=torch.float32) for g in gs]
-        numel = constants.size_vector(gs, "numel", lambda n: float(max(n, 1)), torch.float32, gs[0].device)
+        numel = constants.numels(gs, torch.float32, gs[0].device)
         kb = standardizers(torch.stack(l1), torch.stack(l2), numel, alpha)
     ops.copy_(outs, gs)
     ops.abs_(outs)

@@ -212,7 +212,7 @@ def normalize_list_(gs, sts, beta2: float, eps1: float, outs, tmps, bc2: float =
 def rms_clip_list_(us, threshold: float) -> None:
     """``u <- u / max(1, RMS(u) / threshold)`` per tensor (0-dim divisors, no host sync)."""
     rms = torch.stack(torch._foreach_norm(us))
-    rms.div_(constants.size_vector(us, "sqrt_numel", lambda n: math.sqrt(max(n, 1)), rms.dtype, rms.device))
+    rms.div_(constants.sqrt_numels(us, rms.dtype, rms.device))
     ops.per_tensor_("div_", us, rms.div_(threshold).clamp_min_(1.0))
 
 

@@ -16,12 +16,13 @@ Both give the bits ``torch.tensor(values, dtype=dtype)`` would (the same roundin
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Callable, Hashable, Sequence
 
 import torch
 
-__all__ = ["constant", "size_vector", "index_vector", "fill_vector"]
+__all__ = ["constant", "size_vector", "numels", "sqrt_numels", "index_vector", "fill_vector"]
 
 _CACHE: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
 _CACHE_SIZE = 512  # layouts x kinds alive at once; a few KiB of device memory at most
@@ -46,6 +47,16 @@ def size_vector(xs: Sequence[torch.Tensor], tag: str, value: Callable[[int], flo
     sizes = tuple(x.numel() for x in xs)
     return constant(("size", tag, sizes, dtype, torch.device(device)),
                     lambda: torch.tensor([value(n) for n in sizes], dtype=dtype, device=device))
+
+
+def numels(xs: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+    """``max(numel, 1)`` per tensor (the one definition every caller shares: the cache key is the tag)."""
+    return size_vector(xs, "numel", lambda n: float(max(n, 1)), dtype, device)
+
+
+def sqrt_numels(xs: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+    """``sqrt(max(numel, 1))`` per tensor."""
+    return size_vector(xs, "sqrt_numel", lambda n: math.sqrt(max(n, 1)), dtype, device)
 
 
 def index_vector(indices: Sequence[int], device) -> torch.Tensor:
