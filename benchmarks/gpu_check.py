@@ -14,9 +14,12 @@ Checks (one function each, every one returns a list of ``Result`` records):
   bf16      bf16 parameters: every registered optimizer is deterministic (two runs, one resumed
             halfway, are equal); with stochastic rounding AdaptiveHinaAdamW and HinaAdamWOptimizer
             track their fp32 run (mean within 2e-3 after 20 sub-ulp steps) where round-to-nearest stalls
-  sync      no host sync inside step(), after a first (initialising) step that is only reported:
-            CUDA: torch.cuda.set_sync_debug_mode("error"); CPU (a proxy): Tensor.item/bool/float/
-            int/tolist raise. Whether the first step syncs is measured on a throwaway copy and shown
+  sync      no host sync inside step() once every phase has begun (warmup_steps=3; steps 1-5,
+            which make the state and each phase's layout constants, run unchecked, steps 6-10 are
+            checked): CUDA: torch.cuda.set_sync_debug_mode("error"), which also catches a blocking
+            host-to-device copy; CPU (a proxy): Tensor.item/bool/float/int/tolist and
+            torch.tensor/as_tensor raise. Whether the first step syncs is measured on a throwaway
+            copy and shown
   bench     benchmarks.bench_step --quick --device DEV (fused AdamW and bnb AdamW8bit included):
             results/step_cuda_quick.json on CUDA, results/step_quick.json with --device cpu
 
@@ -270,7 +273,8 @@ def check_bf16(device):
 @contextlib.contextmanager
 def no_host_sync(device):
     """CUDA: torch's sync debug mode raises on a synchronising call. CPU (a proxy: nothing syncs on
-    a CPU): every tensor -> Python conversion raises."""
+    a CPU): every tensor -> Python conversion and every tensor built from Python data (a
+    host-to-device copy on a GPU) raises."""
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -278,9 +282,9 @@ def no_host_sync(device):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         return
-    from tests.helpers import forbid_host_sync
+    from tests.helpers import forbid_host_copies, forbid_host_sync
 
-    with forbid_host_sync():
+    with forbid_host_sync(), forbid_host_copies():
         yield
 
 
@@ -294,20 +298,23 @@ def sync_error(device, step):
     return None
 
 
-def sync_one(device, name, steps=5):
+def sync_one(device, name, steps=5, warmup_steps=3):
+    """Steps 1 to warmup_steps + 2 (state, then each phase's first step: ADOPT's initialising
+    call, the end of warmup) run unchecked; the next ``steps`` must not sync."""
     def params():
         return make(device) + make(device, torch.bfloat16, seed=5, shapes=[("lora_te_d.lora_down.weight", (8, 8))])
 
     probe = params()  # the first (state-initialising) step, on a throwaway copy: reported, not failed
-    opt = build(name, probe, warmup_steps=3)
+    opt = build(name, probe, warmup_steps=warmup_steps)
     set_grads(probe, 0)
     first = sync_error(device, opt.step)
     note = f"first step: {'syncs (' + first + ')' if first else 'no sync either'}"
     named = params()
-    opt = build(name, named, warmup_steps=3)
-    for k in range(steps + 1):
+    opt = build(name, named, warmup_steps=warmup_steps)
+    unchecked = warmup_steps + 2
+    for k in range(unchecked + steps):
         set_grads(named, k)
-        if k == 0:
+        if k < unchecked:
             opt.step()
         else:
             err = sync_error(device, opt.step)
@@ -315,7 +322,7 @@ def sync_one(device, name, steps=5):
                 return False, f"step {k + 1}: {err}; {note}"
         if hasattr(opt, "report_loss"):
             opt.report_loss(torch.rand((), device=device))
-    return True, f"steps 2-{steps + 1} clean; {note}"
+    return True, f"steps {unchecked + 1}-{unchecked + steps} clean; {note}"
 
 
 def check_bench(device, full=False):
