@@ -434,15 +434,21 @@ class Automagic_CameAMP(HinaOptimizer):
         ordered = self._by_shape(params)
         self._arenas.ensure(group, self.state, ordered, _EIGHT_BIT_KEYS, new, ("lr_mask",), _PLAIN_KEYS)
         shared = self._group_quantities(group, params)
-        states = [self.state[p] for p in params]
-        saved = nonfinite.Guard(states, self._buffer_pool, gated=_GATED) if shared.gate is not None else None
         position = {p: i for i, p in enumerate(params)}
+        saved = None
+        if shared.gate is not None:  # states in arena order, so each key's tensors tile one slice
+            states = [self.state[p] for p in ordered]
+            saved = nonfinite.Guard(states, self._buffer_pool, gated=_GATED, tiled=self._arenas.tiled)
         for ps in self._chunks(ordered, self._layout):
             c = _Chunk(self, group, ps, [position[p] for p in ps], shared)
             for stage in self._STAGES:
                 getattr(self, stage)(c)
         if saved is not None:
-            saved.restore(states, shared.gate.ok)
+            ok = shared.gate.ok  # in params order
+            order = [position[p] for p in ordered]
+            if order != list(range(len(order))):
+                ok = ok.index_select(0, constants.index_vector(order, ok.device))
+            saved.restore(states, ok)
         if shared.agree_sums is not None:
             total = sum(p.numel() for p in params)
             context.observe_consistency(group["context"], torch.stack(shared.agree_sums).sum() / max(total, 1))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import constants, ops
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -89,17 +89,41 @@ class Gate:
 class Guard:
     """Copies of a group's state tensors (all but the ``gated`` keys), taken before the update,
     and the restore of those whose gradient was not finite (:meth:`restore`). The parameters
-    themselves are gated in the math (:class:`Gate`), never copied."""
+    themselves are gated in the math (:class:`Gate`), never copied.
 
-    def __init__(self, states, pool, gated=()):
-        self.entries = [(i, k) for i, st in enumerate(states) for k, v in st.items()
-                        if isinstance(v, torch.Tensor) and k not in gated]
+    A key whose tensors tile one arena slice (``tiled``: ``state_store.Arenas.tiled``, with
+    ``states`` in arena order) is copied as one flat tensor and restored with one select per run
+    of same-sized tensors; the other tensors are copied one by one, by bit width."""
+
+    def __init__(self, states, pool, gated=(), tiled=None):
+        entries = [(i, k) for i, st in enumerate(states) for k, v in st.items()
+                   if isinstance(v, torch.Tensor) and k not in gated]
+        self._slices = []  # (key, state indices, FlatList of the state tensors, flat copy)
+        if tiled is not None:
+            entries = self._copy_slices(states, pool, entries, tiled)
+        self.entries = entries
         self._copies = {}
         for (dtype, _), idx in self._by_width(states).items():
             now = [_bits(self._tensor(states, self.entries[j])) for j in idx]
             copies = pool.views(now, ("nonfinite", dtype), dtype)
             torch._foreach_copy_(copies, now)
             self._copies[idx[0]] = (dtype, idx, copies)
+
+    def _copy_slices(self, states, pool, entries, tiled) -> list:
+        """Copy each key whose tensors tile an arena slice at once; return the other entries."""
+        rows: dict = {}
+        for i, key in entries:
+            rows.setdefault(key, []).append(i)
+        rest = []
+        for key, idx in rows.items():
+            now = tiled([states[i][key] for i in idx])
+            if getattr(now, "flat", None) is None:
+                rest += [(i, key) for i in idx]
+                continue
+            copy = pool.views([now.flat], ("nonfinite", key), _BITS[now.flat.element_size()])[0]
+            copy.copy_(_bits(now.flat))
+            self._slices.append((key, idx, now, copy))
+        return rest
 
     @staticmethod
     def _tensor(states, entry):
@@ -116,15 +140,42 @@ class Guard:
 
     def restore(self, states, ok: torch.Tensor) -> None:
         """Where ``ok[i]`` is False, put back the copied state of tensor i exactly as it was."""
-        for dtype, idx, copies in self._copies.values():
-            pairs = [(j, self._tensor(states, self.entries[j])) for j in idx]
-            keep = [(j, c, now) for (j, now), c in zip(pairs, copies)
-                    if isinstance(now, torch.Tensor) and now.shape == c.shape and now.element_size() == c.element_size()]
-            if not keep:
+        for key, idx, now, copy in self._slices:
+            if any(states[i].get(key) is not t for i, t in zip(idx, now)):  # replaced during the step
+                olds = [c.view(t.shape) for c, t in zip(copy.split([t.numel() for t in now]), now)]
+                self._restore_each(states, ok, [(i, key) for i in idx], olds)
                 continue
-            bad = (~ok).to(dtype).unbind(0)
-            nows = [_bits(now) for _, _, now in keep]
-            diffs = [c for _, c, _ in keep]
-            torch._foreach_sub_(diffs, nows)  # the copies become old - now (wrapping)
-            torch._foreach_mul_(diffs, [bad[self.entries[j][0]] for j, _, _ in keep])
-            torch._foreach_add_(nows, diffs)
+            bad = ~ok if len(idx) == len(states) else (~ok).index_select(0, constants.index_vector(idx, ok.device))
+            _restore_runs_(_bits(now.flat), copy, now.runs, bad)
+        for dtype, idx, copies in self._copies.values():
+            self._restore_each(states, ok, [self.entries[j] for j in idx], copies, dtype)
+
+    @staticmethod
+    def _restore_each(states, ok, entries, copies, dtype=None) -> None:
+        """The per-tensor restore: ``x += (old - x) * (1 - ok)`` on bit patterns (wrapping)."""
+        keep = []
+        for (i, key), c in zip(entries, copies):
+            now = states[i].get(key)
+            if isinstance(now, torch.Tensor) and now.shape == c.shape and now.element_size() == c.element_size():
+                keep.append((i, c, _bits(now)))
+        if not keep:
+            return
+        bad = (~ok).to(dtype or keep[0][1].dtype).unbind(0)
+        diffs = [c for _, c, _ in keep]
+        nows = [now for _, _, now in keep]
+        torch._foreach_sub_(diffs, nows)  # the copies become old - now (wrapping)
+        torch._foreach_mul_(diffs, [bad[i] for i, _, _ in keep])
+        torch._foreach_add_(nows, diffs)
+
+
+def _restore_runs_(now: torch.Tensor, old: torch.Tensor, runs, bad: torch.Tensor) -> None:
+    """``now <- old`` over the tensors flagged in ``bad`` (``now``, ``old``: flat bit patterns of
+    one integer type; ``runs`` as in ``buffer_pool.FlatList``): ``now ^= (now ^ old) & m`` with
+    ``m`` all ones for a flagged tensor and 0 otherwise, one AND per run of same-sized tensors.
+    ``old`` is consumed."""
+    old.bitwise_xor_(now)
+    ones = bad.to(old.dtype).neg_()  # all bits set where flagged
+    for first, end, offset, n in runs:
+        k = end - first
+        old[offset:offset + k * n].view(k, n).bitwise_and_(ones[first:end].unsqueeze(1))
+    now.bitwise_xor_(old)
