@@ -81,7 +81,7 @@ class BufferPool:
             self.allocations += 1
         flat = arena[:total]
         views = [flat[o:o + t.numel()].view(t.shape) for o, t in zip(offsets, tensors)]
-        if align == 1:  # no padding: the views tile the flat slice exactly
+        if total == sum(t.numel() for t in tensors):  # no padding: the views tile the flat slice exactly
             views = FlatList(views, flat)
         gaps = [flat[o + t.numel():e] for o, t, e in zip(offsets, tensors, offsets[1:] + [total])]
         gaps = [g for g in gaps if g.numel()]
