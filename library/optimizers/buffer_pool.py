@@ -61,7 +61,8 @@ class BufferPool:
         """``(flat, views)``: one view per tensor, each starting at a multiple of ``align``
         elements, and the flat arena slice that covers them all (its length is a multiple of
         ``align``; the gaps between views hold stale values: callers that read ``flat``
-        zero them with :meth:`gaps`). ``slot`` may be any hashable tag."""
+        zero them with :meth:`gaps`). ``slot`` may be any hashable tag. Without padding (every
+        size a multiple of ``align``) the views are a :class:`FlatList` over ``flat``."""
         shapes = tuple(t.shape for t in tensors)
         device = tensors[0].device
         key = ("aligned", slot, dtype, device, shapes, align)
