@@ -346,8 +346,8 @@ def test_copied_optimizer_steps_exactly_as_the_original(name, how):
     for (n, p), (_, q) in zip(named, named2):
         assert torch.equal(p, q), n
     sd, sd2 = opt.state_dict(), opt2.state_dict()
-    for k, st in sd["state"].items():
-        for key, v in st.items():
+    for k, entry in sd["state"].items():
+        for key, v in entry.items():
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, sd2["state"][k][key]), (k, key)
 
