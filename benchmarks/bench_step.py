@@ -4,8 +4,9 @@
 
 Measures, for each optimizer: median ms per ``step()`` at SD1.5 rank-16 LoRA shapes
 (528 tensors, 9.4M params), its ratio to ``torch.optim.AdamW(foreach=True)`` and to fused
-AdamW measured in the same process, optimizer-state bytes per parameter on the rank-16,
-rank-4 and small-LoKr sets, and the per-tensor cost from 200 to 3,200 tensors.
+AdamW measured in the same process, each 8-bit form against its 32-bit twin (the two timed in
+turns), optimizer-state bytes per parameter on the rank-16, rank-4 and small-LoKr sets, and the
+per-tensor cost from 200 to 3,200 tensors.
 ``--device cuda`` times the same on the GPU (synchronised clock reads, results in
 ``step_cuda[_quick].json``); the CPU default writes ``step[_quick].json`` as before.
 """
@@ -64,6 +65,31 @@ def builders():
     return table
 
 
+# each 8-bit form and its 32-bit twin, timed against each other in alternating rounds
+TWINS = [("AdaptiveHinaAdamW(general)", "AdaptiveHinaAdamW(general, 8bit)"),
+         ("AdaptiveHinaAdamW(all off)", "AdaptiveHinaAdamW(all off, 8bit)"),
+         ("HinaAdamWOptimizer", "HinaAdamWOptimizer(8bit)"),
+         ("Automagic_CameAMP", "Automagic_CameAMP8bit"),
+         ("Automagic_CameAMP_COptim", "Automagic_CameAMP_COptim8bit")]
+
+
+def twin_ratios(table, params, rounds: int, steps: int) -> dict:
+    """{8-bit name: {"ms_32", "ms_8", "ratio"}}: the two twins built side by side and timed in
+    turns (a ratio of two numbers measured minutes apart moves with the VM's speed)."""
+    out = {}
+    for name32, name8 in TWINS:
+        if name32 not in table or name8 not in table:
+            continue
+        pair = {name32: table[name32](params), name8: table[name8](params)}
+        best = {k: float("inf") for k in pair}
+        for _ in range(rounds):
+            for k, opt in pair.items():
+                best[k] = min(best[k], time_steps(opt, warmup=1, repeats=steps))
+        out[name8] = {"twin": name32, "ms_32": best[name32], "ms_8": best[name8], "ratio": best[name8] / best[name32]}
+        del pair
+    return out
+
+
 def per_tensor_cost(build, counts, device, rounds: int, steps: int) -> dict:
     """Microseconds per tensor of one optimizer on ``n`` tiled rank-4 SD1.5 LoRA tensors for each
     ``n`` of ``counts``: every size built at once and timed in alternating rounds (the VM's speed
@@ -120,6 +146,7 @@ def main(argv=None):
                          "minimums against the references of the same pairing")
     results["ratio_vs_foreach"] = ratios_f
     results["ratio_vs_fused"] = ratios_fused
+    results["eight_bit_over_32_bit"] = twin_ratios(table, params, rounds, steps)
 
     sets = {"lora_r16": lora_shapes(16), "lora_r4": lora_shapes(4), "lokr_f-1_d16": lokr_shapes(16)}
     for set_name, shapes in sets.items():
@@ -162,6 +189,8 @@ def main(argv=None):
         b = results["bytes_per_param"][name]
         print(f"| {name} | {ms:.1f} | {results['ratio_vs_foreach'][name]:.2f} | {results['ratio_vs_fused'][name]:.2f} "
               f"| {b['lora_r16']:.3f} | {b['lora_r4']:.3f} | {b['lokr_f-1_d16']:.3f} |")
+    for name8, row in results["eight_bit_over_32_bit"].items():
+        print(f"{name8} / {row['twin']}: {row['ms_8']:.1f} / {row['ms_32']:.1f} ms = {row['ratio']:.2f}")
     print(f"AdaptiveHinaAdamW(general) by {device.type.upper()} chunk size (elements): " + ", ".join(
         f"{k}: {v['ms']:.1f} ms ({v['ratio_vs_foreach']:.2f}x)" for k, v in sweep.items()))
     print("per-tensor cost (us/tensor) by tensor count:")

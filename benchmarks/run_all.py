@@ -70,6 +70,13 @@ def render(quick: bool) -> str:
             lines.append(f"| {name} | {ms:.1f} | {step['ratio_vs_foreach'][name]:.2f} | {step['ratio_vs_fused'][name]:.2f} | "
                          f"{b.get('lora_r16', float('nan')):.3f} | {b.get('lora_r4', float('nan')):.3f} | "
                          f"{b.get('lokr_f-1_d16', float('nan')):.3f} |")
+        twins = step.get("eight_bit_over_32_bit")
+        if twins:
+            lines += ["", "Each 8-bit form against its 32-bit twin, the two built side by side and timed in "
+                      "alternating rounds (the ratio of two rows of the table above mixes two pairings):", "",
+                      "| 8-bit form | 32-bit twin | 8-bit ms | 32-bit ms | 8-bit / 32-bit |", "|---|---|---|---|---|"]
+            for name8, row in twins.items():
+                lines.append(f"| {name8} | {row['twin']} | {row['ms_8']:.1f} | {row['ms_32']:.1f} | {row['ratio']:.2f} |")
         lines += ["", "Per-tensor cost (microseconds per tensor) as the number of tensors grows (tiled rank-4 "
                   "SD1.5 LoRA tensors; every size built at once and timed in alternating rounds; *max/min*: the "
                   "largest over the smallest per-tensor cost of the row):", "",
