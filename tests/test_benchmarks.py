@@ -369,3 +369,19 @@ def test_estimate_counts_hinted_searches_at_their_first_points_and_shared_runs_o
     # three search points, report runs shared with the untuned ones
     first = sum(cost(hina, config.rule.lr(hina.lr, k), 0) for k in config.rule.first)
     assert est == pytest.approx(untuned + first)
+
+
+def test_bench_step_times_twins_in_turns_and_costs_per_tensor():
+    """bench_step's paired 8-bit / 32-bit ratio and its per-tensor cost table, on a few small tensors."""
+    from benchmarks import bench_step
+    from benchmarks.common import make_params
+    from benchmarks.shapes import lora_shapes
+
+    table = bench_step.builders()
+    twins = bench_step.twin_ratios(table, make_params(lora_shapes(4)[:6]), rounds=1, steps=1)
+    assert set(twins) == {name8 for _, name8 in bench_step.TWINS}
+    for name8, row in twins.items():
+        assert (name8, row["twin"]) in [(b, a) for a, b in bench_step.TWINS]
+        assert row["ms_8"] > 0 and row["ms_32"] > 0 and row["ratio"] == pytest.approx(row["ms_8"] / row["ms_32"])
+    cost = bench_step.per_tensor_cost(table["AdamW(foreach)"], [2, 4], torch.device("cpu"), rounds=1, steps=1)
+    assert list(cost) == [2, 4] and all(v > 0 for v in cost.values())
