@@ -25,10 +25,10 @@ def agreement_list_(phis, us, gs) -> torch.Tensor:
 def _means(xs, scale: float) -> torch.Tensor:
     """scale * mean(x) per tensor as one fp32 vector (no host round trip)."""
     sums = ops.sums(xs)
-    inverse = lambda: [scale / max(x.numel(), 1) for x in xs]  # noqa: E731
     if hasattr(xs, "cache"):  # a FlatList: the factors as a vector, made once per layout
-        return sums.mul_(ops.cached_vector(xs, ("mean", scale), inverse, torch.float32, sums.device))
-    ops.mul_(list(sums.unbind(0)), inverse())  # each value times its Python factor, in place
+        inverse = ops.cached_vector(xs, ("mean", scale), lambda n: scale / max(n, 1), torch.float32, sums.device)
+        return sums.mul_(inverse)
+    ops.mul_(list(sums.unbind(0)), [scale / max(x.numel(), 1) for x in xs])  # each value times its factor, in place
     return sums
 
 

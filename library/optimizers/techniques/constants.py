@@ -6,7 +6,8 @@ two kinds:
 
 - **layout constants**, a function of the tensors' sizes or positions alone (``sqrt(numel)``, an
   index of partners, fixed weights): :func:`constant` makes each once per (key, device) and keeps
-  it in a small process-wide LRU cache, so only a layout's first step copies;
+  it in a small process-wide LRU cache, so only a layout's first step copies (a chunk's
+  FlatList also keeps the ones it uses: ``ops.cached_vector``);
 - **per-step values** drawn from a few distinct numbers (a weight decay per parameter type at
   this step's schedule): :func:`fill_vector` writes each distinct number into its positions with
   ``index_fill_`` (the number travels as a kernel argument, not as a copy), the positions being a

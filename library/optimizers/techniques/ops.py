@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from . import constants
+
 __all__ = ["per_tensor_", "copy_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
            "clamp_max_", "clamp_", "expand", "cached_vector", "values", "set_values_", "vectors", "sums", "norms", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
 
@@ -57,18 +59,18 @@ def _expand_pays(xs) -> bool:
 def expand(xs, values: torch.Tensor) -> torch.Tensor:
     """``values`` (one per tensor of the FlatList ``xs``) repeated over each tensor's elements:
     a flat tensor shaped like ``xs.flat``."""
-    counts = cached_vector(xs, "counts", lambda: [x.numel() for x in xs], torch.long, values.device)
+    counts = cached_vector(xs, "count", lambda n: n, torch.long, values.device)
     return values.repeat_interleave(counts, output_size=xs.flat.numel())
 
 
-def cached_vector(xs, tag, values, dtype, device) -> torch.Tensor:
-    """A vector derived from the layout of the FlatList ``xs`` alone (``values()``: one number per
-    tensor), made once per (``tag``, dtype, device) and kept with ``xs`` (a host-to-device copy
-    on a layout's first step only)."""
+def cached_vector(xs, tag, value, dtype, device) -> torch.Tensor:
+    """``[value(x.numel()) for x in xs]`` for the FlatList ``xs`` as a vector on ``device``: a layout
+    constant (``constants.size_vector``, made on a layout's first step only), also kept with ``xs``
+    so later steps do not go through the sizes again."""
     key = (tag, dtype, device)
     hit = xs.cache.get(key)
     if hit is None:
-        hit = xs.cache[key] = torch.tensor(values(), dtype=dtype, device=device)
+        hit = xs.cache[key] = constants.size_vector(xs, tag, value, dtype, device)
     return hit
 
 
