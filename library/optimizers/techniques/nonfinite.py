@@ -19,10 +19,12 @@ Gate and Guard are used by the Automagic family; AdaptiveHinaAdamW folds the sam
 betas and step sizes. Both sanitise with :func:`sanitize_list_`. A tensor's step counter (a
 Python int) still advances.
 
-The restore works on bit patterns (each tensor viewed as the integer type of its width):
-``x += (old - x) * (1 - ok)`` in wrap-around integer arithmetic gives back exactly the old bits
-where ``ok`` is 0 and leaves ``x`` untouched where it is 1, for every dtype (fp32, bf16, the
-8-bit codes), with a few multi-tensor calls for the whole group.
+The restore works on bit patterns (each tensor viewed as the integer type of its width), so it
+gives back exactly the old bits where ``ok`` is 0 and leaves ``x`` untouched where it is 1, for
+every dtype (fp32, bf16, the 8-bit codes): state lying in an arena slice is restored as
+``x ^= (x ^ old) & m`` (``m`` all ones for a skipped tensor, one operation per run of same-sized
+tensors), other tensors as ``x += (old - x) * (1 - ok)`` in wrap-around integer arithmetic (a few
+multi-tensor calls for the whole group).
 """
 from __future__ import annotations
 
@@ -92,8 +94,8 @@ class Guard:
     themselves are gated in the math (:class:`Gate`), never copied.
 
     A key whose tensors tile one arena slice (``tiled``: ``state_store.Arenas.tiled``, with
-    ``states`` in arena order) is copied as one flat tensor and restored with one select per run
-    of same-sized tensors; the other tensors are copied one by one, by bit width."""
+    ``states`` in arena order) is copied as one flat tensor and restored with one masked XOR per
+    run of same-sized tensors; the other tensors are copied one by one, by bit width."""
 
     def __init__(self, states, pool, gated=(), tiled=None):
         entries = [(i, k) for i, st in enumerate(states) for k, v in st.items()
