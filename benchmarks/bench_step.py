@@ -40,6 +40,9 @@ def builders():
         "AdamW(fused)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
         "AdaptiveHinaAdamW(general)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL),
         "AdaptiveHinaAdamW(general, no hypergrad)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL, use_hypergrad=False),
+        # the composition docs/optimizers.md offers for speed: the general config without SPD, AGR and importance
+        "AdaptiveHinaAdamW(general, no SPD/AGR/importance)": lambda ps: AdaptiveHinaAdamW(
+            ps, **{**GENERAL, "use_spd": False, "use_dynamic_adaptation": False}, use_agr=False),
         "AdaptiveHinaAdamW(all off)": lambda ps: AdaptiveHinaAdamW(
             ps, lr=1e-3, use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False,
             use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False,
@@ -51,6 +54,7 @@ def builders():
             dynamic_weight_decay=False, optim_bits=8),
         "HinaAdamWOptimizer": lambda ps: HinaAdamWOptimizer(ps, lr=1e-3),
         "HinaAdamWOptimizer(8bit)": lambda ps: HinaAdamWOptimizer(ps, lr=1e-3, optim_bits=8),
+        "HinaAdamWOptimizer(no SPD/AGR)": lambda ps: HinaAdamWOptimizer(ps, lr=1e-3, use_spd=False, use_agr=False),
         "Automagic_CameAMP": lambda ps: Automagic_CameAMP(ps),
         "Automagic_CameAMP8bit": lambda ps: Automagic_CameAMP8bit(ps),
         "Automagic_CameAMP_COptim": lambda ps: Automagic_CameAMP_COptim(ps),

@@ -14,6 +14,8 @@ rank 4, small LoKr; ``tiny`` is 8 small LoRA tensors for tests) it reports:
   and the difference (the time attributable to the feature; it can be slightly negative when
   the feature costs less than the timing noise). Features that are off are listed, not timed;
   ``--flags`` times other boolean arguments too (e.g. ``dynamic_weight_decay``);
+- with ``--together FLAG ...``: the step time with those flags all switched off at once (what
+  a lighter composition saves: the single-flag differences do not add up exactly);
 - optimizer-state bytes per state key (``exp_avg``, ``exp_avg_sq``, ``lr_mask``, ...) summed
   over all parameters, plus tensors kept in the param groups (``group:<key>``).
 
@@ -50,6 +52,9 @@ SHAPE_SETS = {
     "lokr": lambda: lokr_shapes(16),
     "tiny": tiny_shapes,
 }
+
+
+_TOGETHER = "<together>"  # a variant name no flag can have
 
 
 def _jsonable(v):
@@ -101,7 +106,7 @@ def _default_lr(cls, kwargs):
 
 
 def profile(optimizer: str, optimizer_args=None, shapes: str = "lora_r16", lr: float | None = None, warmup: int = 3,
-            repeats: int = 5, rounds: int = 3, flags=(), log=None) -> dict:
+            repeats: int = 5, rounds: int = 3, flags=(), together=(), log=None) -> dict:
     """Profile one optimizer; returns the result dict (see the module docstring)."""
     from library.train_util import resolve_optimizer
 
@@ -128,6 +133,9 @@ def profile(optimizer: str, optimizer_args=None, shapes: str = "lora_r16", lr: f
 
     variants = {"all": dict(kwargs)}
     variants.update({f: {**kwargs, f: False} for f in on})
+    together = [f for f in together if f in on]
+    if together:
+        variants[_TOGETHER] = {**kwargs, **{f: False for f in together}}
     opts, errors = {}, {}
     for name, kw in variants.items():
         try:
@@ -147,21 +155,24 @@ def profile(optimizer: str, optimizer_args=None, shapes: str = "lora_r16", lr: f
             log(f"  round {r + 1}/{rounds}: all features {best['all']:.3f} ms")
     full = best["all"]
     by_key = state_bytes_by_key(opts["all"])
-    features = {}
-    for f in on:
-        if f in best:
-            features[f] = {"ms_without": best[f], "attributable_ms": full - best[f],
-                           "attributable_pct": 100.0 * (full - best[f]) / full if full else None}
+    features = {f: _without(full, best[f]) for f in on if f in best}
+    off_together = None
+    if _TOGETHER in best:
+        off_together = {"flags": together, **_without(full, best[_TOGETHER])}
     return {
         "optimizer": optimizer, "class": f"{cls.__module__}.{cls.__qualname__}",
         "optimizer_args": {k: _jsonable(v) for k, v in kwargs.items()}, "lr": lr,
         "shapes": shapes, "tensors": len(shape_list), "params": n_params,
         "timing": {"warmup": warmup, "rounds": rounds, "repeats": repeats, "stat": "min",
                    "steps_per_optimizer": warmup + rounds * repeats},
-        "step_ms": full, "features": features, "inactive_features": off, "errors": errors,
+        "step_ms": full, "features": features, "together": off_together, "inactive_features": off, "errors": errors,
         "state_bytes_by_key": by_key, "bytes_per_param_by_key": {k: v / n_params for k, v in by_key.items()},
         "state_bytes_total": state_bytes(opts["all"]), "bytes_per_param": state_bytes(opts["all"]) / n_params,
     }
+
+
+def _without(full: float, ms: float) -> dict:
+    return {"ms_without": ms, "attributable_ms": full - ms, "attributable_pct": 100.0 * (full - ms) / full if full else None}
 
 
 def format_report(res: dict) -> str:
@@ -175,6 +186,10 @@ def format_report(res: dict) -> str:
         lines.append(f"| {f} | {d['ms_without']:.3f} | {d['attributable_ms']:+.3f} | {d['attributable_pct']:+.1f} |")
     for f, err in res["errors"].items():
         lines.append(f"| {f} | refused: {err} | | |")
+    t = res.get("together")
+    if t:
+        lines.append(f"| {' + '.join(t['flags'])}, off together | {t['ms_without']:.3f} | "
+                     f"{t['attributable_ms']:+.3f} | {t['attributable_pct']:+.1f} |")
     if res["inactive_features"]:
         lines.append(f"\nfeatures already off: {', '.join(res['inactive_features'])}")
     lines += ["", "| state key | bytes | bytes/param |", "|---|---|---|"]
@@ -194,12 +209,14 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--flags", nargs="*", default=[], help="other boolean arguments to toggle, e.g. dynamic_weight_decay")
+    ap.add_argument("--together", nargs="*", default=[], metavar="FLAG",
+                    help="also time the step with these flags all off at once")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", nargs="?", const="", help="save JSON (default path benchmarks/results/profile_<name>_<shapes>.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = profile(args.optimizer, args.optimizer_args, args.shapes, args.lr, args.warmup, args.repeats, args.rounds,
-                  args.flags, log=lambda m: print(m, file=sys.stderr, flush=True))
+                  args.flags, args.together, log=lambda m: print(m, file=sys.stderr, flush=True))
     res["machine"] = machine()
     print(format_report(res))
     if args.json is not None:

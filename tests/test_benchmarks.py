@@ -17,8 +17,10 @@ def _one_thread():
 def test_profiler_tiny_adaptive_hina():
     from benchmarks.profiler import format_report, profile
 
-    res = profile("AdaptiveHinaAdamW", shapes="tiny", warmup=1, repeats=2, rounds=1)
+    res = profile("AdaptiveHinaAdamW", shapes="tiny", warmup=1, repeats=2, rounds=1,
+                  together=("use_spd", "use_agr", "use_grams"))
     for key in ("optimizer", "class", "optimizer_args", "lr", "shapes", "tensors", "params", "step_ms", "features",
+                "together",
                 "inactive_features", "errors", "state_bytes_by_key", "bytes_per_param_by_key", "state_bytes_total",
                 "bytes_per_param"):
         assert key in res, key
@@ -30,6 +32,9 @@ def test_profiler_tiny_adaptive_hina():
     for d in res["features"].values():
         assert set(d) == {"ms_without", "attributable_ms", "attributable_pct"}
         assert math.isclose(d["attributable_ms"], res["step_ms"] - d["ms_without"])
+    assert res["together"]["flags"] == ["use_spd", "use_agr"]  # use_grams is off already: not toggled
+    assert math.isclose(res["together"]["attributable_ms"], res["step_ms"] - res["together"]["ms_without"])
+    assert "off together" in format_report(res)
     by_key = res["state_bytes_by_key"]
     assert by_key["exp_avg"] == by_key["exp_avg_sq"] == 4 * res["params"]
     assert by_key["lr_mask"] == 2 * res["params"]  # fp16 mask with the defaults
@@ -48,6 +53,7 @@ def test_profiler_cli_json(tmp_path, capsys):
     assert "use_tam" in res["inactive_features"] and "use_tam" not in res["features"]
     assert "use_lr_mask" in res["features"] and "lr_mask" in res["state_bytes_by_key"]
     assert "exp_avg" in res["state_bytes_by_key"]
+    assert res["together"] is None
     assert "| state key |" in capsys.readouterr().out
 
 
