@@ -473,11 +473,13 @@ def test_chunked_step_gives_each_tensor_the_bits_it_gets_alone():
         torch.set_num_threads(before)
     bases = {opt.state[p]["exp_avg"]._base.data_ptr() for p in together}
     assert len(bases) == 1  # the state sits in one arena: the chunked, batched path ran
+    rows = {opt.state[p]["came_row"]._base.data_ptr() for p in together if p.ndim > 1}
+    assert len(rows) == 1  # so do CAME's factored statistics: a run's rows are one batch view
     for p, q, o in zip(together, alone, singles):
         assert torch.equal(p, q)
-        assert torch.equal(opt.state[p]["exp_avg"], o.state[q]["exp_avg"])
-        assert torch.equal(opt.state[p]["came_row" if p.ndim > 1 else "came_v"],
-                           o.state[q]["came_row" if q.ndim > 1 else "came_v"])
+        keys = ("exp_avg", "came_row", "came_col", "came_res_row", "came_res_col") if p.ndim > 1 else ("exp_avg", "came_v")
+        for key in keys:
+            assert torch.equal(opt.state[p][key], o.state[q][key]), key
 
 
 # ------------------------------------------------------------------ hypergradient lr scale

@@ -139,6 +139,31 @@ def test_factored_second_moment_is_exact_for_rank1_squares():
     assert not torch.allclose(approx2, sq, rtol=1e-2)
 
 
+def test_factored_statistics_update_in_place_when_back_to_back_and_through_a_copy_when_not():
+    """A run of same-shape tensors is one batch: statistics lying back to back (an arena) are
+    updated through one view, scattered ones through a stacked copy written back. Both give the
+    bits of updating each tensor alone, over several steps."""
+    gen = torch.Generator().manual_seed(5)
+    n, k, count = 6, 10, 3
+    sqs = [torch.rand(count, n, k, generator=gen) for _ in range(3)]
+    arena_r, arena_c = torch.zeros(count * n), torch.zeros(count * k)
+    packed = ([arena_r[i * n:(i + 1) * n] for i in range(count)], [arena_c[i * k:(i + 1) * k] for i in range(count)])
+    scattered = ([torch.zeros(n) for _ in range(count)], [torch.zeros(k) for _ in range(count)])
+    alone = [([torch.zeros(n)], [torch.zeros(k)]) for _ in range(count)]
+    for sq in sqs:
+        outs = [torch.empty(count, n, k) for _ in range(2)]
+        for (rows, cols), out in zip((packed, scattered), outs):
+            came.factored_list_(rows, cols, list(sq.unbind(0)), list(out.unbind(0)), 0.9, scale=0.5)
+        for i, (rows, cols) in enumerate(alone):
+            one = torch.empty(n, k)
+            came.factored_list_(rows, cols, [sq[i]], [one], 0.9, scale=0.5)
+            assert torch.equal(one, outs[0][i]) and torch.equal(one, outs[1][i])
+    for i, (rows, cols) in enumerate(alone):
+        for stats in (packed, scattered):
+            assert torch.equal(stats[0][i], rows[0]) and torch.equal(stats[1][i], cols[0])
+    assert arena_r.abs().sum() > 0 and torch.equal(arena_r[n:2 * n], packed[0][1])  # updated in place
+
+
 def test_conv_weights_are_flattened_to_out_by_in_k_k():
     assert came.matrix_shape((8, 4, 3, 3)) == (8, 36)
     assert came.matrix_shape((16, 320, 1, 1)) == (16, 320)

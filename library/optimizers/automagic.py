@@ -232,8 +232,10 @@ def _mask_codec_range(lo: float, hi: float, start: float, bits: int = 8) -> tupl
 # 8-bit storage of the second moments: their square roots (half the dynamic range, nothing flushes to 0)
 _STORED_AS = {"came_v": "came_rms", "came_res": "came_res_rms"}
 _EIGHT_BIT_KEYS = ("exp_avg", "exp_avg_slow", "came_rms", "came_res_rms")
-# element-sized state in arenas too, and TAM's per-tensor scalar (a chunk's scalars: one vector)
-_PLAIN_KEYS = ("exp_avg", "exp_avg_slow", "lr_mask", "came_v", "came_res", "tam_s", "lr_scale")
+# element-sized state in arenas too, TAM's per-tensor scalar (a chunk's scalars: one vector), and
+# CAME's factored row/column statistics (a run of same-shape tensors: one (run, n) batch view)
+_PLAIN_KEYS = ("exp_avg", "exp_avg_slow", "lr_mask", "came_v", "came_res", "tam_s", "lr_scale",
+               "came_row", "came_col", "came_res_row", "came_res_col")
 
 # fp32 state whose update the non-finite gate keeps exact (techniques/nonfinite.py); the rest is
 # copied before the step and put back for a skipped tensor
@@ -431,7 +433,8 @@ class Automagic_CameAMP(HinaOptimizer):
                 if "lr_scale" not in self.state[p]:
                     self.state[p]["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
                     new = True
-        ordered = self._by_shape(params)
+        layouts = {p: self._layout(p) for p in params}  # read once: each tensor's step moves in its chunk
+        ordered = self._by_shape(params, layouts)
         self._arenas.ensure(group, self.state, ordered, _EIGHT_BIT_KEYS, new, ("lr_mask",), _PLAIN_KEYS)
         shared = self._group_quantities(group, params)
         position = {p: i for i, p in enumerate(params)}
@@ -439,7 +442,7 @@ class Automagic_CameAMP(HinaOptimizer):
         if shared.gate is not None:  # states in arena order, so each key's tensors tile one slice
             states = [self.state[p] for p in ordered]
             saved = nonfinite.Guard(states, self._buffer_pool, gated=_GATED, tiled=self._arenas.tiled)
-        for ps in self._chunks(ordered, self._layout):
+        for ps in self._chunks(ordered, layouts.__getitem__):
             c = _Chunk(self, group, ps, [position[p] for p in ps], shared)
             for stage in self._STAGES:
                 getattr(self, stage)(c)
@@ -453,11 +456,12 @@ class Automagic_CameAMP(HinaOptimizer):
             total = sum(p.numel() for p in params)
             context.observe_consistency(group["context"], torch.stack(shared.agree_sums).sum() / max(total, 1))
 
-    def _by_shape(self, params):
+    @staticmethod
+    def _by_shape(params, layouts: dict):
         """``params`` with tensors of the same layout and shape brought together (each run where its
         first member stood), so a chunk's same-shape tensors are computed as one batch."""
         first: dict = {}
-        keys = [first.setdefault((self._layout(p), tuple(p.shape)), i) for i, p in enumerate(params)]
+        keys = [first.setdefault((layouts[p], tuple(p.shape)), i) for i, p in enumerate(params)]
         return [p for _, _, p in sorted(zip(keys, range(len(params)), params), key=lambda x: x[:2])]
 
     def _group_quantities(self, group: dict, params) -> "_Group":
@@ -517,7 +521,7 @@ class Automagic_CameAMP(HinaOptimizer):
         u = c.buf("u")
         came.normalize_list_(c.g, c.sts, b2, group["eps"][0], u, c.buf("tmp"),
                              bc2=came.correction(b2, c.t, group["came_bias_correction"]), vs=v,
-                             keeps=c.keep(b2), oks=c.factors())
+                             keeps=c.keep(b2), oks=c.factors(), tiled=c.arenas.tiled)
         c.stored.write("came_v", v)
         came.rms_clip_list_(u, group["clip_threshold"])
         if self._hooked("_momentum_input"):
@@ -572,7 +576,7 @@ class Automagic_CameAMP(HinaOptimizer):
         c.s = c.buf("s")
         came.confidence_list_(c.u, c.mm, c.sts, b3, group["eps"][1], c.s,
                               bc3=came.correction(b3, c.t, group["came_bias_correction"]), ress=res,
-                              keeps=c.keep(b3), oks=c.factors())
+                              keeps=c.keep(b3), oks=c.factors(), tiled=c.arenas.tiled)
         c.stored.write("came_res", res)
         c.stored.write("exp_avg", c.m)
 
@@ -666,7 +670,7 @@ class Automagic_CameAMP(HinaOptimizer):
         oks = c.oks
         if oks is not None and dec is not None:  # a skipped tensor does not decay
             if dec[0].dim() == 0:
-                dec = torch._foreach_mul(dec, c.factors())
+                dec = torch._foreach_mul(dec, list(oks.unbind(0)))
             else:
                 if dec is mask:  # the mask is state: scale a copy
                     dec = c.buf("decay")
@@ -855,14 +859,14 @@ class _Chunk:
         return self.arenas.tiled([st[key] for st in self.sts])
 
     def keep(self, value: float):
-        """The non-finite gate's ``value`` (1 for a skipped tensor) per tensor, or None."""
+        """The non-finite gate's ``value`` (1 for a skipped tensor) as one vector over the chunk's
+        tensors, or None without the gate."""
         gate = self.shared.gate
-        return None if gate is None else [gate.keep(value, i) for i in self.idx]
+        return None if gate is None else gate.keeps(value).index_select(0, self.index)
 
     def factors(self):
-        """1 (0 for a skipped tensor) per tensor, or None without the gate."""
-        gate = self.shared.gate
-        return None if gate is None else [gate.factor(i) for i in self.idx]
+        """1 (0 for a skipped tensor) as one vector over the chunk's tensors, or None without the gate."""
+        return self.oks
 
 
 class Automagic_CameAMP8bit(Automagic_CameAMP):

@@ -107,7 +107,7 @@ def factored_list_(rows, cols, sqs, outs, beta: float, scale: float = 1.0, keeps
         out[i, j] = rsqrt(row_i / mean(row)) * rsqrt(col_j) * scale   (= scale * rsqrt(V^_ij))
 
     ``scale`` (a bias correction) is folded into the n-vector, not the matrix; ``outs`` may be
-    ``sqs``. ``keeps`` / ``oks`` (one 0-dim tensor each per tensor: beta and 1, or 1 and 0 for a
+    ``sqs``. ``keeps`` / ``oks`` (vectors, one entry per tensor: beta and 1, or 1 and 0 for a
     skipped tensor, techniques/nonfinite.py) leave a skipped tensor's statistics as they were.
     Runs of same-shape tensors lying back to back in memory (chunk scratch) are computed as one
     batch, with the same arithmetic as one tensor at a time.
@@ -115,21 +115,22 @@ def factored_list_(rows, cols, sqs, outs, beta: float, scale: float = 1.0, keeps
     for a, b in _runs(rows, cols, sqs, outs):
         n, k = rows[a].numel(), cols[a].numel()
         sq, out = _batch(sqs, a, b, n, k), _batch(outs, a, b, n, k)
-        R, C = torch.stack(rows[a:b]), torch.stack(cols[a:b])
+        R, C = _stats(rows, a, b, n), _stats(cols, a, b, k)
         mr, mc = sq.mean(dim=2), sq.mean(dim=1)
         if oks is None:
             R.mul_(beta)
             C.mul_(beta)
         else:
-            ok, keep = torch.stack(oks[a:b]).unsqueeze(1), torch.stack(keeps[a:b]).unsqueeze(1)
+            ok, keep = oks[a:b].unsqueeze(1), keeps[a:b].unsqueeze(1)
             mr.mul_(ok)
             mc.mul_(ok)
             R.mul_(keep)
             C.mul_(keep)
         R.add_(mr, alpha=1.0 - beta)
         C.add_(mc, alpha=1.0 - beta)
-        ops.copy_(rows[a:b], list(R.unbind(0)))
-        ops.copy_(cols[a:b], list(C.unbind(0)))
+        for stats, S in ((rows, R), (cols, C)):
+            if S.data_ptr() != stats[a].data_ptr():  # a stacked copy: write it back
+                ops.copy_(stats[a:b], list(S.unbind(0)))
         r = torch.rsqrt(R / R.mean(dim=1, keepdim=True))
         if scale != 1.0:
             r.mul_(scale)
@@ -157,6 +158,14 @@ def _adjacent(x: torch.Tensor, y: torch.Tensor) -> bool:
             and y.data_ptr() == x.data_ptr() + x.numel() * x.element_size())
 
 
+def _stats(xs, a: int, b: int, n: int) -> torch.Tensor:
+    """The (b - a, n) statistics of ``xs[a:b]``: a view when they lie back to back (state in an
+    arena), else a stacked copy (the caller writes it back). Same values, same arithmetic."""
+    if b - a == 1 or hasattr(xs, "flat") or all(_adjacent(xs[i - 1], xs[i]) for i in range(a + 1, b)):
+        return xs[a].as_strided((b - a, n), (n, 1))
+    return torch.stack(xs[a:b])
+
+
 def _batch(xs, a: int, b: int, n: int, k: int) -> torch.Tensor:
     """The (b - a, n, k) view over ``xs[a:b]`` (adjacent in memory, see :func:`_runs`)."""
     return xs[a].as_strided((b - a, n, k), (n * k, k, 1))
@@ -171,7 +180,17 @@ def _gates(idx, keeps, oks):
     """The gate entries of the tensors ``idx`` (``(None, None)`` without a gate)."""
     if oks is None:
         return None, None
-    return [keeps[i] for i in idx], [oks[i] for i in idx]
+    if len(idx) == len(oks):
+        return keeps, oks
+    at = constants.index_vector(idx, oks.device)
+    return keeps.index_select(0, at), oks.index_select(0, at)
+
+
+def _statistics(sts, idx, keys, tiled):
+    """The factored statistics ``keys`` of the tensors ``idx``, one list per key (FlatLists
+    through ``tiled`` where they tile an arena slice)."""
+    out = [[sts[i][key] for i in idx] for key in keys]
+    return [tiled(ts) for ts in out] if tiled is not None else out
 
 
 def _split(sts, key):
@@ -181,22 +200,24 @@ def _split(sts, key):
 
 
 def normalize_list_(gs, sts, beta2: float, eps1: float, outs, tmps, bc2: float = 1.0, vs=None, keeps=None,
-                    oks=None) -> None:
+                    oks=None, tiled=None) -> None:
     """Second-moment step per tensor: update the statistics in ``st`` with ``G = g^2 + eps1`` and
     write ``u = g * rsqrt(V^) * bc2`` into ``outs`` (``bc2 = sqrt(1 - b2^t)`` or 1).
 
     ``gs``, ``outs`` and ``tmps`` are fp32 and contiguous, shaped as the parameters. ``vs`` (one
     entry per tensor, None for factored ones) overrides ``st["came_v"]`` for unfactored tensors
     (the 8-bit presets pass dequantised copies). ``keeps`` / ``oks``: see :func:`factored_list_`
-    (they gate the factored statistics only; the caller restores full ones).
+    (they gate the factored statistics only; the caller restores full ones). ``tiled`` (the
+    optimizer's ``Arenas.tiled``) hands the factored statistics over as a FlatList where they
+    lie in one arena, so each run of them is one view.
     """
     ops.copy_(tmps, gs)
     ops.mul_(tmps, gs)
     ops.add_(tmps, eps1)
     fac, full = _split(sts, "came_row")
     if fac:
-        factored_list_([sts[i]["came_row"] for i in fac], [sts[i]["came_col"] for i in fac], _pick(tmps, fac),
-                       _pick(outs, fac), beta2, bc2, *_gates(fac, keeps, oks))
+        rows, cols = _statistics(sts, fac, ("came_row", "came_col"), tiled)
+        factored_list_(rows, cols, _pick(tmps, fac), _pick(outs, fac), beta2, bc2, *_gates(fac, keeps, oks))
     if full:
         v = [sts[i]["came_v"] if vs is None or vs[i] is None else vs[i] for i in full]
         out = [outs[i] for i in full]
@@ -217,21 +238,21 @@ def rms_clip_list_(us, threshold: float) -> None:
 
 
 def confidence_list_(us, ms, sts, beta3: float, eps2: float, outs, bc3: float = 1.0, ress=None, keeps=None,
-                     oks=None) -> None:
+                     oks=None, tiled=None) -> None:
     """Confidence-guided direction ``s = m * rsqrt(U^) * bc3`` into ``outs`` (factored tensors).
 
     ``U = (u - m)^2 + eps2`` uses the already-updated ``m``. For unfactored tensors official
     CAME has no confidence: ``s = m`` unless a full residual EMA is kept (``st["came_res"]``,
     or the entry of ``ress``), in which case ``s = m * rsqrt(res) * bc3`` with
     ``res <- b3 res + (1 - b3) U`` (the AdaBelief-style residual, see :mod:`.adabelief`).
-    ``outs`` must not alias ``us`` or ``ms``; ``keeps`` / ``oks`` as in :func:`normalize_list_`.
+    ``outs`` must not alias ``us`` or ``ms``; ``keeps`` / ``oks`` / ``tiled`` as in :func:`normalize_list_`.
     """
     adabelief.residual_list_(outs, us, ms, eps2)
     fac, full = _split(sts, "came_res_row")
     if fac:
         out = _pick(outs, fac)
-        factored_list_([sts[i]["came_res_row"] for i in fac], [sts[i]["came_res_col"] for i in fac], out, out,
-                       beta3, bc3, *_gates(fac, keeps, oks))
+        rows, cols = _statistics(sts, fac, ("came_res_row", "came_res_col"), tiled)
+        factored_list_(rows, cols, out, out, beta3, bc3, *_gates(fac, keeps, oks))
         ops.mul_(out, [ms[i] for i in fac])
     res = [sts[i].get("came_res") if ress is None or ress[i] is None else ress[i] for i in full]
     kept = [j for j, r in enumerate(res) if r is not None]

@@ -71,21 +71,25 @@ class Gate:
     def __init__(self, ok: torch.Tensor):
         self.ok = ok
         self.okf = ok.float()  # 1 where finite, 0 where not
-        self._ones = self.okf.unbind(0)
         self._keeps: dict = {}
 
     def factor(self, i: int) -> torch.Tensor:
         """1 for a finite tensor, 0 for a skipped one: multiplies its step and its decay."""
-        return self._ones[i]
+        return self.okf[i]
 
-    def keep(self, value: float, i: int) -> torch.Tensor:
-        """``value`` (as fp32, exactly what a Python scalar becomes) for a finite tensor, 1 for a
-        skipped one: the factor of an EMA's old value, or of ``p`` in ``p <- p * (1 - lr wd)``."""
+    def keeps(self, value: float) -> torch.Tensor:
+        """``value`` (as fp32, exactly what a Python scalar becomes) where the tensor is finite, 1
+        where it is skipped, one entry per tensor: the factor of an EMA's old value, or of ``p`` in
+        ``p <- p * (1 - lr wd)``."""
         vec = self._keeps.get(value)
         if vec is None:
             one = torch.ones((), dtype=torch.float32, device=self.ok.device)
-            vec = self._keeps[value] = torch.where(self.ok, torch.full_like(one, value), one).unbind(0)
-        return vec[i]
+            vec = self._keeps[value] = torch.where(self.ok, torch.full_like(one, value), one)
+        return vec
+
+    def keep(self, value: float, i: int) -> torch.Tensor:
+        """:meth:`keeps` of tensor ``i`` (a 0-dim view)."""
+        return self.keeps(value)[i]
 
 
 class Guard:
