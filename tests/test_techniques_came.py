@@ -139,10 +139,10 @@ def test_factored_second_moment_is_exact_for_rank1_squares():
     assert not torch.allclose(approx2, sq, rtol=1e-2)
 
 
-def test_factored_statistics_update_in_place_when_back_to_back_and_through_a_copy_when_not():
+def test_factored_statistics_update_as_one_batch_when_back_to_back_and_one_by_one_when_not():
     """A run of same-shape tensors is one batch: statistics lying back to back (an arena) are
-    updated through one view, scattered ones through a stacked copy written back. Both give the
-    bits of updating each tensor alone, over several steps."""
+    updated in place through one view, scattered ones one tensor at a time. Both give the bits
+    of updating each tensor alone, over several steps."""
     gen = torch.Generator().manual_seed(5)
     n, k, count = 6, 10, 3
     sqs = [torch.rand(count, n, k, generator=gen) for _ in range(3)]

@@ -109,13 +109,13 @@ def factored_list_(rows, cols, sqs, outs, beta: float, scale: float = 1.0, keeps
     ``scale`` (a bias correction) is folded into the n-vector, not the matrix; ``outs`` may be
     ``sqs``. ``keeps`` / ``oks`` (vectors, one entry per tensor: beta and 1, or 1 and 0 for a
     skipped tensor, techniques/nonfinite.py) leave a skipped tensor's statistics as they were.
-    Runs of same-shape tensors lying back to back in memory (chunk scratch) are computed as one
-    batch, with the same arithmetic as one tensor at a time.
+    Runs of same-shape tensors lying back to back in memory (chunk scratch, statistics in an
+    arena) are computed as one batch, in place, with the same arithmetic as one tensor at a time.
     """
     for a, b in _runs(rows, cols, sqs, outs):
         n, k = rows[a].numel(), cols[a].numel()
         sq, out = _batch(sqs, a, b, n, k), _batch(outs, a, b, n, k)
-        R, C = _stats(rows, a, b, n), _stats(cols, a, b, k)
+        R, C = rows[a].as_strided((b - a, n), (n, 1)), cols[a].as_strided((b - a, k), (k, 1))
         mr, mc = sq.mean(dim=2), sq.mean(dim=1)
         if oks is None:
             R.mul_(beta)
@@ -126,11 +126,8 @@ def factored_list_(rows, cols, sqs, outs, beta: float, scale: float = 1.0, keeps
             mc.mul_(ok)
             R.mul_(keep)
             C.mul_(keep)
-        R.add_(mr, alpha=1.0 - beta)
+        R.add_(mr, alpha=1.0 - beta)  # in place: the run's statistics themselves
         C.add_(mc, alpha=1.0 - beta)
-        for stats, S in ((rows, R), (cols, C)):
-            if S.data_ptr() != stats[a].data_ptr():  # a stacked copy: write it back
-                ops.copy_(stats[a:b], list(S.unbind(0)))
         r = torch.rsqrt(R / R.mean(dim=1, keepdim=True))
         if scale != 1.0:
             r.mul_(scale)
@@ -138,9 +135,11 @@ def factored_list_(rows, cols, sqs, outs, beta: float, scale: float = 1.0, keeps
 
 
 def _runs(rows, cols, *lists):
-    """``(a, b)`` index ranges of consecutive tensors with the same matrix view whose entries of
-    every list in ``lists`` lie back to back in one storage (so each is one (b - a, n, k) view;
-    chunk scratch, a FlatList, always does)."""
+    """``(a, b)`` index ranges of consecutive tensors with the same matrix view whose statistics
+    (``rows``, ``cols``) and entries of every list in ``lists`` lie back to back in one storage, so
+    each is one batch view: (b - a, n), (b - a, k), (b - a, n, k). Chunk scratch and state in an
+    arena (FlatLists) always do; scattered tensors make runs of one."""
+    lists = (rows, cols) + lists
     tiled = all(hasattr(xs, "flat") for xs in lists)
     out, a = [], 0
     for i in range(1, len(rows) + 1):
@@ -156,14 +155,6 @@ def _adjacent(x: torch.Tensor, y: torch.Tensor) -> bool:
     return (x.is_contiguous() and y.is_contiguous() and x.dtype == y.dtype
             and x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
             and y.data_ptr() == x.data_ptr() + x.numel() * x.element_size())
-
-
-def _stats(xs, a: int, b: int, n: int) -> torch.Tensor:
-    """The (b - a, n) statistics of ``xs[a:b]``: a view when they lie back to back (state in an
-    arena), else a stacked copy (the caller writes it back). Same values, same arithmetic."""
-    if b - a == 1 or hasattr(xs, "flat") or all(_adjacent(xs[i - 1], xs[i]) for i in range(a + 1, b)):
-        return xs[a].as_strided((b - a, n), (n, 1))
-    return torch.stack(xs[a:b])
 
 
 def _batch(xs, a: int, b: int, n: int, k: int) -> torch.Tensor:
