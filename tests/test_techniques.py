@@ -409,11 +409,11 @@ def test_nonfinite_gate_keeps_finite_updates_bit_exact_and_skipped_ones_unchange
         plain = [m[0].clone()]
         momentum_decay.momentum_list_(plain, [x[0]], beta)  # a finite tensor: same bits as without the gate
         gated = [m[0].clone(), m[1].clone()]
-        momentum_decay.momentum_list_(gated, [x[0], torch.zeros(64)], beta, [gate.keep(beta, 0), gate.keep(beta, 1)])
+        momentum_decay.momentum_list_(gated, [x[0], torch.zeros(64)], beta, gate.keeps(beta))
         assert torch.equal(gated[0], plain[0])
         assert torch.equal(gated[1], m[1])  # a skipped tensor (sanitised x = 0) keeps its momentum
-    assert float(gate.factor(0)) == 1.0 and float(gate.factor(1)) == 0.0
-    assert float(gate.keep(0.25, 1)) == 1.0 and float(gate.keep(0.25, 0)) == 0.25
+    assert float(gate.okf[0]) == 1.0 and float(gate.okf[1]) == 0.0
+    assert float(gate.keeps(0.25)[1]) == 1.0 and float(gate.keeps(0.25)[0]) == 0.25
 
 
 def test_nonfinite_guard_restores_every_dtype_bit_for_bit():

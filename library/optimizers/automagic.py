@@ -521,7 +521,7 @@ class Automagic_CameAMP(HinaOptimizer):
         u = c.buf("u")
         came.normalize_list_(c.g, c.sts, b2, group["eps"][0], u, c.buf("tmp"),
                              bc2=came.correction(b2, c.t, group["came_bias_correction"]), vs=v,
-                             keeps=c.keep(b2), oks=c.factors(), tiled=c.arenas.tiled)
+                             keeps=c.keep(b2), oks=c.oks, tiled=c.arenas.tiled)
         c.stored.write("came_v", v)
         came.rms_clip_list_(u, group["clip_threshold"])
         if self._hooked("_momentum_input"):
@@ -576,7 +576,7 @@ class Automagic_CameAMP(HinaOptimizer):
         c.s = c.buf("s")
         came.confidence_list_(c.u, c.mm, c.sts, b3, group["eps"][1], c.s,
                               bc3=came.correction(b3, c.t, group["came_bias_correction"]), ress=res,
-                              keeps=c.keep(b3), oks=c.factors(), tiled=c.arenas.tiled)
+                              keeps=c.keep(b3), oks=c.oks, tiled=c.arenas.tiled)
         c.stored.write("came_res", res)
         c.stored.write("exp_avg", c.m)
 
@@ -634,7 +634,7 @@ class Automagic_CameAMP(HinaOptimizer):
             else:
                 ops.addcmul_(c.p32, c.p32, dec, value=-coef)
         if self._hooked("_extra_decay"):
-            factors = c.factors()
+            factors = c.oks
             for i, (p, q, st) in enumerate(zip(c.ps, c.p32, c.sts)):
                 self._extra_decay(p, q, st, group, c.t, lr, None if factors is None else factors[i])
 
@@ -863,10 +863,6 @@ class _Chunk:
         tensors, or None without the gate."""
         gate = self.shared.gate
         return None if gate is None else gate.keeps(value).index_select(0, self.index)
-
-    def factors(self):
-        """1 (0 for a skipped tensor) as one vector over the chunk's tensors, or None without the gate."""
-        return self.oks
 
 
 class Automagic_CameAMP8bit(Automagic_CameAMP):

@@ -70,12 +70,8 @@ class Gate:
 
     def __init__(self, ok: torch.Tensor):
         self.ok = ok
-        self.okf = ok.float()  # 1 where finite, 0 where not
+        self.okf = ok.float()  # 1 where finite, 0 where not: multiplies a tensor's step and decay
         self._keeps: dict = {}
-
-    def factor(self, i: int) -> torch.Tensor:
-        """1 for a finite tensor, 0 for a skipped one: multiplies its step and its decay."""
-        return self.okf[i]
 
     def keeps(self, value: float) -> torch.Tensor:
         """``value`` (as fp32, exactly what a Python scalar becomes) where the tensor is finite, 1
@@ -86,10 +82,6 @@ class Gate:
             one = torch.ones((), dtype=torch.float32, device=self.ok.device)
             vec = self._keeps[value] = torch.where(self.ok, torch.full_like(one, value), one)
         return vec
-
-    def keep(self, value: float, i: int) -> torch.Tensor:
-        """:meth:`keeps` of tensor ``i`` (a 0-dim view)."""
-        return self.keeps(value)[i]
 
 
 class Guard:
