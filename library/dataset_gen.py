@@ -187,7 +187,8 @@ def make_dataset(
 
     `root` is the kohya train_data_dir; use dataset_dir(root, name, repeats) for the image
     folder itself. Files of an earlier, different call in the same folder are overwritten and
-    surplus NNNN.png/.txt from a larger earlier call are removed.
+    surplus NNNN.png/.txt from a larger earlier call are removed. Each file appears whole (written
+    aside, then renamed), so processes building the same dataset at once do not read torn files.
     """
     if resolution < 16 or resolution % 8:
         raise ValueError("resolution must be a multiple of 8, at least 16")
@@ -207,17 +208,29 @@ def make_dataset(
     for i in range(n_images):
         img, caption = render_item(i, resolution, seed, style)
         stem = os.path.join(folder, f"{i:04d}")
-        img.save(stem + ".png", format="PNG", optimize=False)
-        with open(stem + ".txt", "w", encoding="utf-8") as f:
-            f.write(caption + "\n")
+        _write_whole(stem + ".png", lambda f: img.save(f, format="PNG", optimize=False))
+        _write_whole(stem + ".txt", lambda f: f.write((caption + "\n").encode("utf-8")))
     # drop numbered leftovers of an earlier, larger dataset
     for fname in os.listdir(folder):
         stem, ext = os.path.splitext(fname)
         if ext in (".png", ".txt") and stem.isdigit() and int(stem) >= n_images:
             os.remove(os.path.join(folder, fname))
-    with open(marker, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
+    _write_whole(marker, lambda f: f.write(json.dumps(info, indent=2, sort_keys=True).encode("utf-8")))
     return root
+
+
+def _write_whole(path: str, write) -> None:
+    """``write(binary file)`` into a private temporary sibling, then rename it onto ``path``: a
+    reader never sees a half-written file, also while another process writes the same dataset
+    (the quality benchmark's worker processes may build it at the same time)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def list_items(root: str) -> list[tuple[str, str]]:

@@ -112,3 +112,27 @@ def test_unknown_style_rejected(tmp_path):
     with pytest.raises(ValueError):
         make_dataset(str(tmp_path / "x"), style="wavy")
     assert render_item(0, style=None)[1] == render_item(0, style="plain")[1]
+
+
+def test_files_appear_whole_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    """Each file is written aside and renamed (processes building the same dataset at once never
+    read a torn PNG); a write that fails leaves the file as it was and no temporary behind."""
+    root = str(tmp_path / "d")
+    make_dataset(root, n_images=2, seed=0)
+    folder = dataset_dir(root)
+    before = _files(folder)
+    assert not [n for n in before if ".tmp-" in n]
+
+    def torn(f):
+        f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        dataset_gen._write_whole(os.path.join(folder, "0000.png"), torn)
+    assert _files(folder) == before
+
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(dataset_gen.os, "replace", lambda a, b: (renames.append(b), real_replace(a, b))[1])
+    make_dataset(root, n_images=2, seed=1)  # other arguments: rewritten, every file through a rename
+    assert sorted(os.path.basename(p) for p in renames) == sorted(n for n in _files(folder))
