@@ -88,7 +88,7 @@ def summarise(runs: dict, ref: dict) -> dict:
         out.setdefault(task, {}).setdefault(name, {}).setdefault(lr, []).append(r["final"])
     table = {}
     for task, by_name in out.items():
-        start, best, _ = ref[task]
+        start, best = ref[task][:2]
         table[task] = {}
         for name, by_lr in by_name.items():
             scores = {}

@@ -218,6 +218,49 @@ def test_no_tune_score():
     assert no_tune_score(1.0, 0.5, None) is None and no_tune_score(1.0, 0.5, 1.0) is None
 
 
+def test_paired_comparison_matches_seeds_and_tests_the_log_ratios():
+    from benchmarks.quality.summary import paired, t_critical
+
+    run = lambda seed, final: {"seed": seed, "final": final}  # noqa: E731
+    ref = [run(1, 1.0), run(2, 10.0), run(3, 100.0)]  # task instances 100x apart
+    # 10 % lower on every instance, a little scatter: the unpaired spread (sd ~ 50) hides it, the pairing does not
+    out = paired([run(3, 90.5), run(1, 0.9), run(2, 8.95)], ref)
+    logs = [math.log(0.9), math.log(0.895), math.log(0.905)]
+    assert out["log_ratios"] == pytest.approx(logs)
+    mean, sd = sum(logs) / 3, (sum((x - sum(logs) / 3) ** 2 for x in logs) / 2) ** 0.5
+    assert out["delta_pct"] == pytest.approx(100 * (math.exp(mean) - 1))
+    assert out["t"] == pytest.approx(mean / (sd / 3 ** 0.5)) and out["clear"]
+    noisy = paired([run(1, 0.5), run(2, 12.0), run(3, 95.0)], ref)  # signs disagree: not resolved
+    assert not noisy["clear"] and abs(noisy["t"]) < t_critical(2) == pytest.approx(4.303)
+    rounding = paired([run(1, 1.00001), run(2, 10.0001), run(3, 100.001)], ref)  # consistent but negligible
+    assert abs(rounding["t"]) > t_critical(2) and not rounding["clear"]
+    assert paired([run(1, 0.9), run(4, 1.0)], ref)["t"] is None  # one common seed: no test
+    assert paired([run(1, math.inf), run(2, 9.0)], ref) == {"delta_pct": None, "log_ratios": [], "t": None,
+                                                             "clear": False}
+
+
+def test_targets_compare_ours_with_their_bar_seed_by_seed():
+    from benchmarks.quality.summary import CAME, targets
+
+    runs = {f"{who}{seed}": {"seed": seed, "final": final} for who, finals in
+            {"a": (1.0, 2.0, 4.0), "c": (1.05, 2.1, 4.2), "e": (1.2, 2.3, 4.9)}.items()
+            for seed, final in zip((1, 2, 3), finals)}
+    ids = lambda who: [f"{who}{s}" for s in (1, 2, 3)]  # noqa: E731
+    task = lambda mine: {"runs": runs, "contenders": {  # noqa: E731
+        "Automagic_CameAMP": {"untuned_runs": ids(mine)}, CAME: {"tuned_runs": ids("a")},
+        "Automagic_CameAMP8bit": {"untuned_runs": ids("e")}}}
+    rows = targets({"tasks": {"near": task("c"), "far": task("e")}})
+    by = {(r["target"].contender, r["target"].reference): r["cells"] for r in rows}
+    near, far = by[("Automagic_CameAMP", CAME)]["near"], by[("Automagic_CameAMP", CAME)]["far"]
+    assert near["delta_pct"] == pytest.approx(5.0) and near["met"]  # +5 % against a 10 % bar
+    assert far["delta_pct"] > 10.0 and not far["met"]
+    assert by[("Automagic_CameAMP8bit", "Automagic_CameAMP")]["near"]["delta_pct"] > 5.0  # 8-bit against its twin
+    assert not by[("Automagic_CameAMP8bit", "Automagic_CameAMP")]["near"]["met"]
+    same = by[("Automagic_CameAMP8bit", "Automagic_CameAMP")]["far"]  # the very same runs on both sides
+    assert same["delta_pct"] == 0.0 and same["t"] == 0.0 and same["met"] and not same["clear"]
+    assert ("Automagic_CameAMP_COptim", CAME) not in by  # no runs on either task: no row
+
+
 def test_probe_refuses_bad_arguments_in_one_line_before_any_task(capsys):
     from benchmarks import probe_quality
 
