@@ -200,6 +200,12 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if group["optim_bits"] == 8:  # the codec's tables, built now rather than inside step()
             for dev in {p.device for p in group["params"]}:
                 quant8.prepare_float8(dev)
+        self._prepare_mask_rates(group)
+
+    def _prepare_mask_rates(self, group: dict) -> None:
+        """The lr mask's step factors for this group's two rates (during and after warmup), now."""
+        r = self._mask_rate(group, 1)
+        lr_mask.prepare(r, r * group["lr_mask_post_warmup_ratio"])
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -207,6 +213,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
 
     def _after_load(self) -> None:
         super()._after_load()
+        for group in self.param_groups:  # a loaded group may carry other rates
+            self._prepare_mask_rates(group)
         for st in self.state.values():  # 8-bit lr masks saved with the log codec (before float8)
             if "lr_mask_lq" in st:
                 x = quant8.load_log(st, "lr_mask")

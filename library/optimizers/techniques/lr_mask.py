@@ -68,13 +68,53 @@ def agreement_list_(outs, grads, moms) -> None:
 def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> None:
     """``s <- clamp(s * exp(r a), lo, hi)``; ``agree`` (fp32, -1/0/+1) is consumed as scratch.
     ``weights`` (one value per mask, 0 or 1: a vector or 0-dim tensors) leaves a skipped
-    tensor's mask as it is."""
+    tensor's mask as it is.
+
+    ``exp(r a)`` takes three values, so for a rate given to :func:`prepare` it is formed without an
+    exponential pass: ``f = max(1 + c a, e^-r)`` with ``c = e^r - 1``, the same bits."""
     if weights is not None:
         ops.mul_(agree, weights)
-    ops.mul_(agree, r)
-    ops.exp_(agree)
+    factors = _FACTORS.get(r)
+    if factors is None:
+        ops.mul_(agree, r)
+        ops.exp_(agree)
+    else:
+        up_minus_one, down = factors
+        ops.mul_(agree, up_minus_one)
+        ops.add_(agree, 1.0)
+        ops.clamp_min_(agree, down)
     ops.mul_(masks, agree)
     ops.clamp_(masks, lo, hi)
+
+
+_FACTORS: dict = {}  # rate -> (e^r - 1, e^-r), or None where only the exponential has its bits
+
+
+def prepare(*rates: float) -> None:
+    """Work out :func:`scale_list_`'s exp-free factors for these rates now (it reads a few values
+    back to the host): optimizers call this where a param group is set up or loaded, so that
+    step() never does. A rate not prepared is applied with the exponential: same bits, one more
+    pass."""
+    for r in rates:
+        if r > 0 and r not in _FACTORS:
+            _FACTORS[r] = _step_factors(r)
+
+
+def _step_factors(r: float):
+    """``(c, e^-r)`` with ``c = e^r - 1``, both as fp32 values of torch's own ``exp`` of
+    ``+-fl32(r)`` (the values ``exp(r a)`` takes for a = +1, -1), or None where the exp-free form
+    would not give exactly those bits.
+
+    For a = 1: ``1 + c`` is e^r exactly (c is e^r - 1 with no rounding, e^r being an fp32 number
+    >= 1); a = 0 (or -0): 1; a = -1: ``1 - c`` = 2 - e^r, which lies below e^-r (e^r + e^-r > 2),
+    so ``max(., e^-r)`` gives e^-r. Where rounding breaks one of these (a tiny r, whose e^r and
+    e^-r are next to 1), the check below fails and the mask keeps the exponential."""
+    up, down = (float(v) for v in torch.exp(torch.tensor([r, -r], dtype=torch.float32)))
+    a = torch.tensor([1.0, -1.0, 0.0, -0.0])
+    c = up - 1.0
+    cheap = (a * c + 1.0).clamp_min_(down)
+    exact = float(torch.tensor(c, dtype=torch.float32)) == c and torch.equal(cheap, torch.exp(a * r))
+    return (c, down) if exact else None
 
 
 _FP16_REL_ULP = 2.0 ** -10  # relative spacing of fp16 numbers, at most
