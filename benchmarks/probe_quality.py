@@ -10,7 +10,8 @@ the start loss and tuned AdamW of ``benchmarks/results/quality.json`` (``quality
 with ``--quick``), and the paired comparison with tuned AdamW's runs of the same seeds (Δ% and t
 as in the report, ◆ where the paired t-test separates them: ``quality/summary.py``). With
 ``--versus`` it also runs the optimizer's defaults (``--versus-set``: other arguments) at the same
-lr on the same seeds and compares the two seed by seed: the direct test of one change. A development tool for choosing defaults: a default changes only after the
+lr on the same seeds and compares the two seed by seed: the direct test of one change
+(``--versus-type``: another optimizer, e.g. an 8-bit form's 32-bit twin). A development tool for choosing defaults: a default changes only after the
 full ``make bench-quality`` run confirms it.
 """
 from __future__ import annotations
@@ -71,7 +72,8 @@ def score(start: float, loss: float, best: float) -> float:
 
 
 def _format_paired(vs: dict) -> str:
-    return f"{vs['delta_pct']:+.1f}% t {vs['t']:+.1f}{' ◆' if vs['clear'] else ''}"
+    n = len(vs["log_ratios"])
+    return f"{vs['delta_pct']:+.1f}% t {vs['t']:+.1f}{' ◆' if vs['clear'] else ''} ({n} seeds in common)"
 
 
 def _task_line(task: str, runs: list[dict], ref: dict) -> str:
@@ -106,25 +108,29 @@ def main(argv=None) -> int:
                          "on the same seeds, and compare the two seed by seed")
     ap.add_argument("--versus-set", action="append", default=[], metavar="KEY=VALUE",
                     help="an argument of the comparison run (repeatable; implies --versus)")
+    ap.add_argument("--versus-type", metavar="OPTIMIZER_TYPE",
+                    help="the comparison run's optimizer (default: the same; implies --versus), e.g. an 8-bit "
+                         "form against its 32-bit twin")
     ap.add_argument("--tasks", nargs="*", choices=TASK_ORDER, default=list(TASK_ORDER))
     ap.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the --quick task sizes")
     args = ap.parse_args(argv)
 
-    configs = {"probe": parse_optimizer_args(args.set) if args.set else {}}
-    if args.versus or args.versus_set:
-        configs["versus"] = parse_optimizer_args(args.versus_set) if args.versus_set else {}
-    for kwargs in configs.values():
-        problem = configuration_error(args.optimizer_type, args.lr, kwargs)
+    configs = {"probe": (args.optimizer_type, parse_optimizer_args(args.set) if args.set else {})}
+    if args.versus or args.versus_set or args.versus_type:
+        configs["versus"] = (args.versus_type or args.optimizer_type,
+                             parse_optimizer_args(args.versus_set) if args.versus_set else {})
+    for optimizer_type, kwargs in configs.values():
+        problem = configuration_error(optimizer_type, args.lr, kwargs)
         if problem:
             print(f"probe_quality: {problem}", file=sys.stderr)
             return 2
     factory = TaskFactory(args.quick, {})
     ref = reference(args.quick)
     items = []
-    for label, kwargs in configs.items():
-        contender = Contender(label, args.optimizer_type, args.lr, kwargs, "probe")
+    for label, (optimizer_type, kwargs) in configs.items():
+        contender = Contender(label, optimizer_type, args.lr, kwargs, "probe")
         for task in args.tasks:
             steps = factory(task).steps
             items += [((label, task, seed), resolve_run(contender, task, steps, args.lr, seed)) for seed in args.seeds]
@@ -132,12 +138,12 @@ def main(argv=None) -> int:
                              initargs=(factory, 1)) as pool:
         results = dict(pool.map(run_in_process, items))
     runs = lambda label, task: [results[(label, task, s)] for s in args.seeds]  # noqa: E731
-    for label, kwargs in configs.items():
-        print(f"{args.optimizer_type} lr={args.lr} {kwargs}" + (" (the comparison run)" if label == "versus" else ""))
+    for label, (optimizer_type, kwargs) in configs.items():
+        print(f"{optimizer_type} lr={args.lr} {kwargs}" + (" (the comparison run)" if label == "versus" else ""))
         for task in args.tasks:
             print(_task_line(task, runs(label, task), ref), flush=True)
     if "versus" in configs:
-        print(f"{configs['probe']} against {configs['versus']}, seed by seed:")
+        print(f"{' '.join(map(str, configs['probe']))} against {' '.join(map(str, configs['versus']))}, seed by seed:")
         for task in args.tasks:
             vs = paired(runs("probe", task), runs("versus", task))
             print(f"  {task:14s} " + (_format_paired(vs) if vs["t"] is not None else "no comparison"), flush=True)
