@@ -603,11 +603,17 @@ class Automagic_CameAMP(HinaOptimizer):
         c.mask = None
         if group["use_lr_mask"]:
             c.mask = c.stored.read("lr_mask")
+            work = c.mask
+            if work[0].dtype != torch.float32:  # compact (fp16) masks: worked on as an fp32 copy,
+                work = c.buf("mask32")  # mixed-dtype passes being far slower (same bits:
+                ops.copy_(work, c.mask)  # fp16 -> fp32 is exact, each result is rounded once)
             r = self._mask_rate(group, c.t) if c.adapting else 0.0
             if r > 0.0:
-                lr_mask.scale_list_(c.mask, c.agree, r, *self._mask_bounds(group))
+                lr_mask.scale_list_(work, c.agree, r, *self._mask_bounds(group))
+                if work is not c.mask:
+                    ops.copy_(c.mask, work)
                 c.stored.write("lr_mask", c.mask)
-            ops.mul_(c.s, c.mask)
+            ops.mul_(c.s, work)
         eta = group["eta"]
         if eta is not None and not group["full_finetune"]:
             rows = self._row_scaled_set()
