@@ -71,18 +71,17 @@ def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> N
     tensor's mask as it is.
 
     ``exp(r a)`` takes three values, so for a rate given to :func:`prepare` it is formed without an
-    exponential pass: ``f = max(1 + c a, e^-r)`` with ``c = e^r - 1``, the same bits."""
-    if weights is not None:
-        ops.mul_(agree, weights)
+    exponential pass: ``f = max(1 + c a, e^-r)`` with ``c = e^r - 1``, the same bits. The weights
+    ride on the per-tensor multiplier (``a (w c)`` is ``(a w) c`` exactly: a is -1, 0 or 1, w 0 or 1).
+    """
     factors = _FACTORS.get(r)
+    scale = r if factors is None else factors[0]
+    ops.mul_(agree, scale if weights is None else ops.as_vector(weights) * scale)
     if factors is None:
-        ops.mul_(agree, r)
         ops.exp_(agree)
     else:
-        up_minus_one, down = factors
-        ops.mul_(agree, up_minus_one)
         ops.add_(agree, 1.0)
-        ops.clamp_min_(agree, down)
+        ops.clamp_min_(agree, factors[1])
     ops.mul_(masks, agree)
     ops.clamp_(masks, lo, hi)
 

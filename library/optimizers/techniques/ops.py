@@ -36,7 +36,9 @@ def _scalars(y) -> bool:
     return isinstance(y, list) and bool(y) and all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in y)
 
 
-def _as_vector(y) -> torch.Tensor:
+def as_vector(y) -> torch.Tensor:
+    """One value per tensor as one 1-D tensor: ``y`` itself when it is one, else the stacked
+    0-dim tensors."""
     return y if _vector(y) else torch.stack(y)
 
 
@@ -85,7 +87,7 @@ def _binary(name: str, xs, y, **kw) -> None:
             getattr(fx, name)(fy, **kw)
             return
         if not kw and name in ("mul_", "div_", "add_") and (_vector(y) or _scalars(y)):
-            per_tensor_(name, xs, _as_vector(y))  # one value per tensor
+            per_tensor_(name, xs, as_vector(y))  # one value per tensor
             return
     getattr(torch, f"_foreach_{name}")(xs, _as_list(y), **kw)
 
@@ -254,7 +256,7 @@ def lerp_(xs, ys, weight) -> None:
             fx.lerp_(fy, weight)
             return
         if _vector(weight) or _scalars(weight):
-            _with_values(xs, ys, _as_vector(weight), lambda x, y, w: x.lerp_(y, w))
+            _with_values(xs, ys, as_vector(weight), lambda x, y, w: x.lerp_(y, w))
             return
     torch._foreach_lerp_(xs, ys, _as_list(weight))
 
@@ -267,7 +269,7 @@ def addcmul_(xs, t1, t2, value: float = 1.0) -> None:
             fx.addcmul_(f1, f2, value=value)
             return
         if _vector(t2) or _scalars(t2):
-            _with_values(xs, t1, _as_vector(t2), lambda x, y, w: x.addcmul_(y, w, value=value))
+            _with_values(xs, t1, as_vector(t2), lambda x, y, w: x.addcmul_(y, w, value=value))
             return
     torch._foreach_addcmul_(xs, t1, _as_list(t2), value=value)
 
