@@ -331,7 +331,7 @@ def test_lr_mask_step_has_the_bits_of_the_exponential_without_computing_it():
     differ (a tiny r) prepare() keeps the exponential, as it is for a rate never prepared."""
     gen = torch.Generator().manual_seed(0)
     rates = [0.02, 0.05, 0.25, 0.69, 1.0, 1e-3, 1e-5, 1e-8] + torch.rand(200, generator=gen).tolist()
-    lr_mask.prepare(*rates)
+    lr_mask.prepare(rates, ["cpu"])
     for r in rates + [0.123456789]:  # the last one is not prepared
         agree = torch.randint(-1, 2, (4096,), generator=gen).float()
         agree[:4] = torch.tensor([1.0, -1.0, 0.0, -0.0])
@@ -339,16 +339,16 @@ def test_lr_mask_step_has_the_bits_of_the_exponential_without_computing_it():
         expected = torch.clamp(mask * torch.exp(agree * r), 0.1, 10.0)
         lr_mask.scale_list_([mask], [agree], r, 0.1, 10.0)
         assert torch.equal(mask, expected), r
-    cheap = [r for r in rates if lr_mask._FACTORS[r] is not None]
+    cheap = [r for r in rates if lr_mask._FACTORS[(r, "cpu")] is not None]
     assert 0.05 in cheap and 0.02 in cheap and len(cheap) > len(rates) // 2
-    assert 0.123456789 not in lr_mask._FACTORS
+    assert (0.123456789, "cpu") not in lr_mask._FACTORS
     # the optimizers prepare their groups' rates when the groups are built (not inside step())
     from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
     from library.optimizers.automagic import Automagic_CameAMP
 
     AdaptiveHinaAdamW([torch.nn.Parameter(torch.ones(2))], lr_mask_rate=0.0437, lr_mask_post_warmup_ratio=0.5)
     Automagic_CameAMP([torch.nn.Parameter(torch.ones(2))], lr_mask_rate=0.0371)
-    assert {0.0437, 0.0437 * 0.5, 0.0371} <= set(lr_mask._FACTORS)
+    assert {(0.0437, "cpu"), (0.0437 * 0.5, "cpu"), (0.0371, "cpu")} <= set(lr_mask._FACTORS)
 
 
 def test_lr_mask_bounds_are_relative_contain_one_and_respect_absolute_limits():

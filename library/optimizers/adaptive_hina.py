@@ -205,7 +205,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     def _prepare_mask_rates(self, group: dict) -> None:
         """The lr mask's step factors for this group's two rates (during and after warmup), now."""
         r = self._mask_rate(group, 1)
-        lr_mask.prepare(r, r * group["lr_mask_post_warmup_ratio"])
+        lr_mask.prepare((r, r * group["lr_mask_post_warmup_ratio"]), {p.device for p in group["params"]})
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)

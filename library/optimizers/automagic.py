@@ -291,7 +291,8 @@ class Automagic_CameAMP(HinaOptimizer):
             group["context"] = context.init(group["context_window"], group["params"][0].device)
         if self._eight_bit:
             self._warm_codecs(group)
-        lr_mask.prepare(lr_mask.rate(group["lr_mask_rate"], group["lr_bump"], group["base_lr"]))
+        lr_mask.prepare((lr_mask.rate(group["lr_mask_rate"], group["lr_bump"], group["base_lr"]),),
+                        {p.device for p in group["params"]})
 
     def _warm_codecs(self, group: dict) -> None:
         """Build quant8's lookup tables now (they are built lazily, with host reads, on first

@@ -74,7 +74,7 @@ def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> N
     exponential pass: ``f = max(1 + c a, e^-r)`` with ``c = e^r - 1``, the same bits. The weights
     ride on the per-tensor multiplier (``a (w c)`` is ``(a w) c`` exactly: a is -1, 0 or 1, w 0 or 1).
     """
-    factors = _FACTORS.get(r)
+    factors = _FACTORS.get((r, agree[0].device.type))
     scale = r if factors is None else factors[0]
     ops.mul_(agree, scale if weights is None else ops.as_vector(weights) * scale)
     if factors is None:
@@ -86,30 +86,32 @@ def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> N
     ops.clamp_(masks, lo, hi)
 
 
-_FACTORS: dict = {}  # rate -> (e^r - 1, e^-r), or None where only the exponential has its bits
+_FACTORS: dict = {}  # (rate, device type) -> (e^r - 1, e^-r), or None: only the exponential has its bits
 
 
-def prepare(*rates: float) -> None:
-    """Work out :func:`scale_list_`'s exp-free factors for these rates now (it reads a few values
-    back to the host): optimizers call this where a param group is set up or loaded, so that
-    step() never does. A rate not prepared is applied with the exponential: same bits, one more
-    pass."""
-    for r in rates:
-        if r > 0 and r not in _FACTORS:
-            _FACTORS[r] = _step_factors(r)
+def prepare(rates, devices) -> None:
+    """Work out :func:`scale_list_`'s exp-free factors for these rates on these devices now (it
+    reads a few values back to the host): optimizers call this where a param group is set up or
+    loaded, so that step() never does. Each device type gets the bits of its own ``exp`` (a GPU's
+    may differ from the CPU's in the last place). A rate not prepared is applied with the
+    exponential: same bits, one more pass."""
+    for device in {torch.device(d).type for d in devices}:
+        for r in rates:
+            if r > 0 and (r, device) not in _FACTORS:
+                _FACTORS[(r, device)] = _step_factors(r, device)
 
 
-def _step_factors(r: float):
+def _step_factors(r: float, device="cpu"):
     """``(c, e^-r)`` with ``c = e^r - 1``, both as fp32 values of torch's own ``exp`` of
-    ``+-fl32(r)`` (the values ``exp(r a)`` takes for a = +1, -1), or None where the exp-free form
-    would not give exactly those bits.
+    ``+-fl32(r)`` on ``device`` (the values ``exp(r a)`` takes for a = +1, -1), or None where the
+    exp-free form would not give exactly those bits.
 
     For a = 1: ``1 + c`` is e^r exactly (c is e^r - 1 with no rounding, e^r being an fp32 number
     >= 1); a = 0 (or -0): 1; a = -1: ``1 - c`` = 2 - e^r, which lies below e^-r (e^r + e^-r > 2),
     so ``max(., e^-r)`` gives e^-r. Where rounding breaks one of these (a tiny r, whose e^r and
     e^-r are next to 1), the check below fails and the mask keeps the exponential."""
-    up, down = (float(v) for v in torch.exp(torch.tensor([r, -r], dtype=torch.float32)))
-    a = torch.tensor([1.0, -1.0, 0.0, -0.0])
+    up, down = torch.exp(torch.tensor([r, -r], dtype=torch.float32, device=device)).tolist()
+    a = torch.tensor([1.0, -1.0, 0.0, -0.0], device=device)
     c = up - 1.0
     cheap = (a * c + 1.0).clamp_min_(down)
     exact = float(torch.tensor(c, dtype=torch.float32)) == c and torch.equal(cheap, torch.exp(a * r))
