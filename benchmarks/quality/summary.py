@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import statistics
-
 from dataclasses import dataclass
 
 from benchmarks.quality.ablation import ADD_ONE_IN, LEAVE_ONE_OUT
@@ -161,9 +160,10 @@ def t_critical(df: int) -> float:
 
 def paired(runs: list[dict], ref_runs: list[dict]) -> dict:
     """``runs`` against ``ref_runs``, seed by seed (see the module docstring): ``delta_pct`` (the
-    geometric mean of final / reference - 1, in %), ``log_ratios`` (per common seed, in seed order), ``t`` and
-    ``clear`` (the paired t-test rejects equality at 5 % and |Δ| >= 0.1 %). None / False where fewer than two seeds
-    are common or a run diverged."""
+    geometric mean of final / reference - 1, in %), ``log_ratios`` (per common seed, in seed
+    order), ``t`` and ``clear`` (the paired t-test rejects equality at 5 % and |Δ| >= 0.1 %).
+    ``t`` is None with fewer than two common seeds; everything is None / False where no seed is
+    common or a run diverged."""
     ref = {r["seed"]: r["final"] for r in ref_runs}
     pairs = [(r["final"], ref[r["seed"]]) for r in sorted(runs, key=lambda r: r["seed"]) if r["seed"] in ref]
     if not pairs or not all(math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0 for a, b in pairs):
