@@ -4,6 +4,8 @@
   HF_HUB_OFFLINE=1), exits 0 and prints what it is meant to show;
 - every Python block marked runnable in the docs (an HTML comment ``<!-- runnable -->`` on the
   line before a fenced ``python`` block) runs the same way;
+  (the selected scripts are all started when the first of them is needed, two at a time, each
+  still in its own interpreter: most of their time is starting Python and importing torch)
 - the constructor-argument tables of docs/optimizers.md (English and zh-TW) list every argument
   of AdaptiveHinaAdamW and HinaAdamWOptimizer with its real default;
 - docs/trainer.md (English and zh-TW) names every train_network.py option, and no option that
@@ -18,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -60,6 +63,45 @@ def _run(path: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+_WORKERS = 2  # scripts run at once
+
+
+class _Started:
+    """Scripts started ahead of the tests that check them, ``_WORKERS`` at a time (``_run``)."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=_WORKERS)
+        self._runs = {}
+
+    def start(self, key, path: str, timeout: int) -> None:
+        if key not in self._runs:
+            self._runs[key] = self._pool.submit(_run, path, timeout)
+
+    def result(self, key) -> subprocess.CompletedProcess:
+        return self._runs[key].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def started(request, tmp_path_factory):
+    """Every selected example and runnable block of this module, started at once."""
+    runs, folder = _Started(), tmp_path_factory.mktemp("blocks")
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module is not request.module or not params:
+            continue
+        if item.originalname == "test_example_runs":
+            runs.start(params["name"], os.path.join(EXAMPLES, params["name"]), 600)
+        elif item.originalname == "test_runnable_block_executes":
+            script = folder / f"{params['page'].replace(os.sep, '_')}_{params['index']}.py"
+            script.write_text(params["code"], encoding="utf-8")
+            runs.start((params["page"], params["index"]), str(script), 300)
+    yield runs
+    runs.close()
+
+
 def _examples() -> list[str]:
     return sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".py"))
 
@@ -80,8 +122,8 @@ def test_the_examples_listed_here_exist():
 
 
 @pytest.mark.parametrize("name", _examples())
-def test_example_runs(name):
-    res = _run(os.path.join(EXAMPLES, name))
+def test_example_runs(name, started):
+    res = started.result(name)
     assert res.returncode == 0, f"{name} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     out = res.stdout
@@ -121,10 +163,8 @@ def test_optimizers_page_has_runnable_blocks():
 
 
 @pytest.mark.parametrize("page,index,code", _runnable_blocks())
-def test_runnable_block_executes(page, index, code, tmp_path):
-    script = tmp_path / f"block_{index}.py"
-    script.write_text(code, encoding="utf-8")
-    res = _run(str(script), timeout=300)
+def test_runnable_block_executes(page, index, code, started):
+    res = started.result((page, index))
     assert res.returncode == 0, f"{page} runnable block #{index} failed:\n{code}\n---\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
 
 
