@@ -81,7 +81,7 @@ class _Started:
         return self._runs[key].result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # scripts no test waits for (-x) never start
 
 
 @pytest.fixture(scope="module")

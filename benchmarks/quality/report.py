@@ -350,8 +350,8 @@ def _ablations(results: dict) -> list[str]:
              "mean of the per-seed loss ratios as Δ% with the paired t statistic of the log ratios; ◆: a paired "
              "t-test rejects equality at 5 % (|t| > 4.30 with three seeds) and |Δ| >= 0.1 % (runs that differ only in "
              "rounding can agree in sign on every seed). ◆ says the test resolves a difference, Δ% says its size. "
-             "The seeds are shared, and a seed fixes "
-             "the task instance, so the pairing removes the spread between instances that the ± columns include. "
+             "The seeds are shared, and a seed fixes the task instance, so the pairing removes the spread between "
+             "instances that the ± columns include. "
              "Leave-one-out covers the techniques that are on by default; `benchmarks/quality/ablation.py` lists "
              "the arguments of each technique.", ""]
     for key in keys:
