@@ -430,7 +430,9 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             else:
                 if c.xs is not slot0:
                     ops.copy_(slot0, c.xs)
-                if agr_on:
+                if len(agr_on) == len(ps):  # every tensor: the flat scratch itself (one pass per operation)
+                    agr_t.agr_list_(slot0, slot0, c.tmp, oks)
+                elif agr_on:
                     sel = [slot0[i] for i in agr_on]
                     agr_t.agr_list_(sel, sel, [c.tmp[i] for i in agr_on], None if oks is None else [oks[i] for i in agr_on])
             c.xs = slot0

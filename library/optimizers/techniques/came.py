@@ -223,7 +223,7 @@ def normalize_list_(gs, sts, beta2: float, eps1: float, outs, tmps, bc2: float =
 
 def rms_clip_list_(us, threshold: float) -> None:
     """``u <- u / max(1, RMS(u) / threshold)`` per tensor (0-dim divisors, no host sync)."""
-    rms = torch.stack(torch._foreach_norm(us))
+    rms = ops.norms(us)  # the bits of torch._foreach_norm, one reduction per run on flat scratch
     rms.div_(constants.sqrt_numels(us, rms.dtype, rms.device))
     ops.per_tensor_("div_", us, rms.div_(threshold).clamp_min_(1.0))
 
@@ -244,7 +244,7 @@ def confidence_list_(us, ms, sts, beta3: float, eps2: float, outs, bc3: float = 
         out = _pick(outs, fac)
         rows, cols = _statistics(sts, fac, ("came_res_row", "came_res_col"), tiled)
         factored_list_(rows, cols, out, out, beta3, bc3, *_gates(fac, keeps, oks))
-        ops.mul_(out, [ms[i] for i in fac])
+        ops.mul_(out, _pick(ms, fac))
     res = [sts[i].get("came_res") if ress is None or ress[i] is None else ress[i] for i in full]
     kept = [j for j, r in enumerate(res) if r is not None]
     if kept:
