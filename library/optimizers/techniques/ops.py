@@ -79,8 +79,8 @@ def cached_vector(xs, tag, value, dtype, device) -> torch.Tensor:
 def _binary(name: str, xs, y, **kw) -> None:
     fx = _flat(xs)
     if fx is not None:
-        if isinstance(y, (int, float)):
-            getattr(fx, name)(y, **kw)
+        if isinstance(y, (int, float)) or (isinstance(y, torch.Tensor) and y.dim() == 0):
+            getattr(fx, name)(y, **kw)  # one value for every tensor (a number or a 0-dim tensor)
             return
         fy = _flat(y)
         if fy is not None:
