@@ -506,6 +506,9 @@ def test_ops_on_flat_scratch_give_the_bits_of_foreach(monkeypatch, max_runs):
         "unary": lambda xs, ys: (ops.abs_(xs), ops.sqrt_(xs), ops.exp_(xs), ops.sigmoid_(xs), ops.rsqrt_(xs)),
         "sign_": lambda xs, ys: ops.sign_(xs),
         "copy_": lambda xs, ys: ops.copy_(xs, ys),
+        "into_ unary": lambda xs, ys: (ops.into_("abs", xs, ys), ops.into_("sqrt", xs, ys), ops.into_("rsqrt", xs, ys)),
+        "into_ clamp_min": lambda xs, ys: ops.into_("clamp_min", xs, ys, 0.9),
+        "into_ binary": lambda xs, ys: (ops.mul_(ys, 1.7), ops.into_("mul", xs, ys, ys), ops.into_("sub", ys, xs, xs)),
     }
     for name, op in cases.items():
         xs, ys = lists()

@@ -21,8 +21,7 @@ __all__ = ["residual_list_", "update_residual_list_", "direction_list_"]
 
 def residual_list_(outs, xs, ms, eps: float) -> None:
     """``out = (x - m)^2 + eps`` per tensor."""
-    ops.copy_(outs, xs)
-    ops.sub_(outs, ms)
+    ops.into_("sub", outs, xs, ms)
     ops.pow_(outs, 2.0)
     ops.add_(outs, eps)
 
@@ -35,8 +34,7 @@ def update_residual_list_(ss, res, beta: float) -> None:
 
 def direction_list_(outs, ms, ss, bc: float) -> None:
     """``out = m * rsqrt(s) * bc`` with ``bc = sqrt(1 - b^t)`` (1.0 for no bias correction)."""
-    ops.copy_(outs, ss)
-    ops.rsqrt_(outs)
+    ops.into_("rsqrt", outs, ss)
     ops.mul_(outs, ms)
     if bc != 1.0:
         ops.mul_(outs, bc)

@@ -22,8 +22,7 @@ def update_second_moment_list_(vs, gs, beta2: float, decay=None) -> None:
 
 def denominator_list_(dens, vs, step: int, beta2: float, eps: float) -> None:
     """``den = sqrt(v)/sqrt(1-b2^t) + eps`` into ``dens`` (same op order as torch's AdamW)."""
-    ops.copy_(dens, vs)
-    ops.sqrt_(dens)
+    ops.into_("sqrt", dens, vs)
     ops.div_(dens, math.sqrt(1.0 - beta2**step))
     ops.add_(dens, eps)
 

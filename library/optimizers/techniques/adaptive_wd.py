@@ -49,8 +49,7 @@ def factor_list_(outs, gs, alpha: float, kb=None) -> None:
         l2 = [torch.linalg.vector_norm(g.reshape(-1), dtype=torch.float32) for g in gs]
         numel = constants.numels(gs, torch.float32, gs[0].device)
         kb = standardizers(torch.stack(l1), torch.stack(l2), numel, alpha)
-    ops.copy_(outs, gs)
-    ops.abs_(outs)
+    ops.into_("abs", outs, gs)
     ops.per_tensor_("mul_", outs, kb[0])  # alpha * (|g| - mean) / std
     ops.per_tensor_("add_", outs, kb[1])
     ops.sigmoid_(outs)

@@ -22,8 +22,7 @@ def normalize_list_(outs, gs, vs, k: int, eps: float) -> None:
     """``out = clip(g / max(sqrt(v), eps), -k^(1/4), k^(1/4))``, computed as
     ``g * rsqrt(max(v, eps^2))`` (the same value)."""
     c = clip_value(k)
-    ops.copy_(outs, vs)
-    ops.clamp_min_(outs, max(eps * eps, _FLOOR))
+    ops.into_("clamp_min", outs, vs, max(eps * eps, _FLOOR))
     ops.rsqrt_(outs)
     ops.mul_(outs, gs)
     ops.clamp_(outs, -c, c)
@@ -32,8 +31,7 @@ def normalize_list_(outs, gs, vs, k: int, eps: float) -> None:
 def update_second_moment_list_(vs, gs, k: int, beta2: float, decay=None) -> None:
     """See ``adam.update_second_moment_list_`` for ``decay``."""
     if k == 0:
-        ops.copy_(vs, gs)
-        ops.mul_(vs, gs)
+        ops.into_("mul", vs, gs, gs)
     else:
         ops.mul_(vs, beta2 if decay is None else decay)
         ops.addcmul_(vs, gs, gs, value=1.0 - beta2)

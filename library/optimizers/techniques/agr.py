@@ -20,8 +20,7 @@ def agr_list_(outs, gs, tmps=None, weights=None) -> None:
     ``weights`` (0 zeroes a skipped tensor in the same pass). ``outs`` may be ``gs`` (then
     ``tmps`` is scratch). Callers leave single-element tensors out (AGR would zero them)."""
     w = tmps if outs is gs else outs
-    ops.copy_(w, gs)
-    ops.abs_(w)
+    ops.into_("abs", w, gs)
     totals = ops.sums(w).clamp_min_(TINY)
     if weights is None:
         ops.per_tensor_("div_", w, totals.neg_())

@@ -202,8 +202,7 @@ def normalize_list_(gs, sts, beta2: float, eps1: float, outs, tmps, bc2: float =
     optimizer's ``Arenas.tiled``) hands the factored statistics over as a FlatList where they
     lie in one arena, so each run of them is one view.
     """
-    ops.copy_(tmps, gs)
-    ops.mul_(tmps, gs)
+    ops.into_("mul", tmps, gs, gs)
     ops.add_(tmps, eps1)
     fac, full = _split(sts, "came_row")
     if fac:
@@ -214,8 +213,7 @@ def normalize_list_(gs, sts, beta2: float, eps1: float, outs, tmps, bc2: float =
         out = [outs[i] for i in full]
         ops.mul_(v, beta2)
         ops.add_(v, [tmps[i] for i in full], alpha=1.0 - beta2)
-        ops.copy_(out, v)
-        ops.rsqrt_(out)
+        ops.into_("rsqrt", out, v)
     ops.mul_(outs, gs)
     if full and bc2 != 1.0:
         ops.mul_([outs[i] for i in full], bc2)

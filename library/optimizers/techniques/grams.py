@@ -14,8 +14,7 @@ from . import ops
 
 def _signs_(outs, us, gs) -> None:
     """outs <- sign(u g)."""
-    ops.copy_(outs, us)
-    ops.mul_(outs, gs)
+    ops.into_("mul", outs, us, gs)
     ops.sign_(outs)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from . import constants
 
-__all__ = ["per_tensor_", "copy_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
+__all__ = ["per_tensor_", "copy_", "into_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
            "clamp_max_", "clamp_", "expand", "cached_vector", "values", "set_values_", "vectors", "sums", "norms", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
 
 
@@ -211,6 +211,20 @@ def product_(outs, xs, ys) -> None:
         torch._foreach_mul_(outs, ys)
 
 
+def into_(name: str, outs, xs, *args) -> None:
+    """``out <- torch.<name>(x, *args)`` per tensor (``name``: "abs", "sqrt", "rsqrt", "clamp_min",
+    "mul", "sub"; an argument may be a tensor list like ``xs`` or a number) into ``outs``, distinct
+    from every operand: one operation with ``out=`` where the lists are all FlatLists, else a copy
+    and the in-place operation (the same bits either way: one pass over the memory fewer)."""
+    fo, fx = _flat(outs), _flat(xs)
+    flat_args = [a if isinstance(a, (int, float)) else _flat(a) for a in args]
+    if fo is not None and fx is not None and all(a is not None for a in flat_args):
+        getattr(torch, name)(fx, *flat_args, out=fo)
+        return
+    copy_(outs, xs)
+    _IN_PLACE[name](outs, *args)
+
+
 def add_(xs, y, alpha: float = 1.0) -> None:
     if alpha == 1.0:
         _binary("add_", xs, y)
@@ -308,3 +322,7 @@ def rsqrt_(xs) -> None:
 
 def zero_(xs) -> None:
     _unary("zero_", xs)
+
+
+# the in-place form of each operation :func:`into_` writes out of place
+_IN_PLACE = {"abs": abs_, "sqrt": sqrt_, "rsqrt": rsqrt_, "clamp_min": clamp_min_, "mul": mul_, "sub": sub_}

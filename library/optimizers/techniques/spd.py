@@ -20,8 +20,7 @@ EPS = 1e-12
 def _deviations(ps, anchors, tmps):
     if anchors is None:
         return ps
-    ops.copy_(tmps, ps)
-    ops.sub_(tmps, anchors)
+    ops.into_("sub", tmps, ps, anchors)
     return tmps
 
 
