@@ -505,6 +505,8 @@ def test_ops_on_flat_scratch_give_the_bits_of_foreach(monkeypatch, max_runs):
         "clamp_": lambda xs, ys: ops.clamp_(xs, -0.7, 1.1),
         "unary": lambda xs, ys: (ops.abs_(xs), ops.sqrt_(xs), ops.exp_(xs), ops.sigmoid_(xs), ops.rsqrt_(xs)),
         "sign_": lambda xs, ys: ops.sign_(xs),
+        "positive_": lambda xs, ys: (ops.mul_(xs, 0.0), ops.positive_(xs), ops.sub_(ys, 1.0), ops.positive_(ys),
+                                     ops.add_(xs, ys)),
         "copy_": lambda xs, ys: ops.copy_(xs, ys),
         "into_ unary": lambda xs, ys: (ops.into_("abs", xs, ys), ops.into_("sqrt", xs, ys), ops.into_("rsqrt", xs, ys)),
         "into_ clamp_min": lambda xs, ys: ops.into_("clamp_min", xs, ys, 0.9),

@@ -17,8 +17,7 @@ FLOOR = 1e-3
 def agreement_list_(phis, us, gs) -> torch.Tensor:
     """phi = 1[u g > 0] into ``phis``; return max(mean(phi), FLOOR) per tensor as a vector."""
     ops.product_(phis, us, gs)
-    ops.sign_(phis)
-    ops.clamp_min_(phis, 0.0)
+    ops.positive_(phis)
     return _means(phis, 1.0).clamp_min_(FLOOR)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from . import constants
 
-__all__ = ["per_tensor_", "copy_", "into_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
+__all__ = ["per_tensor_", "copy_", "into_", "positive_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
            "clamp_max_", "clamp_", "expand", "cached_vector", "values", "set_values_", "vectors", "sums", "norms", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
 
 
@@ -209,6 +209,18 @@ def product_(outs, xs, ys) -> None:
     else:
         torch._foreach_copy_(outs, xs)
         torch._foreach_mul_(outs, ys)
+
+
+def positive_(xs) -> None:
+    """``x <- 1[x > 0]`` (1.0 or +0.0): one Heaviside pass on flat scratch, else sign then clamp at
+    0 (the same bits, -0.0 included)."""
+    fx = _flat(xs)
+    if fx is not None:
+        torch.heaviside(fx, constants.constant(("zero", fx.dtype, fx.device),
+                                               lambda: torch.zeros((), dtype=fx.dtype, device=fx.device)), out=fx)
+    else:
+        torch._foreach_sign_(xs)
+        torch._foreach_clamp_min_(xs, 0.0)
 
 
 def into_(name: str, outs, xs, *args) -> None:
