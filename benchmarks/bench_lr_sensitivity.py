@@ -46,6 +46,7 @@ CONTENDERS = (
     Contender("HinaAdamWOptimizer", "HinaAdamWOptimizer", 1e-3),
     Contender("HinaAdamWOptimizer, no hypergradient scale", "HinaAdamWOptimizer", 1e-3, {"use_hypergrad": False}),
     Contender("Automagic_CameAMP", "Automagic_CameAMP", 1e-3),
+    Contender("Automagic_CameAMP, with hypergradient scale", "Automagic_CameAMP", 1e-3, {"use_hypergrad": True}),
 )
 LONG_CONTENDERS = ("AdamW (fused)", "AdaptiveHinaAdamW", "AdaptiveHinaAdamW, no hypergradient scale")
 
