@@ -328,6 +328,28 @@ def test_optimizer_phases_longer_than_half_the_run_are_reported(caplog):
     warn_if_optimizer_phases_cover_the_run(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), 10)
 
 
+def test_automagic_below_its_lr_range_without_the_hypergradient_scale_is_reported(caplog):
+    import logging
+
+    import torch
+
+    from library.optimizers.automagic import Automagic_CameAMP, Automagic_CameAMP8bit
+    from library.trainer import warn_if_lr_is_low_for_automagic
+
+    def groups(*lrs):
+        return [{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "lr": lr} for lr in lrs]
+
+    with caplog.at_level(logging.WARNING, logger="train_network"):
+        warn_if_lr_is_low_for_automagic(Automagic_CameAMP(groups(1e-3, 1e-5)))  # the main group at 1e-3
+        warn_if_lr_is_low_for_automagic(Automagic_CameAMP(groups(1e-4), use_hypergrad=True))
+        warn_if_lr_is_low_for_automagic(torch.optim.AdamW(groups(1e-5)))
+        assert not caplog.records
+        warn_if_lr_is_low_for_automagic(Automagic_CameAMP8bit(groups(1e-4, 5e-5)))
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "Automagic_CameAMP8bit at lr 0.0001 with use_hypergrad=False" in msg and "use_hypergrad=True" in msg
+
+
 # ------------------------------------------------- reliability: nothing a user does loses training
 def _corrupt_dataset(root, truncated=True):
     """A kohya dataset of two images whose second one is cut short (or is not an image at all)."""

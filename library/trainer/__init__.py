@@ -15,9 +15,10 @@ then :func:`train` loads the model and trains. Resuming is bit-exact (see :mod:`
 """
 from .loop import train
 from .metadata import build_metadata
-from .network import warn_if_optimizer_phases_cover_the_run
+from .network import warn_if_lr_is_low_for_automagic, warn_if_optimizer_phases_cover_the_run
 from .options import Plan, cache_dir, parse_resolution, parse_warmup, prepare
 from .step import DiffusionLoss, Draws
 
 __all__ = ["Plan", "prepare", "train", "build_metadata", "parse_warmup", "parse_resolution", "cache_dir",
-           "DiffusionLoss", "Draws", "warn_if_optimizer_phases_cover_the_run"]
+           "DiffusionLoss", "Draws", "warn_if_optimizer_phases_cover_the_run",
+           "warn_if_lr_is_low_for_automagic"]

@@ -21,7 +21,7 @@ from .logs import RunLog, plot_losses, summary_line
 from .metadata import RunFacts, build_metadata, file_keys, weights_dim_alpha
 from .models import Models, ensure_embedded, load_models, place
 from .network import (Schedule, build_lr_scheduler, build_network, build_optimizer, plan_schedule,
-                      warn_if_optimizer_phases_cover_the_run)
+                      warn_if_lr_is_low_for_automagic, warn_if_optimizer_phases_cover_the_run)
 from .options import Plan, logging_dir, xformers_usable
 from .samples import Sampler
 from .signals import StopRequests
@@ -117,6 +117,7 @@ def set_up(args, plan: Plan) -> Run:
     opt_name, opt_args, optimizer, descriptions = build_optimizer(args, network)
     schedule = plan_schedule(args, dataset, accelerator.num_processes)
     warn_if_optimizer_phases_cover_the_run(optimizer, schedule.max_steps)
+    warn_if_lr_is_low_for_automagic(optimizer)
     lr_scheduler = build_lr_scheduler(args, optimizer, schedule)
     # The network is not wrapped in DDP: its forward runs through the hooked U-Net / text
     # encoder, never through the wrapper, so DDP would not synchronise it. Gradients are

@@ -13,6 +13,10 @@ logger = logging.getLogger("train_network")
 
 # optimizer arguments measured in steps whose phase should not span most of a run
 _PHASE_LENGTHS = ("warmup_steps", "wd_transition_steps")
+# below this lr the Automagic family's defaults train slowly (its lr mask reaches at most 10x the
+# lr, only during warmup) unless the hypergradient lr scale may raise each tensor's lr:
+# docs/automagic.md, "Training quality", and the lr-sensitivity tables of docs/benchmarks.md
+AUTOMAGIC_LOW_LR = 3e-4
 
 
 def build_network(args, plan, models: Models):
@@ -111,6 +115,20 @@ def build_lr_scheduler(args, optimizer, schedule: Schedule):
 
 def _relative_step(optimizer) -> bool:
     return type(optimizer).__name__ == "Adafactor" and bool(getattr(optimizer, "defaults", {}).get("relative_step"))
+
+
+def warn_if_lr_is_low_for_automagic(optimizer) -> None:
+    """One line when an Automagic_CameAMP-family optimizer runs every group below
+    ``AUTOMAGIC_LOW_LR`` with the hypergradient lr scale off (the lineage recommended 1e-4 to 1e-5)."""
+    from ..optimizers.automagic import Automagic_CameAMP
+
+    if not isinstance(optimizer, Automagic_CameAMP) or optimizer.defaults.get("use_hypergrad"):
+        return
+    top = max((g["lr"] for g in optimizer.param_groups), default=0.0)
+    if 0.0 < top < AUTOMAGIC_LOW_LR:
+        logger.warning("%s at lr %.3g with use_hypergrad=False trains slowly below %.0e (its defaults were chosen "
+                       "at 1e-3); pass --optimizer_args use_hypergrad=True to let each tensor's lr adapt, or raise "
+                       "the lr (docs/automagic.md)", type(optimizer).__name__, top, AUTOMAGIC_LOW_LR)
 
 
 def warn_if_optimizer_phases_cover_the_run(optimizer, max_steps: int) -> None:
