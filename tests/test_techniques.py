@@ -522,6 +522,26 @@ def test_ops_on_flat_scratch_give_the_bits_of_foreach(monkeypatch, max_runs):
             assert torch.equal(a, b), name
 
 
+def test_into_from_a_narrower_dtype_widens_first_as_the_copy_does():
+    """ops.into_ with an fp16 source and fp32 outputs must compute in fp32, as copy_ then the
+    in-place operation does (out= alone would compute in fp16 and round)."""
+    from library.optimizers.buffer_pool import BufferPool
+    from library.optimizers.techniques import ops
+
+    pool = BufferPool()
+    shapes = [(3, 5), (3, 5), (7,)]
+    src = pool.views([torch.empty(s) for s in shapes], "half", torch.float16)
+    gen = torch.Generator().manual_seed(5)
+    for x in src:
+        x.copy_(torch.rand(x.shape, generator=gen) * 3 + 0.1)
+    outs = pool.views([torch.empty(s) for s in shapes], "out")
+    assert hasattr(src, "flat") and hasattr(outs, "flat")
+    ops.into_("rsqrt", outs, src)
+    for o, x in zip(outs, src):
+        assert torch.equal(o, x.float().rsqrt())
+    assert not torch.equal(outs.flat, src.flat.rsqrt().float())  # the fp16 result differs: the test can fail
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_per_tensor_reductions_on_flat_scratch_give_the_bits_of_reducing_each_tensor(threads):
     """ops.sums / ops.norms reduce a run of equal-sized small tensors as one (count, numel) view;

@@ -230,7 +230,8 @@ def into_(name: str, outs, xs, *args) -> None:
     and the in-place operation (the same bits either way: one pass over the memory fewer)."""
     fo, fx = _flat(outs), _flat(xs)
     flat_args = [a if isinstance(a, (int, float)) else _flat(a) for a in args]
-    if fo is not None and fx is not None and all(a is not None for a in flat_args):
+    # same dtypes only: out= would compute in x's dtype and then cast, where the copy widens first
+    if fo is not None and fx is not None and fx.dtype == fo.dtype and all(a is not None for a in flat_args):
         getattr(torch, name)(fx, *flat_args, out=fo)
         return
     copy_(outs, xs)
