@@ -31,7 +31,7 @@ def normalize_list_(outs, gs, vs, k: int, eps: float) -> None:
 def update_second_moment_list_(vs, gs, k: int, beta2: float, decay=None) -> None:
     """See ``adam.update_second_moment_list_`` for ``decay``."""
     if k == 0:
-        ops.into_("mul", vs, gs, gs)
+        ops.product_(vs, gs, gs)
     else:
         ops.mul_(vs, beta2 if decay is None else decay)
         ops.addcmul_(vs, gs, gs, value=1.0 - beta2)

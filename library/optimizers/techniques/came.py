@@ -202,7 +202,7 @@ def normalize_list_(gs, sts, beta2: float, eps1: float, outs, tmps, bc2: float =
     optimizer's ``Arenas.tiled``) hands the factored statistics over as a FlatList where they
     lie in one arena, so each run of them is one view.
     """
-    ops.into_("mul", tmps, gs, gs)
+    ops.product_(tmps, gs, gs)
     ops.add_(tmps, eps1)
     fac, full = _split(sts, "came_row")
     if fac:

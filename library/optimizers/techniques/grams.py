@@ -14,7 +14,7 @@ from . import ops
 
 def _signs_(outs, us, gs) -> None:
     """outs <- sign(u g)."""
-    ops.into_("mul", outs, us, gs)
+    ops.product_(outs, us, gs)
     ops.sign_(outs)
 
 

@@ -202,13 +202,8 @@ def mul_(xs, y) -> None:
 
 
 def product_(outs, xs, ys) -> None:
-    """``out <- x y`` (tensors of the same shapes; ``outs`` distinct from both)."""
-    fo, fx, fy = _flat(outs), _flat(xs), _flat(ys)
-    if fo is not None and fx is not None and fy is not None:
-        torch.mul(fx, fy, out=fo)
-    else:
-        torch._foreach_copy_(outs, xs)
-        torch._foreach_mul_(outs, ys)
+    """``out <- x y`` (tensors of the same shapes; ``outs`` distinct from both): :func:`into_`."""
+    into_("mul", outs, xs, ys)
 
 
 def positive_(xs) -> None:
