@@ -4,6 +4,16 @@ Each file in tests/fixtures/checkpoints/ holds the parameters and ``state_dict()
 had after a few steps, and the parameters it reached a few steps later (see make_checkpoints.py
 there). Any change to a technique's math, a state key or a storage format that breaks users'
 saved training states fails here.
+
+Bits are reproducible only on a CPU whose fp32 reduction kernels add in the order of the machine
+that wrote the files: MKL's dot product and ATen's vectorised sums and norms group their partial
+sums by the vector width they pick at run time (AVX2 or AVX-512), so on another CPU a case whose
+techniques reduce (norms, dots, cosines) rounds a few values differently and ends a few fp32 ulps
+away (measured on an AVX-512 machine against files written on the CI machine: at most 9.4e-7
+relative, 3e-8 absolute, after 5 steps). The check is therefore bit-exact where the bits match and,
+where they do not, to within ``ULPS_ELSEWHERE``, still far below what a change of a formula, a
+state key or a storage format does: scaling the resumed lr by 1.0001 fails every case (a state
+key or format change raises on load or moves far more).
 """
 import glob
 import os
@@ -13,6 +23,7 @@ import torch
 
 from tests.fixtures.checkpoints import make_checkpoints as fixture
 
+ULPS_ELSEWHERE = dict(rtol=4e-6, atol=1e-7)  # ~32 fp32 ulps: other CPUs' reduction order, nothing more
 FILES = sorted(glob.glob(os.path.join(os.path.dirname(fixture.__file__), "*.pt")))
 
 
@@ -44,7 +55,9 @@ def test_saved_checkpoint_resumes_bit_exactly(path, one_thread):
     fixture.take_steps(opt, params, saved["saved_at"], saved["continue"])
     for name, p in params:
         expected = saved["expected"][name]
-        assert torch.equal(p.detach(), expected), (
+        if torch.equal(p.detach(), expected):
+            continue
+        assert torch.allclose(p.detach(), expected, **ULPS_ELSEWHERE), (
             f"{name}: max difference {float((p.detach() - expected).abs().max()):.3g} after resuming a checkpoint "
             f"written by {saved['written_by'][:10]}"
         )
