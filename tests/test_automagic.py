@@ -178,6 +178,47 @@ def test_8bit_mask_storage_starts_exact_and_keeps_min_lr_nonzero():
     assert st[p]["lr_mask_lq"].dtype == torch.uint8
 
 
+def test_lattice_codec_stores_every_value_the_mask_can_take_exactly():
+    """lr_mask.lattice: levels exactly r apart with 1 on a level, so e^(k r) encodes to its own
+    code whatever the rounding; None where the points do not fit the codec."""
+    from library.optimizers import quant8
+    from library.optimizers.techniques import lr_mask
+
+    r = 0.02
+    (clo, chi), (lo, hi) = lr_mask.lattice(0.1, 10.0, r)
+    assert 0.1 <= lo < 0.1 * math.exp(r) and 10.0 * math.exp(-r) < hi <= 10.0
+    ks = torch.arange(-115, 116, dtype=torch.float64)  # e^(-2.30) .. e^(2.30): every point in [0.1, 10]
+    points = torch.exp(ks * r).float()
+    for rounding, seed in (("nearest", None), ("stochastic", 7)):
+        codes = quant8.quantize_log(points, clo, chi, bits=8, rounding=rounding, seed=seed)
+        assert torch.equal(codes.long(), (ks + 115).long())
+    assert torch.allclose(quant8.dequantize_log(codes, clo, chi), points, rtol=1e-6, atol=0)
+    assert lr_mask.lattice(0.1, 10.0, 0.01) is None  # 461 points: more than 256 levels
+    assert lr_mask.lattice(0.1, 10.0, 0.0) is None
+
+
+def test_8bit_mask_stays_on_its_lattice_and_inside_floor_and_ceiling():
+    """The 8-bit mask moves by whole levels (stored without loss) and is clamped to the outermost
+    lattice points inside [floor, ceiling]; the codec it would use otherwise rounds stochastically
+    between levels and leaves the lattice."""
+    r = 0.1
+    p = torch.nn.Parameter(torch.zeros(24, 24))
+    opt = Automagic_CameAMP8bit([p], lr=1e-3, lr_mask_rate=r, warmup_steps=200, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(3)
+    signs = torch.where(torch.rand(24, 24, generator=gen) < 0.5, -1.0, 1.0)
+    from library.optimizers import quant8
+
+    for step in range(60):  # half the elements alternate (mask -> floor), half keep their sign (-> ceiling)
+        noise = 0.1 * torch.randn(24, 24, generator=gen)
+        p.grad = torch.where(signs > 0, torch.ones(24, 24), torch.full((24, 24), (-1.0) ** step)) + noise
+        opt.step()
+        k = torch.log(quant8.load_log(opt.state[p], "lr_mask").double()) / r
+        assert torch.allclose(k, k.round(), atol=1e-4), step
+    mask = quant8.load_log(opt.state[p], "lr_mask")
+    assert float(mask.max()) == pytest.approx(math.exp(23 * r), rel=1e-6)  # e^2.3 <= 10
+    assert float(mask.min()) == pytest.approx(math.exp(-23 * r), rel=1e-6)  # e^-2.3 >= 0.1
+
+
 # ------------------------------------------------------------------ 8-bit memory
 def test_8bit_state_is_at_most_half_of_its_twin_at_sd15_lora_shapes():
     shapes = lora_shapes(16)[::12]  # 44 tensors across the UNet and text encoder

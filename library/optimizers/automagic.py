@@ -65,7 +65,9 @@ for the whole run; TAM with a scalar cosine; no step-1 "continue"; no
 ``torch.cuda.synchronize()``; the unused third eps is dropped.
 
 8-bit presets: ``exp_avg`` (and ``exp_avg_slow``) in the signed blockwise store, the lr mask
-in the 8-bit log codec, and for vectors sqrt of the second moment / residual in the unsigned
+in the 8-bit log codec (its levels exactly the mask's rate apart where they fit, 1 on a level,
+the mask clamped to the outermost levels inside [floor, ceiling]: every value the mask takes is
+a level, so it is stored without loss; ``lr_mask.lattice``), and for vectors sqrt of the second moment / residual in the unsigned
 store (sqrt halves the dynamic range, so nothing is flushed to zero), all with stochastic
 rounding seeded by ``quant8.mix_seed(seed, step, param_index)``: resume is bit-exact. Codes
 live in flat arenas and a chunk is decoded and encoded at once (state_store.py), each tensor
@@ -301,7 +303,7 @@ class Automagic_CameAMP(HinaOptimizer):
             x = torch.ones(2, device=dev)
             quant8.prepare_float8(dev)
             if group["use_lr_mask"]:
-                clo, chi = _mask_codec_range(*self._mask_bounds(group), 1.0)
+                clo, chi = self._mask_codec(group)
                 codes = quant8.quantize_log(x, clo, chi, bits=8, rounding="stochastic", seed=0)
                 quant8.dequantize_log(codes, clo, chi)
 
@@ -342,10 +344,25 @@ class Automagic_CameAMP(HinaOptimizer):
             return p not in self._adapters
         return mode
 
-    @staticmethod
-    def _mask_bounds(group: dict) -> tuple[float, float]:
-        """Range of the lr-mask scale (techniques/lr_mask.py), always containing 1."""
-        return lr_mask.group_bounds(group)
+    def _mask_bounds(self, group: dict) -> tuple[float, float]:
+        """Range of the lr-mask scale (techniques/lr_mask.py), always containing 1; in the 8-bit
+        forms, where the lattice of :meth:`_mask_lattice` exists, its outermost points inside it."""
+        lo, hi = lr_mask.group_bounds(group)
+        lattice = self._mask_lattice(group, lo, hi)
+        return (lo, hi) if lattice is None else lattice[1]
+
+    def _mask_codec(self, group: dict) -> tuple[float, float]:
+        """The 8-bit mask's log-codec range: levels exactly the mask's rate apart where they fit
+        (the mask is then stored without loss), else [lo, hi] with 1 on a level."""
+        lo, hi = lr_mask.group_bounds(group)
+        lattice = self._mask_lattice(group, lo, hi)
+        return _mask_codec_range(lo, hi, 1.0) if lattice is None else lattice[0]
+
+    def _mask_lattice(self, group: dict, lo: float, hi: float):
+        """``lr_mask.lattice`` of the group's mask rate, for the 8-bit forms (None otherwise)."""
+        if not self._eight_bit:
+            return None
+        return lr_mask.lattice(lo, hi, lr_mask.rate(group["lr_mask_rate"], group["lr_bump"], group["base_lr"]))
 
     @staticmethod
     def _hypergrad_range(group: dict) -> tuple[float, float]:
@@ -379,7 +396,7 @@ class Automagic_CameAMP(HinaOptimizer):
         if group["use_lr_mask"]:  # starts at 1: the first steps use exactly the group's lr
             lo, hi = self._mask_bounds(group)
             if eight:
-                clo, chi = _mask_codec_range(lo, hi, 1.0)
+                clo, chi = self._mask_codec(group)
                 quant8.store_log(st, "lr_mask", torch.ones(p.shape, device=dev), lo=clo, hi=chi, bits=8,
                                  rounding="nearest")
             else:

@@ -51,6 +51,31 @@ def group_bounds(group: dict) -> tuple[float, float]:
     return bounds(group["base_lr"], group["lr_mask_floor"], group["lr_mask_ceiling"], group["min_lr"], group["max_lr"])
 
 
+def lattice(lo: float, hi: float, r: float, bits: int = 8) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """Log-codec levels on which a mask moving at rate ``r`` never needs rounding, or None.
+
+    A mask starts at 1 and is only ever multiplied by ``e^r`` or ``e^-r`` and clamped, so the
+    values it can take are the points ``e^(k r)``. Where those inside ``[lo, hi]`` fit in the
+    codec's ``2^bits`` levels, returns ``((codec_lo, codec_hi), (clamp_lo, clamp_hi))``: the
+    codec's range, whose levels are exactly ``r`` apart in log with 1 on a level, and the bounds
+    to clamp to, the outermost points inside ``[lo, hi]`` (a clamp to ``lo`` or ``hi`` themselves
+    would leave the lattice). A mask kept this way is stored without loss: each code it writes is
+    the exact level (up to fp32 rounding, ~1e-7 relative, against levels 2 % apart at the default
+    rate). Returns None where ``r <= 0`` or the points do not fit (a rate below
+    ``ln(hi / lo) / (2^bits - 1)``, 0.018 for [0.1, 10] at 8 bits); the codec then rounds
+    stochastically between its levels.
+    """
+    if r <= 0 or lo <= 0:
+        return None
+    levels = (1 << bits) - 1
+    below = math.floor(math.log(1.0 / lo) / r + 1e-9)  # points e^(-k r) >= lo, k = 1..below
+    above = math.floor(math.log(hi) / r + 1e-9)
+    top = (levels - below) * r  # log of the codec's top level
+    if below + above > levels or top > 80.0:  # e^80 ~ 5.5e34: the codec's fp32 levels stay finite
+        return None
+    return (math.exp(-below * r), math.exp(top)), (math.exp(-below * r), math.exp(above * r))
+
+
 def rate(lr_mask_rate: float, lr_bump: float | None, base_lr: float) -> float:
     """The rate r in log units per step. ``lr_bump`` (the older absolute bump, an lr change
     per step) is read at the group's lr: r = lr_bump / base_lr; otherwise ``lr_mask_rate``."""
