@@ -6,10 +6,11 @@ there). Any change to a technique's math, a state key or a storage format that b
 saved training states fails here.
 
 Bits are reproducible only on a CPU whose fp32 reduction kernels add in the order of the machine
-that wrote the files: MKL's dot product and ATen's vectorised sums and norms group their partial
-sums by the vector width they pick at run time (AVX2 or AVX-512), so on another CPU a case whose
-techniques reduce (norms, dots, cosines) rounds a few values differently and ends a few fp32 ulps
-away (measured on an AVX-512 machine against files written on the CI machine: at most 9.4e-7
+that wrote the files: MKL's dot product and ATen's vectorised sums and norms pick their code
+path, and so the grouping of partial sums, from the CPU at run time (neither
+``ATEN_CPU_CAPABILITY`` nor ``MKL_CBWR`` reproduced the writer's bits on another machine), so on
+another CPU a case whose techniques reduce (norms, dots, cosines) rounds a few values differently
+and ends a few fp32 ulps away (measured on an AVX-512 machine against files written on the CI machine: at most 9.4e-7
 relative, 3e-8 absolute, after 5 steps). The check is therefore bit-exact where the bits match and,
 where they do not, to within ``ULPS_ELSEWHERE``, still far below what a change of a formula, a
 state key or a storage format does: scaling the resumed lr by 1.0001 fails every case (a state

@@ -67,9 +67,10 @@ for the whole run; TAM with a scalar cosine; no step-1 "continue"; no
 8-bit presets: ``exp_avg`` (and ``exp_avg_slow``) in the signed blockwise store, the lr mask
 in the 8-bit log codec (its levels exactly the mask's rate apart where they fit, 1 on a level,
 the mask clamped to the outermost levels inside [floor, ceiling]: every value the mask takes is
-a level, so it is stored without loss; ``lr_mask.lattice``), and for vectors sqrt of the second moment / residual in the unsigned
-store (sqrt halves the dynamic range, so nothing is flushed to zero), all with stochastic
-rounding seeded by ``quant8.mix_seed(seed, step, param_index)``: resume is bit-exact. Codes
+a level, so it is stored without loss; ``lr_mask.lattice``), and for vectors sqrt of the second
+moment / residual in the unsigned store (sqrt halves the dynamic range, so nothing is flushed to
+zero), all with stochastic rounding seeded by ``quant8.mix_seed(seed, step, param_index)``:
+resume is bit-exact. Codes
 live in flat arenas and a chunk is decoded and encoded at once (state_store.py), each tensor
 still with its own rounding stream; the stages read and write state through ``_Chunk.read`` /
 ``_Chunk.write`` and never see how it is stored. Element-sized fp32 state sits in arenas too.
