@@ -219,6 +219,25 @@ def test_8bit_mask_stays_on_its_lattice_and_inside_floor_and_ceiling():
     assert float(mask.min()) == pytest.approx(math.exp(-23 * r), rel=1e-6)  # e^-2.3 >= 0.1
 
 
+def test_8bit_mask_on_its_lattice_is_written_without_drawing_noise(monkeypatch):
+    """A lattice mask's values lie on its codec's levels, so it is encoded by nearest rounding
+    (no stochastic-rounding noise to draw: most of the mask's encoding cost); a mask whose rate
+    has no lattice (0.01 over [0.1, 10]) keeps seeded stochastic rounding."""
+    from library.optimizers import state_store
+
+    drawn = []
+    real = state_store.log_segment_noise
+    monkeypatch.setattr(state_store, "log_segment_noise", lambda *a: drawn.append(1) or real(*a))
+    for rate, draws in ((0.02, False), (0.01, True)):
+        drawn.clear()
+        p = torch.nn.Parameter(torch.zeros(16, 16))
+        opt = Automagic_CameAMP8bit([p], lr=1e-3, lr_mask_rate=rate, warmup_steps=50)
+        for step in range(3):
+            p.grad = torch.randn(16, 16, generator=torch.Generator().manual_seed(step))
+            opt.step()
+        assert bool(drawn) == draws, rate
+
+
 # ------------------------------------------------------------------ 8-bit memory
 def test_8bit_state_is_at_most_half_of_its_twin_at_sd15_lora_shapes():
     shapes = lora_shapes(16)[::12]  # 44 tensors across the UNet and text encoder

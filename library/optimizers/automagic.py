@@ -348,22 +348,23 @@ class Automagic_CameAMP(HinaOptimizer):
     def _mask_bounds(self, group: dict) -> tuple[float, float]:
         """Range of the lr-mask scale (techniques/lr_mask.py), always containing 1; in the 8-bit
         forms, where the lattice of :meth:`_mask_lattice` exists, its outermost points inside it."""
-        lo, hi = lr_mask.group_bounds(group)
-        lattice = self._mask_lattice(group, lo, hi)
-        return (lo, hi) if lattice is None else lattice[1]
+        lattice = self._mask_lattice(group)
+        return lr_mask.group_bounds(group) if lattice is None else lattice[1]
 
     def _mask_codec(self, group: dict) -> tuple[float, float]:
         """The 8-bit mask's log-codec range: levels exactly the mask's rate apart where they fit
         (the mask is then stored without loss), else [lo, hi] with 1 on a level."""
-        lo, hi = lr_mask.group_bounds(group)
-        lattice = self._mask_lattice(group, lo, hi)
-        return _mask_codec_range(lo, hi, 1.0) if lattice is None else lattice[0]
+        lattice = self._mask_lattice(group)
+        return _mask_codec_range(*lr_mask.group_bounds(group), 1.0) if lattice is None else lattice[0]
 
-    def _mask_lattice(self, group: dict, lo: float, hi: float):
-        """``lr_mask.lattice`` of the group's mask rate, for the 8-bit forms (None otherwise)."""
+    def _mask_lattice(self, group: dict, r: float | None = None):
+        """``lr_mask.lattice`` of the group's mask bounds at rate ``r`` (default: the mask's rate),
+        for the 8-bit forms (None otherwise)."""
         if not self._eight_bit:
             return None
-        return lr_mask.lattice(lo, hi, lr_mask.rate(group["lr_mask_rate"], group["lr_bump"], group["base_lr"]))
+        if r is None:
+            r = lr_mask.rate(group["lr_mask_rate"], group["lr_bump"], group["base_lr"])
+        return lr_mask.lattice(*lr_mask.group_bounds(group), r)
 
     @staticmethod
     def _hypergrad_range(group: dict) -> tuple[float, float]:
@@ -631,7 +632,8 @@ class Automagic_CameAMP(HinaOptimizer):
                 lr_mask.scale_list_(work, c.agree, r, *self._mask_bounds(group))
                 if work is not c.mask:
                     ops.copy_(c.mask, work)
-                c.stored.write("lr_mask", c.mask)
+                lattice = self._mask_lattice(group, r)  # moved by e^+-r: on these levels where they are its codec's
+                c.stored.write("lr_mask", c.mask, on_levels=None if lattice is None else lattice[0])
             ops.mul_(c.s, work)
         eta = group["eta"]
         if eta is not None and not group["full_finetune"]:

@@ -174,16 +174,20 @@ class Arenas:
         quant8.dequantize_log(codes, lo, hi, out=flat)
         return views
 
-    def encode_log(self, pool, ps, sts, name: str, tag, seeds) -> None:
+    def encode_log(self, pool, ps, sts, name: str, tag, seeds, nearest: bool = False) -> None:
         """Encode scratch ``tag`` back into the log-coded state ``name``, each tensor with its own
-        seeded stochastic rounding (the codes of storing each tensor alone)."""
+        seeded stochastic rounding (the codes of storing each tensor alone); ``nearest``: round
+        to the nearest level instead, with no noise drawn (for values that lie on the levels)."""
         flat, views = pool.aligned(ps, tag, torch.float32, 1)
         codes, back = self._stored(pool, sts, name + quant8.LOG_SUFFIX, 1, False)
         lo, hi = sts[0][name + quant8.RANGE_SUFFIX]
-        base = flat.storage_offset()
-        segments = [(v.storage_offset() - base, v.numel(), quant8.mix_seed(s, name)) for v, s in zip(views, seeds)]
-        noise = log_segment_noise(segments, flat.numel() + 1, flat.device)
-        quant8.quantize_log(flat, lo, hi, bits=8, out=codes, noise=noise)
+        if nearest:
+            quant8.quantize_log(flat, lo, hi, bits=8, out=codes, rounding="nearest")
+        else:
+            base = flat.storage_offset()
+            segments = [(v.storage_offset() - base, v.numel(), quant8.mix_seed(s, name)) for v, s in zip(views, seeds)]
+            noise = log_segment_noise(segments, flat.numel() + 1, flat.device)
+            quant8.quantize_log(flat, lo, hi, bits=8, out=codes, noise=noise)
         if back is not None:
             torch._foreach_copy_(*back)
 
@@ -192,6 +196,11 @@ def same_log_range(sts, name: str) -> bool:
     """Do the chunk's log-coded tensors share one ``(lo, hi)`` range (so they decode as one)?"""
     first = sts[0][name + quant8.RANGE_SUFFIX]
     return all(st[name + quant8.RANGE_SUFFIX] == first for st in sts)
+
+
+def _has_log_range(st: dict, name: str, levels) -> bool:
+    """Is ``st``'s log-coded ``name`` stored with the codec range ``levels`` (a ``(lo, hi)``)?"""
+    return levels is not None and tuple(map(float, st[name + quant8.RANGE_SUFFIX])) == tuple(levels)
 
 
 class ChunkState:
@@ -232,8 +241,11 @@ class ChunkState:
             return out
         return None
 
-    def write(self, key: str, xs) -> None:
-        """Store ``xs`` (what :meth:`read` gave, updated) back."""
+    def write(self, key: str, xs, on_levels=None) -> None:
+        """Store ``xs`` (what :meth:`read` gave, updated) back. ``on_levels``: a log-codec range
+        ``(lo, hi)`` whose levels ``xs`` lie on (up to fp32 rounding); log-coded tensors stored with
+        that range are written by nearest rounding, which gives those levels' codes with no noise
+        to draw (stochastic rounding would too, but for a level-crossing once in ~1e5)."""
         st0 = self.sts[0]
         if xs is None or key in st0:
             return
@@ -245,8 +257,10 @@ class ChunkState:
             self.arenas.encode(self.pool, self.ps, self.sts, name, tag, seed=self.seed, seeds=self.seeds)
         elif name + quant8.LOG_SUFFIX in st0:
             if same_log_range(self.sts, name):
-                self.arenas.encode_log(self.pool, self.ps, self.sts, name, (self.tag, name), self.seeds)
+                self.arenas.encode_log(self.pool, self.ps, self.sts, name, (self.tag, name), self.seeds,
+                                       nearest=_has_log_range(st0, name, on_levels))
                 return
             for st, x, seed in zip(self.sts, xs, self.seeds):
                 lo, hi = st[name + quant8.RANGE_SUFFIX]
-                quant8.store_log(st, name, x, lo=lo, hi=hi, bits=8, seed=seed)
+                rounding = "nearest" if _has_log_range(st, name, on_levels) else "stochastic"
+                quant8.store_log(st, name, x, lo=lo, hi=hi, bits=8, seed=seed, rounding=rounding)
