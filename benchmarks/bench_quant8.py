@@ -147,14 +147,17 @@ def bench_throughput(layouts, repeats, F):
         for bits in (8, 16):
             codes = [q.quantize_log(x, LO, HI, bits=bits, seed=i) for i, x in enumerate(lrs)]
             fns = {("log", "quant"): lambda: [q.quantize_log(x, LO, HI, bits=bits, seed=i) for i, x in enumerate(lrs)],
+                   ("log nearest", "quant"): lambda: [q.quantize_log(x, LO, HI, bits=bits, rounding="nearest")
+                                                      for x in lrs],  # a mask on its lattice (lr_mask.lattice)
                    ("log", "dequant"): lambda codes=codes: [q.dequantize_log(c, LO, HI) for c in codes]}
             res = timed_all(fns, repeats)
-            for name in ("log",):
-                (qm, qmed), (dm, dmed) = res[(name, "quant")], res[(name, "dequant")]
-                rows.append({"layout": layout, "map": f"log{bits} [1e-7,1e-3]", "impl": f"{name} stochastic",
+            (dm, dmed) = res[("log", "dequant")]
+            for impl, name in (("log stochastic", "log"), ("log nearest", "log nearest")):
+                qm, qmed = res[(name, "quant")]
+                rows.append({"layout": layout, "map": f"log{bits} [1e-7,1e-3]", "impl": impl,
                              "elements": n, "calls": len(lrs), "quant_ms": qm, "quant_ms_median": qmed,
                              "dequant_ms": dm, "dequant_ms_median": dmed, "dequant_into": "new tensor"})
-                print(f"  {layout:>11s} log{bits:<5d} {name + ' stochastic':>24s}: quant {qm:7.1f} ms, "
+                print(f"  {layout:>11s} log{bits:<5d} {impl:>24s}: quant {qm:7.1f} ms, "
                       f"dequant {dm:6.1f} ms", flush=True)
     for r in rows:
         r["quant_Melem_s"] = r["elements"] / r["quant_ms"] / 1e3
