@@ -245,7 +245,8 @@ class ChunkState:
         """Store ``xs`` (what :meth:`read` gave, updated) back. ``on_levels``: a log-codec range
         ``(lo, hi)`` whose levels ``xs`` lie on (up to fp32 rounding); log-coded tensors stored with
         that range are written by nearest rounding, which gives those levels' codes with no noise
-        to draw (stochastic rounding would too, but for a level-crossing once in ~1e5)."""
+        to draw (stochastic rounding would too, except where fp32 rounding leaves a value a hair
+        off its level and the draw happens to cross to the neighbouring one)."""
         st0 = self.sts[0]
         if xs is None or key in st0:
             return
