@@ -317,7 +317,7 @@ def test_coptim_default_bounds_never_cut_below_the_scheduled_lr():
 def test_coptim_cautious_and_slow_momentum_change_the_step():
     ps = _params(seed=4, shapes=((10, 6),))
     outs = {}
-    for name, kw in (("default", {}), ("no_cautious", {"use_cautious": False}), ("no_slow", {"slow_alpha": 0.0})):
+    for name, kw in (("default", {}), ("no_cautious", {"use_cautious": False}), ("slow", {"slow_alpha": 1.0})):
         q = _clone(ps)
         opt = Automagic_CameAMP_COptim(q, lr=1e-3, warmup_steps=4, **kw)
         gen = torch.Generator().manual_seed(5)
@@ -326,7 +326,20 @@ def test_coptim_cautious_and_slow_momentum_change_the_step():
             opt.step()
         outs[name] = q[0].detach().clone()
     assert not torch.equal(outs["default"], outs["no_cautious"])
-    assert not torch.equal(outs["default"], outs["no_slow"])
+    assert not torch.equal(outs["default"], outs["slow"])
+
+
+@pytest.mark.parametrize("cls", [Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit], ids=lambda c: c.__name__)
+def test_coptim_keeps_a_slow_momentum_only_when_it_is_mixed_in(cls):
+    """slow_alpha defaults to 0 (the benchmark's choice): no exp_avg_slow state, no cost; > 0 keeps it."""
+    for kw, has_slow in (({}, False), ({"slow_alpha": 0.5}, True)):
+        q = _params(seed=4, shapes=((64, 8),))
+        opt = cls(q, lr=1e-3, warmup_steps=4, **kw)
+        q[0].grad = torch.randn(64, 8, generator=torch.Generator().manual_seed(5))
+        opt.step()
+        keys = set(opt.state[q[0]])
+        assert any(k.startswith("exp_avg_slow") for k in keys) == has_slow, (kw, sorted(keys))
+        assert opt.get_optimization_info()["features"]["multi_scale_momentum"] == has_slow
 
 
 # ------------------------------------------------------------------ resume, host sync

@@ -42,7 +42,7 @@ EXPECTED = {
     "hina_adamw_lokr_example.py": ["detection: names", "lokr_stats:", "'lokr_groups': 2", "0 unpaired",
                                    "hina_adamw_lokr_example: OK"],
     "profile_example.py": ["ILLUSTRATIVE", "+ OrthoGrad", "defaults (all default-on)", "profile_example: OK"],
-    "coptim_8bit_example.py": ["within bounds (0.5, 2.0)", "at the step after it", "lr_mask_lq", "exp_avg_slow_f8",
+    "coptim_8bit_example.py": ["within bounds (0.5, 2.0)", "at the step after it", "lr_mask_lq", "exp_avg_f8",
                                "resume bit-identical after 10 more steps: True", "coptim_8bit_example: OK"],
     "automagic_refactored_example.py": ["warmup_early", "warmup_late", "stable", "mature", "custom strategy",
                                         "config restored: True", "resume bit-identical after 25 more steps: True",
