@@ -210,3 +210,54 @@ def test_closure_is_called_with_grad_enabled():
         return loss
 
     assert float(opt.step(closure)) == pytest.approx(3.0)
+
+
+def _chunked_run(build, chunk: int, steps: int = 6):
+    from tests.helpers import step_in_lockstep
+
+    params = quadratic_params(seed=3, shapes=((8, 5), (5,), (3, 4, 2, 2), (16, 4), (4, 16), (7,)))
+    opt = build(params)
+    opt.chunk_elements = {"cpu": chunk}  # this instance only
+    step_in_lockstep([(opt, params)], steps, torch.Generator().manual_seed(4))
+    return [p.detach().clone() for p in params], opt
+
+
+def _chunk_builders():
+    from library.optimizers.automagic import Automagic_CameAMP, Automagic_CameAMP8bit
+    from library.optimizers.hina_adamw import HinaAdamWOptimizer
+
+    return {
+        "AdaptiveHinaAdamW": lambda ps: AdaptiveHinaAdamW(ps, lr=1e-2, warmup_steps=3, use_grams=True,
+                                                          use_orthogonal_grad=True),
+        "HinaAdamWOptimizer(no alora)": lambda ps: HinaAdamWOptimizer(ps, lr=1e-2, use_alora=False),
+        "Automagic_CameAMP": lambda ps: Automagic_CameAMP(ps, warmup_steps=4, use_tam=True, use_hypergrad=True),
+        "Automagic_CameAMP8bit": lambda ps: Automagic_CameAMP8bit(ps, warmup_steps=4),  # a stream per tensor
+    }
+
+
+@pytest.mark.parametrize("name", list(_chunk_builders()))
+def test_chunk_size_changes_speed_not_bits(name):
+    """chunk_elements bounds how many elements one multi-tensor pass covers: where every tensor of a
+    group steps with the same scale, each ends with the same bits whether the group is one chunk or
+    one chunk per tensor."""
+    build = _chunk_builders()[name]
+    whole, _ = _chunked_run(build, 1 << 20)
+    split, _ = _chunked_run(build, 1)
+    for a, b in zip(whole, split):
+        assert torch.equal(a, b)
+    assert not torch.equal(whole[0], quadratic_params(seed=3, shapes=((8, 5),))[0])  # it trained
+
+
+def test_chunk_boundaries_decide_the_rounding_where_scales_differ():
+    """Why the CPU chunk size is pinned (docs/optimizers.md, "Speed"): with per-tensor scales that
+    differ (HinaAdamWOptimizer's LoRA+-style ratio on the up factor of a shape-discovered pair, with
+    its default hypergradient factor), a chunk folds decay into the step by the uniform or the
+    general formula depending on its neighbours (``_fold_decay_``): the same math, rounded differently; so another chunk size would move the last bits of runs resumed from existing
+    checkpoints."""
+    from library.optimizers.hina_adamw import HinaAdamWOptimizer
+
+    whole, _ = _chunked_run(lambda ps: HinaAdamWOptimizer(ps, lr=1e-2), 1 << 20)
+    split, _ = _chunked_run(lambda ps: HinaAdamWOptimizer(ps, lr=1e-2), 1)
+    assert not all(torch.equal(a, b) for a, b in zip(whole, split))
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
