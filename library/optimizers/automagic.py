@@ -4,8 +4,9 @@ Four presets share one update, written once (:class:`Automagic_CameAMP`):
 
 - ``Automagic_CameAMP``            fp32 state;
 - ``Automagic_CameAMP8bit``        element-sized state in the blockwise 8-bit store;
-- ``Automagic_CameAMP_COptim``     + Cautious mask, multi-scale momentum and the context-aware
-                                   lr multiplier (spike / plateau / stagnation detection);
+- ``Automagic_CameAMP_COptim``     + Cautious mask and the context-aware lr multiplier (spike /
+                                   plateau / stagnation detection); a multi-scale (slow) momentum
+                                   with ``slow_alpha`` > 0;
 - ``Automagic_CameAMP_COptim8bit`` both.
 
 One step, for every tensor (spec/algorithms.md section 17 order; t = this tensor's step, W =
@@ -903,7 +904,8 @@ class Automagic_CameAMP8bit(Automagic_CameAMP):
 
 
 class Automagic_CameAMP_COptim(Automagic_CameAMP):
-    """Automagic_CameAMP + Cautious mask, multi-scale momentum and the context-aware lr multiplier.
+    """Automagic_CameAMP + Cautious mask and the context-aware lr multiplier (multi-scale momentum
+    with slow_alpha > 0).
 
     Extra arguments: use_cautious=True, slow_beta=0.99, slow_alpha=0.0 (> 0 mixes in a slow
     momentum, kept as one more element-sized state) and the context
