@@ -397,6 +397,17 @@ def test_quant8_ema_tracking_smoke():
     assert res["float8 stochastic"]["update"] < 0.5
 
 
+def test_quant8_adamw_tracking_runs_with_both_maps():
+    """bench_quant8's AdamW-tracking measurement swaps the dynamic map into the 8-bit store: it
+    must keep running as the store's encoder call changes (it broke once on a new keyword)."""
+    from benchmarks.bench_quant8 import adamw_tracking
+
+    res = adamw_tracking(steps=3, seeds=(1,))
+    assert set(res) == {"float8", "dynamic"}
+    for r in res.values():
+        assert 0.0 < r["max"] < 0.5
+
+
 def test_estimate_counts_hinted_searches_at_their_first_points_and_shared_runs_once():
     from benchmarks.quality import search
     from benchmarks.quality.contenders import contenders, resolve_run
