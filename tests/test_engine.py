@@ -6,7 +6,7 @@ import torch
 
 from library.optimizers.adaptive_hina import AdaptiveHinaAdamW
 from library.optimizers.engine import HinaOptimizer
-from tests.helpers import forbid_host_sync, quadratic_params, run_quadratic, save_load
+from tests.helpers import forbid_host_sync, quadratic_params, run_quadratic, save_load, step_in_lockstep
 
 
 def make(params, **kw):
@@ -212,14 +212,13 @@ def test_closure_is_called_with_grad_enabled():
     assert float(opt.step(closure)) == pytest.approx(3.0)
 
 
-def _chunked_run(build, chunk: int, steps: int = 6):
-    from tests.helpers import step_in_lockstep
-
+def _chunked_run(build, chunk: int, steps: int = 6) -> list[torch.Tensor]:
+    """The parameters after ``steps`` steps of ``build``'s optimizer with chunks of ``chunk`` elements."""
     params = quadratic_params(seed=3, shapes=((8, 5), (5,), (3, 4, 2, 2), (16, 4), (4, 16), (7,)))
     opt = build(params)
     opt.chunk_elements = {"cpu": chunk}  # this instance only
     step_in_lockstep([(opt, params)], steps, torch.Generator().manual_seed(4))
-    return [p.detach().clone() for p in params], opt
+    return [p.detach().clone() for p in params]
 
 
 def _chunk_builders():
@@ -241,8 +240,8 @@ def test_chunk_size_changes_speed_not_bits(name):
     group steps with the same scale, each ends with the same bits whether the group is one chunk or
     one chunk per tensor."""
     build = _chunk_builders()[name]
-    whole, _ = _chunked_run(build, 1 << 20)
-    split, _ = _chunked_run(build, 1)
+    whole = _chunked_run(build, 1 << 20)
+    split = _chunked_run(build, 1)
     for a, b in zip(whole, split):
         assert torch.equal(a, b)
     assert not torch.equal(whole[0], quadratic_params(seed=3, shapes=((8, 5),))[0])  # it trained
@@ -256,8 +255,8 @@ def test_chunk_boundaries_decide_the_rounding_where_scales_differ():
     checkpoints."""
     from library.optimizers.hina_adamw import HinaAdamWOptimizer
 
-    whole, _ = _chunked_run(lambda ps: HinaAdamWOptimizer(ps, lr=1e-2), 1 << 20)
-    split, _ = _chunked_run(lambda ps: HinaAdamWOptimizer(ps, lr=1e-2), 1)
+    whole = _chunked_run(lambda ps: HinaAdamWOptimizer(ps, lr=1e-2), 1 << 20)
+    split = _chunked_run(lambda ps: HinaAdamWOptimizer(ps, lr=1e-2), 1)
     assert not all(torch.equal(a, b) for a, b in zip(whole, split))
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
