@@ -419,8 +419,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             nonfinite.sanitize_list_(c.xs, grads)  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
 
     def _transform_stage(self, c: "_AdamChunk") -> None:
-        """Gradient transforms (AGR, OrthoGrad) into scratch slot 0, and the lr mask's agreement
-        sign(g_t * m_{t-1}) before the momentum moves."""
+        """Gradient transforms (AGR, OrthoGrad) into scratch slot 0."""
         ps, pool, group, oks = c.ps, c.pool, c.group, c.oks
         agr_on = [i for i, p in enumerate(ps) if p.numel() > 1] if group["use_agr"] else []
         if agr_on or group["use_orthogonal_grad"]:
@@ -447,13 +446,13 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             sel = [i for i, p in enumerate(ps) if p.ndim >= 1 and p.numel() > 1]
             if sel:
                 orthograd_list_([c.xs[i] for i in sel], [c.p32[i] for i in sel])
-        if c.has_mask:
-            c.agree = pool.views(ps, 3)
-            lr_mask.agreement_list_(c.agree, c.xs, c.ms)
 
     def _moment_stage(self, c: "_AdamChunk") -> None:
         """2-3. Second moment (Adam, or ADOPT) and momentum (EMA, TAM damping of the incoming
-        gradient), the hypergradient lr scale from the same cosine; u = the direction before the lr."""
+        gradient), the hypergradient lr scale from the same cosine; u = the direction before the lr.
+        Before the momentum moves, one product m_{t-1} x_t serves two techniques: its per-tensor sum
+        is the dot of TAM's cosine, its sign the lr mask's agreement (x here is the momentum's input:
+        with ADOPT the normalised gradient, a positive multiple of g elementwise, so the same sign)."""
         group, k, xs = c.group, c.k, c.xs
         beta1, beta2 = group["betas"]
         c.us = c.pool.views(c.ps, 1)
@@ -463,7 +462,14 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         else:
             n_cos, inputs = k, xs
         use_hg = group["use_hypergrad"] and group["hypergrad_rate"] > 0 and n_cos >= 1
-        cos = tam.cosines(c.ms, inputs) if n_cos >= 1 and (group["use_tam"] or use_hg) else None
+        cos_on = n_cos >= 1 and (group["use_tam"] or use_hg)
+        prods = None
+        if c.has_mask or cos_on:  # m_{t-1} x_t: its sum is TAM's dot, its sign the lr mask's agreement
+            prods = c.pool.views(c.ps, 3)
+            ops.product_(prods, c.ms, inputs)
+        cos = tam.cosines(c.ms, inputs, products=prods) if cos_on else None
+        if c.has_mask:
+            c.agree = lr_mask.agreement_from_products_(prods)
         if use_hg:  # cos(m_{t-1}, x_t): the tensor's lr grows while its gradient keeps the last direction
             hypergrad.scale_list_(self._arenas.tiled([st["lr_scale"] for st in c.sts]), cos, group["hypergrad_rate"],
                                   *self._hypergrad_range(group), c.ok)

@@ -90,6 +90,13 @@ def agreement_list_(outs, grads, moms) -> None:
     ops.sign_(outs)
 
 
+def agreement_from_products_(products):
+    """The agreement from the products ``g * m_prev`` already formed (another technique needed
+    them too): their signs, in place; returns ``products``."""
+    ops.sign_(products)
+    return products
+
+
 def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> None:
     """``s <- clamp(s * exp(r a), lo, hi)``; ``agree`` (fp32, -1/0/+1) is consumed as scratch.
     ``weights`` (one value per mask, 0 or 1: a vector or 0-dim tensors) leaves a skipped

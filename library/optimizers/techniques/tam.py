@@ -19,11 +19,12 @@ from .orthograd import dots
 EPS = 1e-30
 
 
-def cosines(as_, bs, a_norms=None) -> torch.Tensor:
-    """cos(a_i, b_i) as one fp32 vector; ``a_norms`` when already known."""
+def cosines(as_, bs, a_norms=None, products=None) -> torch.Tensor:
+    """cos(a_i, b_i) as one fp32 vector; ``a_norms`` when already known; ``products``: the
+    elementwise products a_i b_i when already formed (the dots are then their sums)."""
     a_norms = ops.norms(as_) if a_norms is None else torch.stack(a_norms).float()
     denom = (a_norms * ops.norms(bs)).clamp_min_(EPS)
-    return dots(as_, bs).div_(denom)
+    return (dots(as_, bs) if products is None else ops.sums(products)).div_(denom)
 
 
 def damping_list(ss, cos: torch.Tensor, count: int, gamma: float, ok=None) -> torch.Tensor:
