@@ -489,30 +489,25 @@ class Automagic_CameAMP(HinaOptimizer):
         return [p for _, _, p in sorted(zip(keys, range(len(params)), params), key=lambda x: x[:2])]
 
     def _group_quantities(self, group: dict, params) -> "_Group":
-        """What the whole group shares: the non-finite gate, AdaDecay's standardisers and COptim's
+        """What the whole group shares: the non-finite gate, AdaDecay's L2 norms and COptim's
         context multiplier, from per-tensor gradient norms (one multi-tensor call each)."""
         out = _Group()
         grads = [p.grad for p in params]
         guard = group["skip_nonfinite"]
         adadecay = group["adaptive_weight_decay"] and group["weight_decay"] > 0.0 and group["lr"] > 0.0
-        l1s = torch._foreach_norm(grads, 1) if adadecay else None
         l2s = torch._foreach_norm(grads, 2) if adadecay or self._coptim or guard else None
         if guard:  # techniques/nonfinite.py: a bad tensor is skipped, the others see finite sums
             ok = nonfinite.flags(l2s)
             self._count_nonfinite(ok)
             out.gate = nonfinite.Gate(ok)
             l2s = nonfinite.finite_norms(l2s, ok)
-            l1s = nonfinite.finite_norms(l1s, ok) if l1s is not None else None
         if self._coptim:
             ctx = group["context"]
             context.observe_gradient(ctx, torch.linalg.vector_norm(torch.stack([n.float() for n in l2s])), group)
             out.mult = context.update_multiplier(ctx, group)
             out.agree_sums = [None] * len(params)  # in group order, whatever the chunks' order
-        if adadecay and all(p.device == params[0].device for p in params):  # AdaDecay, vectorised
-            numel = constants.numels(params, torch.float32, params[0].device)
-            k, b = adaptive_wd.standardizers(torch.stack(l1s).float(), torch.stack(l2s).float(), numel,
-                                             group["adadecay_alpha"])
-            out.kb = (k, b)
+        if adadecay and all(p.device == params[0].device for p in params):  # AdaDecay's L2 norms, vectorised
+            out.l2 = torch.stack(l2s).float()
         return out
 
     def _gradient_stage(self, c: "_Chunk") -> None:
@@ -655,8 +650,8 @@ class Automagic_CameAMP(HinaOptimizer):
             dec = None
             if group["adaptive_weight_decay"]:  # theta = 2 sigmoid(.): the 2 goes into coef
                 dec = c.buf("decay")
-                kb = None if c.shared.kb is None else tuple(v.index_select(0, c.index) for v in c.shared.kb)
-                adaptive_wd.factor_list_(dec, c.grads, group["adadecay_alpha"], kb)
+                l2 = None if c.shared.l2 is None else c.shared.l2.index_select(0, c.index)
+                adaptive_wd.factor_list_(dec, c.grads, group["adadecay_alpha"], l2)
                 coef *= 2.0
             dec = self._decay_scales(c, dec)
             if dec is None:
@@ -835,13 +830,13 @@ class Automagic_CameAMP(HinaOptimizer):
 class _Group:
     """What a group's chunks share within one step (see ``Automagic_CameAMP._group_quantities``)."""
 
-    __slots__ = ("gate", "mult", "agree_sums", "kb")
+    __slots__ = ("gate", "mult", "agree_sums", "l2")
 
     def __init__(self):
         self.gate = None  # nonfinite.Gate, when non-finite gradients are skipped
         self.mult = None  # COptim's context multiplier (0-dim)
         self.agree_sums = None  # COptim: per-tensor sums of the sign agreement
-        self.kb = None  # AdaDecay's standardisers (k, b), one entry each per tensor of the group
+        self.l2 = None  # the gradients' L2 norms (AdaDecay's standardisers), one entry per tensor of the group
 
 
 class _Chunk:
@@ -859,7 +854,7 @@ class _Chunk:
         # element-sized state, whatever its storage: read into working tensors, written back
         self.stored = ChunkState(opt._arenas, self.pool, ps, self.sts, tag="automagic8", stored_as=_STORED_AS,
                                  seeds=seeds)
-        needed = shared.gate is not None or shared.kb is not None
+        needed = shared.gate is not None or shared.l2 is not None
         self.index = constants.index_vector(idx, ps[0].device) if needed else None  # positions in the group
         # 1 (0 for a skipped tensor) per tensor as one vector, or None without the non-finite gate
         self.oks = None if shared.gate is None else shared.gate.okf.index_select(0, self.index)

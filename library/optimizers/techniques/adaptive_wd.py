@@ -37,19 +37,18 @@ def standardizers(l1: torch.Tensor, l2: torch.Tensor, numel: torch.Tensor, alpha
     return k, -mean * k
 
 
-def factor_list_(outs, gs, alpha: float, kb=None) -> None:
+def factor_list_(outs, gs, alpha: float, l2=None) -> None:
     """``out = sigmoid(alpha * z)`` per tensor, z the standardised |g| of that tensor (theta / 2:
     callers fold the 2 into their own coefficient).
 
-    ``kb = (k, b)``, 1-D with one entry per tensor from :func:`standardizers`, may be passed
-    precomputed (a whole group at once); then a tensor costs four cheap elementwise passes.
+    The L1 norms are the sums of the |g| this writes into ``outs`` anyway (one reduction per run
+    of same-sized tensors on chunk scratch); ``l2`` (1-D, one entry per tensor) may be passed
+    when already known (the non-finite gate computes it for the whole group).
     """
-    if kb is None:
-        l1 = [torch.linalg.vector_norm(g.reshape(-1), ord=1, dtype=torch.float32) for g in gs]
-        l2 = [torch.linalg.vector_norm(g.reshape(-1), dtype=torch.float32) for g in gs]
-        numel = constants.numels(gs, torch.float32, gs[0].device)
-        kb = standardizers(torch.stack(l1), torch.stack(l2), numel, alpha)
     ops.into_("abs", outs, gs)
-    ops.per_tensor_("mul_", outs, kb[0])  # alpha * (|g| - mean) / std
-    ops.per_tensor_("add_", outs, kb[1])
+    l1 = ops.sums(outs)
+    l2 = ops.norms(gs) if l2 is None else l2
+    k, b = standardizers(l1, l2, constants.numels(gs, torch.float32, l1.device), alpha)
+    ops.per_tensor_("mul_", outs, k)  # alpha * (|g| - mean) / std
+    ops.per_tensor_("add_", outs, b)
     ops.sigmoid_(outs)
