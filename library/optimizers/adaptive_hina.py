@@ -500,9 +500,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         if c.mask32 is not None:  # compact storage: work on an fp32 copy
             c.masks = c.mask32
             ops.copy_(c.masks, stored)
-        if r > 0:
-            lr_mask.scale_list_(c.masks, c.agree, r, *self._mask_range(group),
-                                c.okf)
+        if r > 0:  # a skipped tensor's agreement is 0 (its gradient was zeroed): its mask stays
+            lr_mask.scale_list_(c.masks, c.agree, r, *self._mask_range(group))
             if c.masks is not stored:
                 ops.copy_(stored, c.masks)
 

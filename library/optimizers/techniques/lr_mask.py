@@ -100,19 +100,20 @@ def agreement_from_products_(products):
 def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> None:
     """``s <- clamp(s * exp(r a), lo, hi)``; ``agree`` (fp32, -1/0/+1) is consumed as scratch.
     ``weights`` (one value per mask, 0 or 1: a vector or 0-dim tensors) leaves a skipped
-    tensor's mask as it is.
+    tensor's mask as it is; callers whose agreement is already 0 there (a skipped tensor's
+    gradient zeroed before the product) leave it out.
 
     ``exp(r a)`` takes three values, so for a rate given to :func:`prepare` it is formed without an
-    exponential pass: ``f = max(1 + c a, e^-r)`` with ``c = e^r - 1``, the same bits. The weights
-    ride on the per-tensor multiplier (``a (w c)`` is ``(a w) c`` exactly: a is -1, 0 or 1, w 0 or 1).
+    exponential pass: ``f = max(1 + c a, e^-r)`` with ``c = e^r - 1``, the same bits.
     """
     factors = _FACTORS.get((r, agree[0].device.type))
-    scale = r if factors is None else factors[0]
-    ops.mul_(agree, scale if weights is None else ops.as_vector(weights) * scale)
+    if weights is not None:
+        ops.mul_(agree, ops.as_vector(weights))
     if factors is None:
+        ops.mul_(agree, r)
         ops.exp_(agree)
     else:
-        ops.add_(agree, 1.0)
+        ops.affine_(agree, factors[0], 1.0)  # 1 + c a
         ops.clamp_min_(agree, factors[1])
     ops.mul_(masks, agree)
     ops.clamp_(masks, lo, hi)

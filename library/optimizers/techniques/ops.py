@@ -18,7 +18,7 @@ import torch
 
 from . import constants
 
-__all__ = ["per_tensor_", "copy_", "into_", "positive_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
+__all__ = ["per_tensor_", "copy_", "into_", "affine_", "divide_into_", "positive_", "mul_", "product_", "add_", "sub_", "div_", "pow_", "lerp_", "addcmul_", "addcdiv_", "clamp_min_",
            "clamp_max_", "clamp_", "expand", "cached_vector", "values", "set_values_", "vectors", "sums", "norms", "abs_", "sign_", "exp_", "sigmoid_", "sqrt_", "rsqrt_", "zero_"]
 
 
@@ -219,6 +219,20 @@ def positive_(xs) -> None:
         torch._foreach_clamp_min_(xs, 0.0)
 
 
+def affine_(xs, scale: float, shift: float) -> None:
+    """``x <- shift + scale x``: one pass on flat scratch (product and sum rounded once), else a
+    multiply and an add. The two agree bit for bit wherever ``scale x`` is exact in fp32, as it
+    is for the lr mask's agreement (x in {-1, 0, 1})."""
+    fx = _flat(xs)
+    if fx is not None:
+        torch.add(constants.constant(("value", shift, fx.dtype, fx.device),
+                                     lambda: torch.tensor(shift, dtype=fx.dtype, device=fx.device)),
+                  fx, alpha=scale, out=fx)
+    else:
+        torch._foreach_mul_(xs, scale)
+        torch._foreach_add_(xs, shift)
+
+
 def into_(name: str, outs, xs, *args) -> None:
     """``out <- torch.<name>(x, *args)`` per tensor (``name``: "abs", "sqrt", "rsqrt", "clamp_min",
     "mul", "sub"; an argument may be a tensor list like ``xs`` or a number) into ``outs``, distinct
@@ -232,6 +246,17 @@ def into_(name: str, outs, xs, *args) -> None:
         return
     copy_(outs, xs)
     _IN_PLACE[name](outs, *args)
+
+
+def divide_into_(outs, nums) -> None:
+    """``out <- num / out`` per tensor (the divisor overwritten by the quotient): one operation on
+    flat scratch, else one per tensor (the same bits)."""
+    fo, fn = _flat(outs), _flat(nums)
+    if fo is not None and fn is not None and fn.dtype == fo.dtype:
+        torch.div(fn, fo, out=fo)
+        return
+    for o, n in zip(outs, nums):
+        torch.div(n, o, out=o)
 
 
 def add_(xs, y, alpha: float = 1.0) -> None:
