@@ -248,11 +248,11 @@ def test_chunk_size_changes_speed_not_bits(name):
 
 
 def test_chunk_boundaries_decide_the_rounding_where_scales_differ():
-    """Why the CPU chunk size is pinned (docs/optimizers.md, "Speed"): with per-tensor scales that
-    differ (HinaAdamWOptimizer's LoRA+-style ratio on the up factor of a shape-discovered pair, with
-    its default hypergradient factor), a chunk folds decay into the step by the uniform or the
-    general formula depending on its neighbours (``_fold_decay_``): the same math, rounded differently; so another chunk size would move the last bits of runs resumed from existing
-    checkpoints."""
+    """What a change of the CPU chunk size does to resumed runs (docs/optimizers.md, "Speed"): with
+    per-tensor scales that differ (HinaAdamWOptimizer's LoRA+-style ratio on the up factor of a
+    shape-discovered pair, with its default hypergradient factor), a chunk folds decay into the step
+    by the uniform or the general formula depending on its neighbours (``_fold_decay_``): the same
+    math, rounded differently, a few ulps at most."""
     from library.optimizers.hina_adamw import HinaAdamWOptimizer
 
     whole = _chunked_run(lambda ps: HinaAdamWOptimizer(ps, lr=1e-2), 1 << 20)

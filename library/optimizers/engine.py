@@ -206,7 +206,8 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     # Elements per multi-tensor chunk: on CPU a chunk's working set stays in cache between the
     # passes; on accelerators fewer, larger launches win. Scratch memory is bounded by it.
-    chunk_elements = {"cpu": 1 << 18}
+    # CPU: 2^20 (2^18 before; benchmarks/probe_chunk.py, docs/optimizers.md "Speed").
+    chunk_elements = {"cpu": 1 << 20}
     default_chunk_elements = 1 << 25
 
     def _chunks(self, params, signature):
