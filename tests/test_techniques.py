@@ -511,6 +511,8 @@ def test_ops_on_flat_scratch_give_the_bits_of_foreach(monkeypatch, max_runs):
         "into_ unary": lambda xs, ys: (ops.into_("abs", xs, ys), ops.into_("sqrt", xs, ys), ops.into_("rsqrt", xs, ys)),
         "into_ clamp_min": lambda xs, ys: ops.into_("clamp_min", xs, ys, 0.9),
         "into_ binary": lambda xs, ys: (ops.mul_(ys, 1.7), ops.into_("mul", xs, ys, ys), ops.into_("sub", ys, xs, xs)),
+        "affine_ on signs": lambda xs, ys: (ops.sign_(xs), ops.affine_(xs, 0.0512710963760240, 1.0)),
+        "divide_into_": lambda xs, ys: ops.divide_into_(ys, xs),
     }
     for name, op in cases.items():
         xs, ys = lists()
@@ -519,6 +521,8 @@ def test_ops_on_flat_scratch_give_the_bits_of_foreach(monkeypatch, max_runs):
         op(xs, ys)  # one operation on the flat tensors
         op(plain_x, plain_y)  # plain lists: torch._foreach_*
         for a, b in zip(xs, plain_x):
+            assert torch.equal(a, b), name
+        for a, b in zip(ys, plain_y):  # divide_into_ writes its quotient into ys
             assert torch.equal(a, b), name
 
 
