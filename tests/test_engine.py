@@ -260,3 +260,41 @@ def test_chunk_boundaries_decide_the_rounding_where_scales_differ():
     assert not all(torch.equal(a, b) for a, b in zip(whole, split))
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_state_saved_before_chunk_layouts_resumes_with_the_old_layout():
+    """AdaptiveHinaAdamW's chunk layout (tensor order, chunk size) decides the 8-bit state's
+    stochastic-rounding streams, so a state keeps the layout it was written with: new optimizers
+    bring same-sized tensors together (``chunk_layout`` 2, saved in the param groups); a state
+    saved without the key (older versions) resumes in parameter order with 2^18-element chunks,
+    exactly as it was trained."""
+    shapes = ((8, 5), (5,), (8, 5), (3, 4), (5,), (3, 4))  # sizes interleaved: the layouts differ
+
+    def build(layout=None):
+        params = quadratic_params(seed=5, shapes=shapes)
+        opt = AdaptiveHinaAdamW(params, lr=1e-2, optim_bits=8)
+        if layout is not None:
+            opt.param_groups[0]["chunk_layout"] = layout
+        return opt, params
+
+    assert build()[0].state_dict()["param_groups"][0]["chunk_layout"] == 2
+    old, old_params = build(layout=1)  # trained as an older version did
+    step_in_lockstep([(old, old_params)], 3, torch.Generator().manual_seed(6))
+    saved = old.state_dict()
+    del saved["param_groups"][0]["chunk_layout"]  # what an older version saved
+    resumed, resumed_params = build()
+    with torch.no_grad():
+        for a, b in zip(resumed_params, old_params):
+            a.copy_(b)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["chunk_layout"] == 1
+    gen = torch.Generator().manual_seed(7)
+    step_in_lockstep([(resumed, resumed_params)], 3, gen)
+
+    through, through_params = build(layout=1)
+    new, new_params = build()
+    gens = (torch.Generator().manual_seed(6), torch.Generator().manual_seed(7))
+    for gen, steps in zip(gens, (3, 3)):
+        step_in_lockstep([(through, through_params), (new, new_params)], steps, gen)
+    assert all(torch.equal(a, b) for a, b in zip(resumed_params, through_params))
+    assert not all(torch.equal(a, b) for a, b in zip(new_params, through_params))  # the layout matters

@@ -33,6 +33,7 @@ from .validation import (check_betas, check_bool, check_choice, check_eps, check
 __all__ = ["AdaptiveHinaAdamW"]
 
 _IMPORTANCE_WEIGHTS = (0.4, 0.3, 0.3)  # gradient, change rate, intrinsic
+_CHUNK_LAYOUT = 2  # see AdaptiveHinaAdamW._chunk_plan
 _FACTOR_MIN, _FACTOR_MAX = 0.5, 2.0
 _TINY = 1e-30
 
@@ -132,7 +133,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
     See docs/optimizers.md for every argument; defaults follow seed 000's example.
     """
 
-    _options_absent_from_older_states = {"use_hypergrad": False}  # added after the first release
+    # added after the first release; a state saved before chunk layouts were versioned keeps layout 1
+    _options_absent_from_older_states = {"use_hypergrad": False, "chunk_layout": 1}
     _shaped_state_keys = ("exp_avg", "exp_avg_sq", "lr_mask", "anchor", "exp_avg_f8", "exp_avg_sq_root_f8",
                           "lr_mask_f8", "exp_avg_q8", "exp_avg_sq_root_q8", "lr_mask_lq")
 
@@ -183,6 +185,7 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         param_names=None,
     ):
         defaults = _checked_defaults(dict(locals()))
+        defaults["chunk_layout"] = _CHUNK_LAYOUT
         self._pairs = None
         self._arenas = Arenas()  # where 8-bit state lives (state_store.py)
         super().__init__(params, defaults, param_names=param_names)
@@ -338,14 +341,27 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                 if "lr_scale" not in self.state[p]:
                     self.state[p]["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
         eight = group["optim_bits"] == 8
-        self._arenas.ensure(group, self.state, group["params"], self._Q8_KEYS if eight else (), new,
+        order, elements = self._chunk_plan(group)
+        self._arenas.ensure(group, self.state, order(group["params"]), self._Q8_KEYS if eight else (), new,
                             plain=self._PLAIN_KEYS)
         feats = {} if refresh else None
-        for chunk in self._chunks(params, self._layout):
+        for chunk in self._chunks(order(params), self._layout, elements):
             self._update_chunk(chunk, group, feats)
         if refresh:
             self._discover()
             self._refresh_importance(group, params, [feats[p] for p in params])
+
+    def _chunk_plan(self, group: dict):
+        """``(order, elements)``: how the group's tensors are ordered and cut into chunks. The chunk
+        boundaries are part of the arithmetic (8-bit state draws one stochastic-rounding stream
+        per chunk, seeded by its first tensor; decay is folded by the uniform or the general
+        formula per chunk), so a state keeps the layout it was written with: ``chunk_layout`` 2
+        (new optimizers) brings same-sized tensors together and uses the engine's chunk size; a
+        state saved before layouts were versioned resumes with layout 1, the parameter order and
+        2^18-element chunks on CPU."""
+        if group["chunk_layout"] >= 2:
+            return self._by_size, None
+        return list, {"cpu": 1 << 18}
 
     # A chunk's step runs these stages in order (spec/algorithms.md section 17), each over the
     # whole chunk with multi-tensor operations; the values one stage hands to the next live on

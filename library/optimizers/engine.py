@@ -210,10 +210,12 @@ class HinaOptimizer(torch.optim.Optimizer):
     chunk_elements = {"cpu": 1 << 20}
     default_chunk_elements = 1 << 25
 
-    def _chunks(self, params, signature):
+    def _chunks(self, params, signature, elements=None):
         """Consecutive runs of ``params`` with the same ``signature(p)`` (a state layout), each at
-        most a chunk of elements (one tensor larger than that is a chunk of its own)."""
-        budget = self.chunk_elements.get(params[0].device.type, self.default_chunk_elements) if params else 0
+        most a chunk of elements (one tensor larger than that is a chunk of its own);
+        ``elements`` overrides ``chunk_elements`` for the device types it names."""
+        sizes = self.chunk_elements if elements is None else {**self.chunk_elements, **elements}
+        budget = sizes.get(params[0].device.type, self.default_chunk_elements) if params else 0
         out, cur, size, sig0 = [], [], 0, None
         for p in params:
             sig = signature(p)
@@ -227,6 +229,17 @@ class HinaOptimizer(torch.optim.Optimizer):
         if cur:
             out.append(cur)
         return out
+
+    @staticmethod
+    def _by_size(params):
+        """``params`` with same-sized tensors brought together (each size where its first tensor
+        stood, the order within a size kept), so a chunk holds long runs of same-sized tensors:
+        one value per tensor is then applied, and one value per tensor reduced, once per run
+        (techniques/ops.py), not once per short run. Stable, so the state arenas packed in this
+        order stay one slice per chunk from step to step."""
+        first: dict = {}
+        keys = [first.setdefault(p.numel(), i) for i, p in enumerate(params)]
+        return [p for _, _, p in sorted(zip(keys, range(len(params)), params), key=lambda x: x[:2])]
 
     def _write_back(self, ps, p32, t: int, stochastic: bool) -> None:
         """Low-precision parameters ``ps`` take their updated fp32 working copy ``p32`` (a
