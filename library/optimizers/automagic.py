@@ -482,10 +482,13 @@ class Automagic_CameAMP(HinaOptimizer):
 
     @staticmethod
     def _by_shape(params, layouts: dict):
-        """``params`` with tensors of the same layout and shape brought together (each run where its
-        first member stood), so a chunk's same-shape tensors are computed as one batch."""
+        """``params`` with tensors of the same layout and size brought together, and within a size
+        those of the same shape (each group where its first member stood): a chunk's same-shape
+        tensors are computed as one batch (CAME's factored statistics) and its same-sized ones
+        as one run (one value per tensor applied once per run)."""
         first: dict = {}
-        keys = [first.setdefault((layouts[p], tuple(p.shape)), i) for i, p in enumerate(params)]
+        keys = [(first.setdefault((layouts[p], p.numel()), i), first.setdefault((layouts[p], tuple(p.shape)), i))
+                for i, p in enumerate(params)]
         return [p for _, _, p in sorted(zip(keys, range(len(params)), params), key=lambda x: x[:2])]
 
     def _group_quantities(self, group: dict, params) -> "_Group":
