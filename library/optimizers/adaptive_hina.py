@@ -401,27 +401,20 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         return c
 
     def _gradient_stage(self, c: "_AdamChunk") -> None:
-        """1. fp32 gradients (transforms write into scratch, never into p.grad), the fp32 master
-        copy of low-precision weights, SPD's pre-step quantities, and the non-finite gate: a
-        tensor whose gradient holds NaN/inf gets a zero gradient, moments that decay by 1, lr
-        factor 0 and a mask that does not move, so it and its state stay as they were (no host sync)."""
+        """1. fp32 gradients in flat scratch (transforms write there, never into p.grad), the
+        non-finite gate, the weights' fp32 working copy (flat scratch too, written back at the end:
+        every pass on the weights is then one operation, every per-tensor reduction one per run)
+        and SPD's pre-step quantities. The gate: a tensor whose gradient holds NaN/inf (its sum is
+        not finite) gets a zero gradient, moments that decay by 1, lr factor 0 and a mask that does
+        not move, so it and its state stay as they were (no host sync)."""
         ps, pool, group = c.ps, c.pool, c.group
         grads = [p.grad for p in ps]
-        if any(g.dtype != torch.float32 for g in grads):
-            g32 = pool.views(ps, 0)
-            ops.copy_(g32, grads)
-            grads = g32
-        c.p32 = ps
-        if not c.fp32:
-            c.p32 = pool.views(ps, "p32")
-            ops.copy_(c.p32, ps)
-        c.use_spd = group["use_spd"] and group["spd_lambda"] > 0
-        dots = []
-        if c.use_spd:  # SPD quantities before the step (raw gradient, pre-step weights)
-            c.moving_away, c.old_norms = spd_t.pre_step_list(c.p32, grads, c.anchors, c.tmp, dots)
         c.xs = grads
+        if group["skip_nonfinite"] or any(g.dtype != torch.float32 for g in grads):
+            c.xs = pool.views(ps, 0)
+            ops.copy_(c.xs, grads)  # fp32, flat
         if group["skip_nonfinite"]:
-            c.ok = (dots[0] if c.use_spd else torch.stack(torch._foreach_norm(grads)).float()).isfinite()
+            c.ok = ops.sums(c.xs).isfinite()  # a sum is finite iff every element is (or it overflows)
             beta1, beta2 = group["betas"]
             n, dev = len(ps), c.ok.device
             c.okf, c.oks = pool.scalars(n, dev, "ok")
@@ -431,8 +424,13 @@ class AdaptiveHinaAdamW(HinaOptimizer):
             k2, c.keep2 = pool.scalars(n, dev, "keep2")
             k2.copy_(c.okf).mul_(beta2 - 1.0).add_(1.0)
             self._count_nonfinite(c.ok)
-            c.xs = pool.views(ps, 0)
-            nonfinite.sanitize_list_(c.xs, grads)  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
+            nonfinite.sanitize_list_(c.xs, c.xs)  # NaN/inf -> 0; the rest of a bad tensor is zeroed by ok
+        c.p32 = pool.views(ps, "p32")  # the fp32 working copy (flat: multi-tensor passes run once on it)
+        ops.copy_(c.p32, ps)
+        c.use_spd = group["use_spd"] and group["spd_lambda"] > 0
+        if c.use_spd:  # SPD quantities before the step (pre-step weights; a skipped tensor does not move)
+            c.moving_away, c.old_norms = spd_t.pre_step_list(c.p32, c.xs, c.anchors, c.tmp,
+                                                             scratch=pool.views(ps, 3))
 
     def _transform_stage(self, c: "_AdamChunk") -> None:
         """Gradient transforms (AGR, OrthoGrad) into scratch slot 0."""
@@ -607,8 +605,11 @@ class AdaptiveHinaAdamW(HinaOptimizer):
         """Write low-precision weights back (bf16: stochastic rounding), store 8-bit state, and
         collect the importance features when they are refreshed this step."""
         ps = c.ps
-        if not c.initialising and not c.fp32:
-            self._write_back(ps, c.p32, c.t, c.group["stochastic_rounding"])
+        if not c.initialising:
+            if c.fp32:
+                ops.copy_(ps, c.p32)
+            else:
+                self._write_back(ps, c.p32, c.t, c.group["stochastic_rounding"])
         for key, xs in (("exp_avg", c.ms), ("exp_avg_sq", c.vs), ("lr_mask", c.masks)):
             c.stored.write(key, xs)
         if c.feats is not None:

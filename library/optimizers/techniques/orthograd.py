@@ -18,8 +18,13 @@ EPS = 1e-30
 PARALLEL_TOL = 1e-4
 
 
-def dots(xs, ys) -> torch.Tensor:
-    """<x_i, y_i> for each pair, as one fp32 vector (one reduction per tensor)."""
+def dots(xs, ys, scratch=None) -> torch.Tensor:
+    """<x_i, y_i> for each pair, as one fp32 vector: one reduction per tensor, or, given fp32
+    ``scratch`` laid out like ``xs``, the sums of the products written into it (one product pass
+    and one reduction per run of same-sized tensors where the lists are flat scratch)."""
+    if scratch is not None:
+        ops.product_(scratch, xs, ys)
+        return ops.sums(scratch)
     xs1, ys1 = ops.vectors(xs), ops.vectors(ys)
     out = [torch.dot(x, y if y.dtype == x.dtype else y.to(x.dtype)) for x, y in zip(xs1, ys1)]
     return torch.stack(out).float()

@@ -24,12 +24,13 @@ def _deviations(ps, anchors, tmps):
     return tmps
 
 
-def pre_step_list(ps, gs, anchors, tmps, dots_out=None):
+def pre_step_list(ps, gs, anchors, tmps, dots_out=None, scratch=None):
     """Before the step: (moving_away, ||theta - theta0||) as vectors over the fp32 tensors
     ``ps``; ``anchors`` None means anchor zero. ``dots_out``: a list that receives the
-    vector of <g, theta - theta0> (non-finite exactly where g is, for finite weights)."""
+    vector of <g, theta - theta0> (non-finite exactly where g is, for finite weights);
+    ``scratch``: see :func:`~.orthograd.dots`."""
     devs = _deviations(ps, anchors, tmps)
-    d = dots(gs, devs)
+    d = dots(gs, devs, scratch)
     if dots_out is not None:
         dots_out.append(d)
     moving_away = d > 0  # c = -<g, theta - theta0> < 0
