@@ -1,5 +1,4 @@
 """The engine contract: state in self.state, exact round trips, names, errors, no host sync."""
-import copy
 
 import pytest
 import torch
