@@ -38,6 +38,7 @@ def builders():
     table = {
         "AdamW(foreach)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
         "AdamW(fused)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
+        "AdaptiveHinaAdamW(defaults)": lambda ps: AdaptiveHinaAdamW(ps),
         "AdaptiveHinaAdamW(general)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL),
         "AdaptiveHinaAdamW(general, no hypergrad)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL, use_hypergrad=False),
         # the composition docs/optimizers.md offers for speed: the general config without SPD, AGR and importance
@@ -47,6 +48,7 @@ def builders():
             ps, lr=1e-3, use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False,
             use_agr=False, use_tam=False, use_dynamic_adaptation=False, use_lr_mask=False, use_hypergrad=False,
             dynamic_weight_decay=False),
+        "AdaptiveHinaAdamW(defaults, 8bit)": lambda ps: AdaptiveHinaAdamW(ps, optim_bits=8),
         "AdaptiveHinaAdamW(general, 8bit)": lambda ps: AdaptiveHinaAdamW(ps, **GENERAL, optim_bits=8),
         "AdaptiveHinaAdamW(all off, 8bit)": lambda ps: AdaptiveHinaAdamW(
             ps, lr=1e-3, use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False,
@@ -70,7 +72,8 @@ def builders():
 
 
 # each 8-bit form and its 32-bit twin, timed against each other in alternating rounds
-TWINS = [("AdaptiveHinaAdamW(general)", "AdaptiveHinaAdamW(general, 8bit)"),
+TWINS = [("AdaptiveHinaAdamW(defaults)", "AdaptiveHinaAdamW(defaults, 8bit)"),
+         ("AdaptiveHinaAdamW(general)", "AdaptiveHinaAdamW(general, 8bit)"),
          ("AdaptiveHinaAdamW(all off)", "AdaptiveHinaAdamW(all off, 8bit)"),
          ("HinaAdamWOptimizer", "HinaAdamWOptimizer(8bit)"),
          ("Automagic_CameAMP", "Automagic_CameAMP8bit"),
