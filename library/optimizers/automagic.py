@@ -685,41 +685,38 @@ class Automagic_CameAMP(HinaOptimizer):
                 ops.copy_(dec, torch._foreach_mul(mask, mult))
             else:
                 ops.mul_(dec, mult)
-        h = c.lr_scale
-        if h is not None:  # the hypergradient scale: the decay uses the same per-tensor lr
+        # one value per tensor: the hypergradient scale (the decay uses the same per-tensor lr), 0
+        # for a skipped tensor (x * 1 is exact, so (dec h) ok and dec (h ok) have the same bits)
+        per, oks = c.lr_scale, c.oks
+        if oks is not None and (dec is not None or per is not None):
+            per = oks if per is None else per * oks
+        if per is not None:
             if dec is None:
-                dec = list(h.unbind(0))
+                dec = list(per.unbind(0))
             elif dec[0].dim() == 0:
-                dec = torch._foreach_mul(dec, list(h.unbind(0)))
+                dec = torch._foreach_mul(dec, list(per.unbind(0)))
             else:
                 if dec is mask:  # the mask is state: scale a copy
                     dec = c.buf("decay")
                     ops.copy_(dec, mask)
-                ops.per_tensor_("mul_", dec, h)
-        oks = c.oks
-        if oks is not None and dec is not None:  # a skipped tensor does not decay
-            if dec[0].dim() == 0:
-                dec = torch._foreach_mul(dec, list(oks.unbind(0)))
-            else:
-                if dec is mask:  # the mask is state: scale a copy
-                    dec = c.buf("decay")
-                    ops.copy_(dec, mask)
-                ops.per_tensor_("mul_", dec, oks)
+                ops.per_tensor_("mul_", dec, per)
         return dec
 
     def _apply_stage(self, c: "_Chunk") -> None:
         """8. ``p <- p - lr s [M]`` (a skipped tensor's direction is zeroed: s * 1 is exact for the
         others), written back to low-precision parameters."""
         lr = c.group["lr"]
-        oks = c.oks
-        if oks is not None:
-            ops.per_tensor_("mul_", c.s, oks)
-        mult, h = c.shared.mult, c.lr_scale
-        if h is not None:
-            ops.addcmul_(c.p32, c.s, h if mult is None else h * mult, value=-lr)
-        elif mult is not None:
-            ops.addcmul_(c.p32, c.s, [mult] * len(c.ps), value=-lr)
+        mult, h, oks = c.shared.mult, c.lr_scale, c.oks
+        per = h if mult is None or h is None else h * mult  # one value per tensor, or None
+        if per is None and mult is not None:
+            per = mult.expand(len(c.ps))
+        if per is not None:
+            if oks is not None:  # s (h ok) and (s ok) h have the same bits: ok is 0 or 1
+                per = per * oks
+            ops.addcmul_(c.p32, c.s, per, value=-lr)
         else:
+            if oks is not None:
+                ops.per_tensor_("mul_", c.s, oks)
             ops.add_(c.p32, c.s, alpha=-lr)
         if c.p32 is not c.ps:
             self._write_back(c.ps, c.p32, c.t, c.group["stochastic_rounding"])
