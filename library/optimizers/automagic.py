@@ -480,16 +480,13 @@ class Automagic_CameAMP(HinaOptimizer):
             total = sum(p.numel() for p in params)
             context.observe_consistency(group["context"], torch.stack(shared.agree_sums).sum() / max(total, 1))
 
-    @staticmethod
-    def _by_shape(params, layouts: dict):
+    @classmethod
+    def _by_shape(cls, params, layouts: dict):
         """``params`` with tensors of the same layout and size brought together, and within a size
-        those of the same shape (each group where its first member stood): a chunk's same-shape
-        tensors are computed as one batch (CAME's factored statistics) and its same-sized ones
-        as one run (one value per tensor applied once per run)."""
-        first: dict = {}
-        keys = [(first.setdefault((layouts[p], p.numel()), i), first.setdefault((layouts[p], tuple(p.shape)), i))
-                for i, p in enumerate(params)]
-        return [p for _, _, p in sorted(zip(keys, range(len(params)), params), key=lambda x: x[:2])]
+        those of the same shape: a chunk's same-shape tensors are computed as one batch (CAME's
+        factored statistics) and its same-sized ones as one run (one value per tensor applied
+        once per run)."""
+        return cls._brought_together(params, lambda p: (layouts[p], p.numel()), lambda p: (layouts[p], tuple(p.shape)))
 
     def _group_quantities(self, group: dict, params) -> "_Group":
         """What the whole group shares: the non-finite gate, AdaDecay's L2 norms and COptim's

@@ -231,15 +231,22 @@ class HinaOptimizer(torch.optim.Optimizer):
         return out
 
     @staticmethod
-    def _by_size(params):
-        """``params`` with same-sized tensors brought together (each size where its first tensor
-        stood, the order within a size kept), so a chunk holds long runs of same-sized tensors:
-        one value per tensor is then applied, and one value per tensor reduced, once per run
-        (techniques/ops.py), not once per short run. Stable, so the state arenas packed in this
-        order stay one slice per chunk from step to step."""
+    def _brought_together(params, *keys):
+        """``params`` with the tensors of equal ``keys[0](p)`` brought together (each group where its
+        first tensor stood), within a group those of equal ``keys[1](p)``, and so on; otherwise in
+        their order. Stable, so state arenas packed in this order stay one slice per chunk from
+        step to step."""
         first: dict = {}
-        keys = [first.setdefault(p.numel(), i) for i, p in enumerate(params)]
-        return [p for _, _, p in sorted(zip(keys, range(len(params)), params), key=lambda x: x[:2])]
+        order = [tuple(first.setdefault((j, key(p)), i) for j, key in enumerate(keys)) + (i,)
+                 for i, p in enumerate(params)]
+        return [params[o[-1]] for o in sorted(order)]
+
+    @classmethod
+    def _by_size(cls, params):
+        """``params`` with same-sized tensors brought together, so a chunk holds long runs of
+        same-sized tensors: one value per tensor is then applied, and one value per tensor reduced,
+        once per run (techniques/ops.py), not once per short run."""
+        return cls._brought_together(params, torch.Tensor.numel)
 
     def _write_back(self, ps, p32, t: int, stochastic: bool) -> None:
         """Low-precision parameters ``ps`` take their updated fp32 working copy ``p32`` (a
