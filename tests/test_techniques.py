@@ -319,10 +319,10 @@ def test_lr_mask_moves_multiplicatively_and_clamps():
     for x in (a, b):
         scale_(x, torch.ones(1), 0.1, 1e-3, 1e3)
     assert float(a / 0.2) == pytest.approx(float(b / 4.0))
-    # a skipped tensor (weight 0) keeps its mask
-    m = torch.ones(3)
-    lr_mask.scale_list_([m], [torch.ones(3)], 0.5, 0.1, 10.0, weights=[torch.zeros(())])
-    assert torch.equal(m, torch.ones(3))
+    # no agreement (a skipped tensor's zeroed gradient): the mask keeps its bits
+    m = torch.full((3,), 1.7)
+    lr_mask.scale_list_([m], [torch.zeros(3)], 0.5, 0.1, 10.0)
+    assert torch.equal(m, torch.full((3,), 1.7))
 
 
 def test_lr_mask_step_has_the_bits_of_the_exponential_without_computing_it():

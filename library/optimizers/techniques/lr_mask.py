@@ -97,18 +97,15 @@ def agreement_from_products_(products):
     return products
 
 
-def scale_list_(masks, agree, r: float, lo: float, hi: float, weights=None) -> None:
-    """``s <- clamp(s * exp(r a), lo, hi)``; ``agree`` (fp32, -1/0/+1) is consumed as scratch.
-    ``weights`` (one value per mask, 0 or 1: a vector or 0-dim tensors) leaves a skipped
-    tensor's mask as it is; callers whose agreement is already 0 there (a skipped tensor's
-    gradient zeroed before the product) leave it out.
+def scale_list_(masks, agree, r: float, lo: float, hi: float) -> None:
+    """``s <- clamp(s * exp(r a), lo, hi)``; ``agree`` (fp32, -1/0/+1) is consumed as scratch. A
+    skipped tensor's mask stays as it is because its agreement is 0 (both optimizer families
+    zero its gradient before the product).
 
     ``exp(r a)`` takes three values, so for a rate given to :func:`prepare` it is formed without an
     exponential pass: ``f = max(1 + c a, e^-r)`` with ``c = e^r - 1``, the same bits.
     """
     factors = _FACTORS.get((r, agree[0].device.type))
-    if weights is not None:
-        ops.mul_(agree, ops.as_vector(weights))
     if factors is None:
         ops.mul_(agree, r)
         ops.exp_(agree)

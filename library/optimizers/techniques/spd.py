@@ -24,16 +24,11 @@ def _deviations(ps, anchors, tmps):
     return tmps
 
 
-def pre_step_list(ps, gs, anchors, tmps, dots_out=None, scratch=None):
+def pre_step_list(ps, gs, anchors, tmps, scratch=None):
     """Before the step: (moving_away, ||theta - theta0||) as vectors over the fp32 tensors
-    ``ps``; ``anchors`` None means anchor zero. ``dots_out``: a list that receives the
-    vector of <g, theta - theta0> (non-finite exactly where g is, for finite weights);
-    ``scratch``: see :func:`~.orthograd.dots`."""
+    ``ps``; ``anchors`` None means anchor zero; ``scratch``: see :func:`~.orthograd.dots`."""
     devs = _deviations(ps, anchors, tmps)
-    d = dots(gs, devs, scratch)
-    if dots_out is not None:
-        dots_out.append(d)
-    moving_away = d > 0  # c = -<g, theta - theta0> < 0
+    moving_away = dots(gs, devs, scratch) > 0  # c = -<g, theta - theta0> < 0
     return moving_away, ops.norms(devs)
 
 
