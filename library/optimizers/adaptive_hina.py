@@ -342,8 +342,8 @@ class AdaptiveHinaAdamW(HinaOptimizer):
                     self.state[p]["lr_scale"] = torch.ones((), dtype=torch.float32, device=p.device)
         eight = group["optim_bits"] == 8
         order, elements = self._chunk_plan(group)
-        self._arenas.ensure(group, self.state, order(group["params"]), self._Q8_KEYS if eight else (), new,
-                            plain=self._PLAIN_KEYS)
+        self._arenas.ensure(group, self.state, lambda: order(group["params"]), self._Q8_KEYS if eight else (), new,
+                            plain=self._PLAIN_KEYS)  # ordered only when packing, not at every step
         feats = {} if refresh else None
         for chunk in self._chunks(order(params), self._layout, elements):
             self._update_chunk(chunk, group, feats)

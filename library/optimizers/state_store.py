@@ -53,10 +53,10 @@ class Arenas:
 
     def ensure(self, group: dict, state, params, names, new: bool, log_names=(), plain=()) -> None:
         """Pack ``group``'s float8 state ``names``, log-coded state ``log_names`` and plain tensors
-        ``plain`` (in ``params`` order) on its first step, when a tensor's state was just created
-        (``new``), and after a load."""
+        ``plain`` (in ``params`` order; ``params`` may be a function giving them, called only when
+        packing) on its first step, when a tensor's state was just created (``new``), and after a load."""
         if new or id(group) not in self._packed:
-            self.pack(state, params, names, log_names, plain)
+            self.pack(state, params() if callable(params) else params, names, log_names, plain)
             self._packed.add(id(group))
 
     def pack(self, state, params, names=(), log_names=(), plain=()) -> None:
